@@ -1,0 +1,344 @@
+"""ContextBridge: the field registry and the store API over OpenTelemetry's context."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from opentelemetry.context import Context, create_key
+from opentelemetry.propagators.textmap import CarrierT
+from opentelemetry.trace import Span
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from . import _runtime as rt
+from ._scope import Scope, stamp
+from ._state import EMPTY, MISSING, Frame, State, next_generation
+from .errors import ContextValueError, FieldConfigError, MissingContextError, UnknownFieldError
+from .fields import Field
+from .limits import (
+    MAX_HEADER_BYTES,
+    MAX_MEMBER_BYTES,
+    MAX_MEMBERS,
+    encode_value,
+    format_baggage,
+    parse_baggage,
+)
+
+if TYPE_CHECKING:
+    from .storage import AsyncLocalStorage
+
+__all__ = ["ContextBridge"]
+
+R = TypeVar("R")
+_logger = logging.getLogger("otel_ctxbridge")
+_TRACE = TraceContextTextMapPropagator()
+
+
+class ContextBridge:
+    """The registry of declared fields and the store API over OpenTelemetry's context.
+
+    Propagated fields are stored as OTel baggage under their baggage key, so every OTel
+    propagator and ``opentelemetry.baggage.get_baggage`` see them; process-local fields are
+    stored under a private context key and never reach a carrier.
+    """
+
+    def __init__(self, fields: Iterable[Field], *, attribute_prefix: str = "app.") -> None:
+        if not isinstance(attribute_prefix, str):
+            raise FieldConfigError("attribute_prefix must be a str")
+        resolved: dict[str, Field] = {}
+        seen: dict[tuple[str, str], str] = {}
+        for declared in fields:
+            if not isinstance(declared, Field):
+                raise FieldConfigError(f"fields must be Field instances, not {declared!r}")
+            item = declared
+            if item.attribute is None:
+                item = _with(item, attribute=attribute_prefix + item.name)
+            for kind, value in (
+                ("name", item.name),
+                ("baggage key", item.baggage_key if item.propagate else None),
+                ("attribute", item.attribute),
+                ("log key", item.log_key),
+                ("header", item.header),
+            ):
+                if value is None:
+                    continue
+                if (kind, value) in seen:
+                    raise FieldConfigError(
+                        f"field {item.name!r}: {kind} {value!r} is already used by "
+                        f"field {seen[kind, value]!r}"
+                    )
+                seen[kind, value] = item.name
+            resolved[item.name] = item
+        if not resolved:
+            raise FieldConfigError("a ContextBridge needs at least one Field")
+        self.fields: Mapping[str, Field] = MappingProxyType(resolved)
+        """The declared fields by name, with attribute names resolved."""
+        self.attribute_prefix = attribute_prefix
+        self._key = create_key("otel_ctxbridge.state")
+        # name -> baggage key for propagated fields, None for process-local ones.
+        self._where: dict[str, str | None] = {
+            f.name: (f.baggage_key if f.propagate else None) for f in resolved.values()
+        }
+        self._drops: dict[str, int] = {}
+        self._drop_lock = threading.Lock()
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def get(self, name: str, default: Any = None) -> Any:
+        """The value of field ``name`` in the current context, or ``default`` when unset."""
+        try:
+            key = self._where[name]
+        except KeyError:
+            raise UnknownFieldError(f"no field named {name!r}") from None
+        ctx = rt.get_current()
+        state: State | None = ctx.get(self._key)  # type: ignore[assignment] # our own key
+        if key is None:
+            value = state.local.get(name, MISSING) if state is not None else MISSING
+        else:
+            bag: Any = ctx.get(rt.BAGGAGE_KEY)
+            value = bag.get(key, MISSING) if bag else MISSING
+        if state is not None and state.frame is not None and state.frame.updates:
+            update = state.frame.updates.get(name)
+            if update is not None and update[1] > state.generation:
+                value = update[0]
+        return default if value is MISSING else value
+
+    def current(self) -> Mapping[str, Any]:
+        """A read-only mapping of the declared fields set in the current context."""
+        return MappingProxyType(self.values_in(rt.get_current()))
+
+    def values_in(self, ctx: Context) -> dict[str, Any]:
+        """The declared fields set in ``ctx`` (with the request's late updates), by name."""
+        state: State | None = ctx.get(self._key)  # type: ignore[assignment] # our own key
+        bag: Any = ctx.get(rt.BAGGAGE_KEY) or EMPTY
+        local = state.local if state is not None else EMPTY
+        values: dict[str, Any] = {}
+        for name, key in self._where.items():
+            value = local.get(name, MISSING) if key is None else bag.get(key, MISSING)
+            if value is not MISSING:
+                values[name] = value
+        if state is not None and state.frame is not None and state.frame.updates:
+            for name, (value, generation) in list(state.frame.updates.items()):
+                if generation > state.generation:
+                    if value is MISSING:
+                        values.pop(name, None)
+                    else:
+                        values[name] = value
+        return values
+
+    def require(self, name: str) -> Any:
+        """The value of field ``name``; raises :class:`MissingContextError` when unset."""
+        value = self.get(name, MISSING)
+        if value is MISSING:
+            raise MissingContextError(f"field {name!r} is not set in the current context")
+        return value
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def scope(self, **values: Any) -> Scope:
+        """A scope setting ``values`` (``None`` unsets a field): ``with``, ``async with``,
+        or a decorator of sync and async functions. Nested scopes overlay and restore."""
+        base = rt.get_current()
+        derived = self.derive(base, values)  # validate now: errors point at the caller
+        return Scope(self, values, base, derived)
+
+    def update(self, **values: Any) -> None:
+        """Change fields for the rest of the current request or scope.
+
+        The values reach the current span and, inside a request handled by the ASGI
+        middleware, its server span, its access-log line and the rest of the handler, even
+        when ``update`` runs in a worker thread or under a nested span.
+        """
+        ctx = rt.get_current()
+        new = self.derive(ctx, values)
+        state: State | None = new.get(self._key)  # type: ignore[assignment] # our own key
+        rt.attach(new)  # no token: the change lasts until the enclosing scope restores
+        if state is not None and state.frame is not None:
+            state.frame.record(
+                {k: MISSING if v is None else v for k, v in values.items()}, state.generation
+            )
+            for span in state.frame.spans:
+                stamp(self, span, values)
+        stamp(self, new.get(rt.SPAN_KEY), values)
+
+    def run(self, values: Mapping[str, Any], fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
+        """Call ``fn(*args, **kwargs)`` inside a scope of ``values`` and return its result.
+
+        With an async function the result is an awaitable that runs the whole coroutine
+        inside the scope."""
+        ctx = self.derive(rt.get_current(), values)
+        stamp(self, ctx.get(rt.SPAN_KEY), values)
+        return rt.call_in(ctx, fn, *args, **kwargs)
+
+    def bind(self, fn: Callable[..., R]) -> Callable[..., R]:
+        """Capture the current context now; the returned callable runs ``fn`` inside it
+        (for threads, executors and callbacks, which do not inherit the context)."""
+        return rt.bind_context(fn)
+
+    def storage(self) -> AsyncLocalStorage[dict[str, Any]]:
+        """An :class:`AsyncLocalStorage` whose store is a dict of this bridge's fields."""
+        from .storage import BridgedStorage  # noqa: PLC0415 - storage imports this module
+
+        return BridgedStorage(self)
+
+    def derive(
+        self, ctx: Context, values: Mapping[str, Any], frame: Frame | None = None
+    ) -> Context:
+        """A copy of ``ctx`` with ``values`` written (``None`` unsets); validates them.
+
+        ``frame`` starts a request frame (used by the ASGI middleware)."""
+        state: State | None = ctx.get(self._key)  # type: ignore[assignment] # our own key
+        old_bag: Any = ctx.get(rt.BAGGAGE_KEY) or EMPTY
+        bag: dict[str, object] | None = None
+        local: dict[str, object] | None = None
+        for name, value in values.items():
+            key = self._where.get(name, MISSING)
+            if key is MISSING:
+                raise UnknownFieldError(f"no field named {name!r}")
+            if value is not None:
+                problem = self.fields[name].problem(value)
+                if problem is not None:
+                    raise ContextValueError(name, problem)
+            if key is None:
+                if local is None:
+                    local = dict(state.local) if state is not None else {}
+                _put(local, name, value)
+            else:
+                if bag is None:
+                    bag = dict(old_bag)
+                _put(bag, key, value)
+        if bag is not None:
+            self._check_limits(bag, values)
+        new = Context(ctx)
+        if bag is not None:
+            dict.__setitem__(new, rt.BAGGAGE_KEY, bag)
+        frame = frame if frame is not None else (state.frame if state is not None else None)
+        if local is not None or frame is not None:
+            own = local if local is not None else (state.local if state is not None else EMPTY)
+            dict.__setitem__(new, self._key, State(own, frame, next_generation()))
+        return new
+
+    def _check_limits(self, bag: Mapping[str, object], values: Mapping[str, Any]) -> None:
+        written = [n for n, v in values.items() if v is not None and self._where[n] is not None]
+        if not written:
+            return
+        if len(bag) > MAX_MEMBERS:
+            raise ContextValueError(written[0], f"baggage would exceed {MAX_MEMBERS} members")
+        bound = 0
+        for key, value in bag.items():
+            text = value if isinstance(value, str) else str(value)
+            bound += len(key) + 2 + len(text) * (3 if text.isascii() else 12)
+        if bound <= MAX_HEADER_BYTES:
+            return
+        for name in written:
+            key = str(self._where[name])
+            if len(key) + 1 + len(encode_value(str(bag[key]))) > MAX_MEMBER_BYTES:
+                raise ContextValueError(name, f"encoded baggage member over {MAX_MEMBER_BYTES} B")
+        exact = len(",".join(f"{k}={encode_value(str(v))}" for k, v in bag.items()))
+        if exact > MAX_HEADER_BYTES:
+            raise ContextValueError(written[0], f"baggage header would exceed {MAX_HEADER_BYTES} B")
+
+    # -- carriers --------------------------------------------------------------------------
+
+    def inject(self, carrier: CarrierT) -> CarrierT:
+        """Write ``traceparent``/``tracestate`` and ``baggage`` into a dict-like carrier."""
+        ctx = rt.get_current()
+        _TRACE.inject(carrier, context=ctx)
+        bag: dict[str, object] = dict(ctx.get(rt.BAGGAGE_KEY) or EMPTY)  # type: ignore[call-overload]
+        for name, value in self.values_in(ctx).items():
+            key = self._where[name]
+            if key is not None:
+                bag[key] = value
+        header = format_baggage(bag)
+        if header and isinstance(carrier, MutableMapping):
+            carrier["baggage"] = header
+        return carrier
+
+    def extract(self, carrier: Mapping[str, Any], trusted: bool = False) -> Mapping[str, str]:
+        """Validated field values from a carrier's field headers and ``baggage``. Never raises.
+
+        A field is read when its ``inbound`` policy is ``"always"``, or ``"trusted"`` and
+        ``trusted`` is True. Invalid values are dropped, counted and logged without the value.
+        """
+        try:
+            return self._extract(carrier, trusted)
+        except Exception:  # telemetry never throws on the request path
+            _logger.exception("otel_ctxbridge: could not read a carrier; no fields taken")
+            return {}
+
+    def _extract(self, carrier: Mapping[str, Any], trusted: bool) -> Mapping[str, str]:
+        lowered = {str(k).lower(): v for k, v in carrier.items()}
+        raw_baggage = lowered.get("baggage")
+        members: dict[str, str] = {}
+        if raw_baggage:
+            members, _ = parse_baggage(_texts(raw_baggage))
+        found: dict[str, str] = {}
+        for name, field in self.fields.items():
+            if field.inbound == "never" or (field.inbound == "trusted" and not trusted):
+                continue
+            candidates: list[str] = []
+            if field.header is not None and field.header in lowered:
+                candidates.extend(_texts(lowered[field.header]))
+            if field.propagate and field.baggage_key in members:
+                candidates.append(members[str(field.baggage_key)])
+            for candidate in candidates:
+                problem = field.problem(candidate)
+                if problem is None:
+                    found[name] = candidate
+                    break
+                self.count_drop(name, problem)
+        return found
+
+    def count_drop(self, name: str, reason: str) -> None:
+        """Count an inbound value of field ``name`` that was refused; log the first one."""
+        with self._drop_lock:
+            count = self._drops.get(name, 0) + 1
+            self._drops[name] = count
+        if count == 1:
+            _logger.warning("otel_ctxbridge: dropped an inbound value of %r: %s", name, reason)
+
+    def drop_counts(self) -> Mapping[str, int]:
+        """How many inbound values were dropped, by field name."""
+        with self._drop_lock:
+            return dict(self._drops)
+
+    def generated(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        """``values`` plus a generated value for each unset field that has ``generate``."""
+        out = dict(values)
+        for name, field in self.fields.items():
+            if field.generate is not None and out.get(name) is None:
+                out[name] = field.generate()
+        return out
+
+    def new_frame(self, spans: tuple[Span, ...]) -> Frame:
+        """A request frame whose late ``update()`` values will also reach ``spans``."""
+        return Frame(spans)
+
+    def __repr__(self) -> str:
+        return f"ContextBridge(fields={list(self.fields)!r})"
+
+
+def _with(field: Field, **changes: Any) -> Field:
+    import dataclasses  # noqa: PLC0415 - construction-time only
+
+    return dataclasses.replace(field, **changes)
+
+
+def _put(target: dict[str, object], key: str, value: object) -> None:
+    if value is None:
+        target.pop(key, None)
+    else:
+        target[key] = value
+
+
+def _texts(value: Any) -> list[str]:
+    if isinstance(value, bytes):
+        return [value.decode("latin-1")]
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [v.decode("latin-1") if isinstance(v, bytes) else str(v) for v in value]
+    return [str(value)]

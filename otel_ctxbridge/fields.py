@@ -1,0 +1,165 @@
+"""Field declarations: names, where a value goes, and what counts as a valid value."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal, TypeAlias
+
+from .errors import FieldConfigError
+from .limits import MAX_MEMBER_BYTES, is_valid_key
+
+__all__ = [
+    "REQUEST_ID_PATTERN",
+    "Field",
+    "InboundPolicy",
+    "Redaction",
+    "Validator",
+    "new_request_id",
+]
+
+InboundPolicy: TypeAlias = Literal["always", "trusted", "never"]
+"""Who may set a field from an inbound request: anyone, trusted peers only, or nobody."""
+Validator: TypeAlias = "str | re.Pattern[str] | Callable[[str], bool]"
+"""A regular expression (full match) or a predicate a string value must satisfy."""
+Redaction: TypeAlias = "bool | Literal['hash', 'mask'] | Callable[[str], str]"
+"""How a value is shown in spans and logs: in clear (False), hashed, masked, or a callable."""
+
+REQUEST_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._:+/=@-]{0,127}"
+"""Safe request-id tokens: UUIDs, 32-hex ids, nginx ``$request_id``, base64ish ids up to 128."""
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
+_HEADER = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-z]+")
+_POLICIES = ("always", "trusted", "never")
+
+
+def new_request_id() -> str:
+    """Return a fresh random request id (a UUID4 in its canonical text form)."""
+    return str(uuid.uuid4())
+
+
+def _hash(value: str) -> str:
+    return "sha256:" + hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def _mask(value: str) -> str:
+    return "****"
+
+
+@dataclass(frozen=True)
+class Field:
+    """One context field, declared once.
+
+    Args:
+        name: the field's name in the store API (``bridge.get(name)``).
+        header: inbound HTTP header the field is read from (the request id's is also echoed).
+        inbound: who may set it from a request: ``"always"``, ``"trusted"`` peers, ``"never"``.
+        propagate: True carries it downstream as baggage; False keeps it in this process.
+        baggage_key: key in W3C baggage (default: ``name``).
+        attribute: span and OTel-log attribute (default: the bridge's prefix + ``name``).
+        log_key: attribute of stdlib log records and structlog events (default: ``name``).
+        validator: a regex (full match) or predicate; replaces the default printable-text check.
+        max_length: most characters a string value may have.
+        generate: makes a value when an inbound request carries none (e.g. ``new_request_id``).
+        redact: show the value in spans and logs hashed (True or ``"hash"``), masked, or through
+            a callable; baggage still carries the real value.
+    """
+
+    name: str
+    header: str | None = None
+    inbound: InboundPolicy = "trusted"
+    propagate: bool = True
+    baggage_key: str | None = None
+    attribute: str | None = None
+    log_key: str | None = None
+    validator: Validator | None = None
+    max_length: int = 256
+    generate: Callable[[], str] | None = None
+    redact: Redaction = False
+    _check: Callable[[str], bool] = field(init=False, repr=False, compare=False)
+    _shown: Callable[[str], str] | None = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        def fail(reason: str) -> FieldConfigError:
+            return FieldConfigError(f"field {self.name!r}: {reason}")
+
+        if not isinstance(self.name, str) or not _NAME.fullmatch(self.name):
+            raise fail("name must start with a letter or _ and hold only [A-Za-z0-9_.-]")
+        if self.header is not None:
+            if not isinstance(self.header, str) or not _HEADER.fullmatch(self.header.lower()):
+                raise fail("header must be an HTTP header name")
+            object.__setattr__(self, "header", self.header.lower())
+        if self.inbound not in _POLICIES:
+            raise fail(f"inbound must be one of {_POLICIES}, not {self.inbound!r}")
+        if self.baggage_key is None:
+            object.__setattr__(self, "baggage_key", self.name)
+        if not is_valid_key(str(self.baggage_key)):
+            raise fail("baggage_key must be a W3C baggage key (an RFC 7230 token)")
+        if self.log_key is None:
+            object.__setattr__(self, "log_key", self.name)
+        if not isinstance(self.max_length, int) or not 1 <= self.max_length <= MAX_MEMBER_BYTES:
+            raise fail(f"max_length must be an int from 1 to {MAX_MEMBER_BYTES}")
+        if self.generate is not None and not callable(self.generate):
+            raise fail("generate must be callable")
+        object.__setattr__(self, "_check", self._compile_validator(fail))
+        object.__setattr__(self, "_shown", self._compile_redaction(fail))
+
+    def _compile_validator(
+        self, fail: Callable[[str], FieldConfigError]
+    ) -> Callable[[str], bool]:
+        validator = self.validator
+        if validator is None:
+            return str.isprintable
+        if isinstance(validator, str):
+            try:
+                validator = re.compile(validator)
+            except re.error as exc:
+                raise fail(f"validator is not a valid regular expression: {exc}") from None
+        if isinstance(validator, re.Pattern):
+            pattern = validator
+            return lambda value: pattern.fullmatch(value) is not None
+        if callable(validator):
+            return validator
+        raise fail("validator must be a regex string, a compiled pattern or a callable")
+
+    def _compile_redaction(
+        self, fail: Callable[[str], FieldConfigError]
+    ) -> Callable[[str], str] | None:
+        redact = self.redact
+        if redact is False:
+            return None
+        if redact is True or redact == "hash":
+            return _hash
+        if redact == "mask":
+            return _mask
+        if callable(redact):
+            return redact
+        raise fail("redact must be a bool, 'hash', 'mask' or a callable")
+
+    def problem(self, value: object) -> str | None:
+        """Why ``value`` may not be stored in this field, or None when it may."""
+        if not isinstance(value, str):
+            if self.propagate:
+                return f"must be a str to travel as baggage, not {type(value).__name__}"
+            return None
+        if len(value) > self.max_length:
+            return f"longer than max_length={self.max_length}"
+        try:
+            ok = self._check(value)
+        except Exception as exc:  # a user validator failing counts as "invalid", not a crash
+            return f"validator raised {type(exc).__name__}"
+        return None if ok else "rejected by the validator"
+
+    def shown(self, value: object) -> object:
+        """The value as spans and logs show it (redacted when the field says so)."""
+        if self._shown is None or not isinstance(value, str):
+            return value
+        return self._shown(value)
+
+    @property
+    def redacted(self) -> bool:
+        """True when spans and logs show this field's values redacted."""
+        return self._shown is not None
