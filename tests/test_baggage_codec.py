@@ -1,0 +1,116 @@
+"""W3C Baggage on the wire: encoding, strict parsing, limits, and interoperability."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from opentelemetry import baggage, propagate
+from opentelemetry.baggage.propagation import W3CBaggagePropagator
+
+import otel_ctxbridge as cb
+from otel_ctxbridge.limits import MAX_HEADER_BYTES, format_baggage, parse_baggage
+
+_values = st.text(
+    st.characters(blacklist_categories=("Cs", "Cc", "Zl", "Zp")), min_size=1, max_size=60
+).filter(lambda v: v.isprintable() and v == v.strip())
+
+
+@settings(max_examples=300, deadline=None)
+@given(request_id=_values, tenant_id=_values)
+def test_inject_extract_round_trips_unicode(request_id: str, tenant_id: str) -> None:
+    """Any printable Unicode value survives inject -> extract unchanged."""
+    bridge = cb.ContextBridge(
+        [cb.Field("request_id", inbound="always"), cb.Field("tenant_id", inbound="always")]
+    )
+    with bridge.scope(request_id=request_id, tenant_id=tenant_id):
+        carrier = bridge.inject({})
+    assert bridge.extract(carrier) == {"request_id": request_id, "tenant_id": tenant_id}
+
+
+@settings(max_examples=300, deadline=None)
+@given(tenant_id=_values)
+def test_a_service_without_this_library_reads_the_same_values(tenant_id: str) -> None:
+    """OTel Python's own propagator + get_baggage read back exactly what was injected."""
+    bridge = cb.ContextBridge([cb.Field("tenant_id")])
+    with bridge.scope(tenant_id=tenant_id):
+        carrier = bridge.inject({})
+    ctx = propagate.extract(carrier)
+    assert baggage.get_baggage("tenant_id", ctx) == tenant_id
+    ctx = W3CBaggagePropagator().extract(carrier)
+    assert baggage.get_baggage("tenant_id", ctx) == tenant_id
+
+
+def test_encoding_uses_percent_20_and_encodes_plus() -> None:
+    """A space is %20 (never +) and a plus is %2B, so W3C and OTel parsers agree."""
+    assert format_baggage({"k": "a b+c,d;e=f%"}) == "k=a%20b%2Bc%2Cd%3Be=f%25"
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        ("k=v;prop=1;flag", {"k": "v"}),
+        ("k=a+b", {"k": "a+b"}),
+        (" k = v , j=w\t", {"k": "v", "j": "w"}),
+        ("k=caf%C3%A9", {"k": "café"}),
+        ("k=%E2%9C%93;p", {"k": "✓"}),
+        ("k=v,,j=w", {"k": "v", "j": "w"}),
+        ("k=v,bad key=x", {"k": "v"}),
+        ("k=v,j=%ZZ", {"k": "v"}),
+        ("k=v,j=%C3", {"k": "v"}),
+        ("k=v,noequals", {"k": "v"}),
+        ('k=v,j="quoted"', {"k": "v"}),
+        ("k=1,k=2", {"k": "2"}),
+    ],
+)
+def test_parse_follows_w3c_baggage(header: str, expected: dict[str, str]) -> None:
+    """Properties are metadata, + is literal, values are percent-decoded UTF-8, whitespace
+    is trimmed, and malformed members are dropped without losing the valid ones."""
+    assert parse_baggage(header)[0] == expected
+
+
+def test_parse_keeps_the_first_members_within_the_limits() -> None:
+    """Past 180 members or 8192 bytes, extra members are dropped and counted."""
+    members, dropped = parse_baggage(",".join(f"k{i}=v" for i in range(200)))
+    assert len(members) == 180 and dropped == 20
+    members, dropped = parse_baggage(",".join(f"k{i}={'x' * 1000}" for i in range(10)))
+    assert len(members) == 8 and dropped == 2
+    members, _ = parse_baggage(["a=1", "b=2"])
+    assert members == {"a": "1", "b": "2"}
+
+
+def test_writes_over_the_baggage_limits_raise_naming_the_field() -> None:
+    """Values that OTel would silently drop at inject time are refused at write time."""
+    bridge = cb.ContextBridge(
+        [cb.Field(f"f{i}", max_length=4096) for i in range(3)] + [cb.Field("small")]
+    )
+    with pytest.raises(cb.ContextValueError, match="f0.*4096"):
+        bridge.scope(f0="é" * 2000)  # 2000 chars, 12000 bytes once encoded
+    with (
+        bridge.scope(f0="x" * 4000, f1="y" * 4000),
+        pytest.raises(cb.ContextValueError, match=f"f2.*{MAX_HEADER_BYTES}"),
+    ):
+        bridge.scope(f2="z" * 1000)
+    many = {f"m{i}": "v" for i in range(180)}
+    ctx = propagate.extract({"baggage": ",".join(f"{k}={v}" for k, v in many.items())})
+    from opentelemetry.context import attach, detach
+
+    token = attach(ctx)
+    try:
+        with pytest.raises(cb.ContextValueError, match="180"):
+            bridge.scope(small="v")
+    finally:
+        detach(token)
+
+
+def test_baggage_propagator_is_w3c_correct_and_interoperable() -> None:
+    """cb.BaggagePropagator injects %20 and extracts properties as metadata."""
+    propagator = cb.BaggagePropagator()
+    ctx = propagator.extract({"baggage": "k=a%20b;p=1,j=x+y"})
+    assert baggage.get_baggage("k", ctx) == "a b"
+    assert baggage.get_baggage("j", ctx) == "x+y"
+    carrier: dict[str, str] = {}
+    propagator.inject(carrier, context=ctx)
+    assert carrier == {"baggage": "k=a%20b,j=x%2By"}
+    assert propagator.fields == {"baggage"}
+    assert propagator.extract({"baggage": "\udcff=bad"}) is not None

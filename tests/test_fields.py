@@ -1,0 +1,124 @@
+"""Field declarations: defaults, resolution by the bridge, and configuration errors."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+import otel_ctxbridge as cb
+
+
+def test_defaults_resolve_from_name_and_prefix() -> None:
+    """Baggage key and log key default to the name; the attribute to prefix + name."""
+    bridge = cb.ContextBridge([cb.Field("tenant_id")], attribute_prefix="acme.")
+    field = bridge.fields["tenant_id"]
+    assert field.baggage_key == "tenant_id"
+    assert field.log_key == "tenant_id"
+    assert field.attribute == "acme.tenant_id"
+    assert field.propagate is True
+    assert field.inbound == "trusted"  # secure default: nothing from clients until trusted
+
+
+def test_explicit_names_are_kept() -> None:
+    """Explicit baggage key, attribute and log key win over the defaults."""
+    bridge = cb.ContextBridge(
+        [cb.Field("rid", baggage_key="request.id", attribute="http.rid", log_key="reqid")]
+    )
+    field = bridge.fields["rid"]
+    assert (field.baggage_key, field.attribute, field.log_key) == ("request.id", "http.rid", "reqid")
+
+
+def test_header_names_are_lowercased() -> None:
+    """Header names are matched case-insensitively, stored lowercase."""
+    assert cb.Field("request_id", header="X-Request-ID").header == "x-request-id"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"name": "1bad"}, "name"),
+        ({"name": "ok", "inbound": "sometimes"}, "inbound"),
+        ({"name": "ok", "baggage_key": "has space"}, "baggage_key"),
+        ({"name": "ok", "header": "bad header"}, "header"),
+        ({"name": "ok", "max_length": 0}, "max_length"),
+        ({"name": "ok", "max_length": 5000}, "max_length"),
+        ({"name": "ok", "validator": "(unclosed"}, "regular expression"),
+        ({"name": "ok", "validator": 42}, "validator"),
+        ({"name": "ok", "redact": "shout"}, "redact"),
+        ({"name": "ok", "generate": "not callable"}, "generate"),
+    ],
+)
+def test_bad_configuration_raises_naming_the_field(kwargs: dict[str, object], message: str) -> None:
+    """Each configuration mistake raises FieldConfigError naming the field and the problem."""
+    with pytest.raises(cb.FieldConfigError, match=message) as info:
+        cb.Field(**kwargs)  # type: ignore[arg-type]
+    assert repr(kwargs["name"]) in str(info.value)
+
+
+def test_duplicate_names_keys_and_headers_raise() -> None:
+    """Two fields may not share a name, baggage key, attribute, log key or header."""
+    with pytest.raises(cb.FieldConfigError, match="'b'.*'a'"):
+        cb.ContextBridge([cb.Field("a", header="x-a"), cb.Field("b", header="x-a")])
+    with pytest.raises(cb.FieldConfigError, match="baggage key"):
+        cb.ContextBridge([cb.Field("a"), cb.Field("b", baggage_key="a")])
+    with pytest.raises(cb.FieldConfigError, match="at least one"):
+        cb.ContextBridge([])
+    with pytest.raises(cb.FieldConfigError, match="Field instances"):
+        cb.ContextBridge(["request_id"])  # type: ignore[list-item]
+
+
+def test_default_validation_is_printable_text_up_to_max_length() -> None:
+    """By default a value is printable text, no control characters, at most 256 characters."""
+    field = cb.Field("note")
+    assert field.problem("héllo wörld ✓") is None
+    assert field.problem("a\r\nb") is not None
+    assert field.problem("x" * 256) is None
+    assert "max_length" in str(field.problem("x" * 257))
+    assert "str" in str(field.problem(42))
+
+
+def test_custom_validators_regex_compiled_and_callable() -> None:
+    """Validators may be a regex string, a compiled pattern or a predicate; a raising
+    predicate counts as a rejection, not a crash."""
+    assert cb.Field("a", validator=r"[a-z]+").problem("abc") is None
+    assert cb.Field("a", validator=r"[a-z]+").problem("abc1") is not None
+    assert cb.Field("a", validator=re.compile(r"\d+")).problem("12") is None
+    assert cb.Field("a", validator=str.isdigit).problem("x") is not None
+
+    def explode(value: str) -> bool:
+        raise RuntimeError(value)
+
+    assert "raised" in str(cb.Field("a", validator=explode).problem("v"))
+
+
+def test_request_id_pattern_accepts_common_ids_and_rejects_hostile_ones() -> None:
+    """UUIDs, 32-hex ids and nginx ids pass; CRLF, spaces, overlong ids do not."""
+    field = cb.Field("request_id", validator=cb.REQUEST_ID_PATTERN)
+    for good in (cb.new_request_id(), "4bf92f3577b34da6a3ce929d0e0e4736", "req-1.2_3:abc"):
+        assert field.problem(good) is None, good
+    for bad in ("a\r\nSet-Cookie: x", "has space", "x" * 129, "", "<script>"):
+        assert field.problem(bad) is not None, bad
+
+
+def test_process_local_fields_accept_objects() -> None:
+    """A process-local field may hold any object; only strings are length-checked."""
+    field = cb.Field("connection", propagate=False)
+    assert field.problem(object()) is None
+
+
+def test_redaction_modes() -> None:
+    """Hash, mask and callable redaction change what spans and logs show."""
+    hashed = cb.Field("email", redact=True).shown("bob@example.com")
+    assert isinstance(hashed, str) and hashed.startswith("sha256:")
+    assert "bob" not in hashed
+    assert cb.Field("email", redact="mask").shown("bob@example.com") == "****"
+    assert cb.Field("email", redact=lambda v: v[:1] + "…").shown("bob") == "b…"
+    assert cb.Field("email").shown("bob") == "bob"
+
+
+def test_new_request_id_is_unique_uuid_text() -> None:
+    """new_request_id gives distinct canonical UUID strings."""
+    ids = {cb.new_request_id() for _ in range(1000)}
+    assert len(ids) == 1000
+    assert all(re.fullmatch(r"[0-9a-f-]{36}", i) for i in ids)

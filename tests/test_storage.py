@@ -1,0 +1,155 @@
+"""AsyncLocalStorage: Node's store API, plain and bridged."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from opentelemetry import baggage
+
+import otel_ctxbridge as cb
+
+
+def test_run_sets_the_store_for_the_call_only() -> None:
+    """run returns fn's result; the store is visible inside and gone after."""
+    als: cb.AsyncLocalStorage[dict[str, str]] = cb.AsyncLocalStorage()
+    store = {"request_id": "r-1"}
+    assert als.run(store, lambda x: (als.get_store(), x), 5) == (store, 5)
+    assert als.get_store() is None
+
+
+async def test_run_with_a_coroutine_function_scopes_the_whole_coroutine() -> None:
+    """With an async fn, the store survives the coroutine's awaits (not just its creation)."""
+    als: cb.AsyncLocalStorage[str] = cb.AsyncLocalStorage()
+
+    async def work() -> str | None:
+        await asyncio.sleep(0.001)
+        return als.get_store()
+
+    assert await als.run("tx-1", work) == "tx-1"
+    assert als.get_store() is None
+
+
+async def test_tasks_inherit_the_store_at_creation() -> None:
+    """A task created inside run keeps the store even when it runs after run returned."""
+    als: cb.AsyncLocalStorage[str] = cb.AsyncLocalStorage()
+
+    async def later() -> str | None:
+        await asyncio.sleep(0.001)
+        return als.get_store()
+
+    task = als.run("outer", lambda: asyncio.ensure_future(later()))
+    assert als.get_store() is None
+    assert await task == "outer"
+
+
+async def test_enter_with_inside_a_task_does_not_leak_to_the_parent() -> None:
+    """enter_with changes the store for the rest of the task only."""
+    als: cb.AsyncLocalStorage[str] = cb.AsyncLocalStorage()
+
+    async def child() -> str | None:
+        als.enter_with("child")
+        await asyncio.sleep(0)
+        return als.get_store()
+
+    assert await asyncio.create_task(child()) == "child"
+    assert als.get_store() is None
+
+
+def test_enter_with_lasts_until_the_enclosing_run_ends() -> None:
+    """enter_with inside run replaces the store for the rest of that run."""
+    als: cb.AsyncLocalStorage[str] = cb.AsyncLocalStorage()
+
+    def body() -> str | None:
+        als.enter_with("replaced")
+        return als.get_store()
+
+    assert als.run("first", body) == "replaced"
+    assert als.get_store() is None
+
+
+def test_exit_runs_outside_the_store() -> None:
+    """exit(fn) calls fn with no store; the store is back afterwards."""
+    als: cb.AsyncLocalStorage[str] = cb.AsyncLocalStorage()
+
+    def body() -> tuple[str | None, str | None, str | None]:
+        inside = als.exit(als.get_store)
+        return als.get_store(), inside, als.get_store()
+
+    assert als.run("s", body) == ("s", None, "s")
+
+
+def test_disable_until_next_run() -> None:
+    """disable() makes get_store None until the next run or enter_with."""
+    als: cb.AsyncLocalStorage[str] = cb.AsyncLocalStorage()
+
+    def body() -> str | None:
+        als.disable()
+        return als.get_store()
+
+    assert als.run("s", body) is None
+    assert als.run("t", als.get_store) == "t"
+
+
+def test_instances_are_independent() -> None:
+    """Two instances keep separate stores."""
+    a: cb.AsyncLocalStorage[str] = cb.AsyncLocalStorage()
+    b: cb.AsyncLocalStorage[str] = cb.AsyncLocalStorage()
+    assert a.run("A", lambda: b.run("B", lambda: (a.get_store(), b.get_store()))) == ("A", "B")
+
+
+def test_static_bind_and_snapshot_carry_the_store_into_threads() -> None:
+    """bind() and snapshot() capture the store now, for a thread that would otherwise lose it."""
+    als: cb.AsyncLocalStorage[str] = cb.AsyncLocalStorage()
+    seen: list[str | None] = []
+
+    def capture() -> tuple[object, object]:
+        return cb.AsyncLocalStorage.bind(als.get_store), cb.AsyncLocalStorage.snapshot()
+
+    bound, runner = als.run("captured", capture)
+    threads = [
+        threading.Thread(target=lambda: seen.append(bound())),  # type: ignore[operator]
+        threading.Thread(target=lambda: seen.append(runner(als.get_store))),  # type: ignore[operator]
+        threading.Thread(target=lambda: seen.append(als.get_store())),
+    ]
+    for thread in threads:
+        thread.start()
+        thread.join()
+    assert seen == ["captured", "captured", None]
+
+
+def test_bridged_storage_puts_fields_in_baggage(bridge: cb.ContextBridge) -> None:
+    """bridge.storage() stores a dict of declared fields: baggage for propagated ones."""
+    als = bridge.storage()
+
+    def body() -> tuple[object, object, object]:
+        return als.get_store(), baggage.get_baggage("request_id"), bridge.get("user_id")
+
+    store, from_baggage, user = als.run({"request_id": "r-1", "user_id": "u"}, body)
+    assert store == {"request_id": "r-1", "user_id": "u"}
+    assert (from_baggage, user) == ("r-1", "u")
+    assert als.get_store() is None
+
+
+def test_bridged_storage_run_sets_exactly_the_given_fields(bridge: cb.ContextBridge) -> None:
+    """A nested bridged run replaces the store: fields it does not name are unset."""
+    als = bridge.storage()
+    inner = als.run(
+        {"request_id": "outer", "tenant_id": "acme"},
+        lambda: als.run({"request_id": "inner"}, als.get_store),
+    )
+    assert inner == {"request_id": "inner"}
+
+
+def test_bridged_enter_with_exit_and_disable(bridge: cb.ContextBridge) -> None:
+    """enter_with, exit and disable behave as on a plain instance."""
+    als = bridge.storage()
+
+    def body() -> tuple[object, object, object]:
+        als.enter_with({"tenant_id": "t2"})
+        outside = als.exit(als.get_store)
+        after = als.get_store()
+        als.disable()
+        return outside, after, als.get_store()
+
+    assert als.run({"tenant_id": "t1"}, body) == (None, {"tenant_id": "t2"}, None)
