@@ -1,0 +1,272 @@
+"""Tenant-routed connection pools: the pool is chosen from the ``tenant_id`` in the context.
+
+Each tenant gets its own pool (asyncpg by default), created on first use, closed by
+:meth:`TenantPools.close`. The tenant is read from the bridge's scope, which a server fills only
+from trusted sources (the ASGI middleware's trust policy or server-side code): a field routed on
+here must not be settable by untrusted clients (``inbound="always"`` is refused).
+
+asyncpg is imported only when a pool is created without a custom ``connect`` factory, so this
+module and the core package never require it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast, overload
+
+from otel_ctxbridge.errors import ContextBridgeError, FieldConfigError, MissingContextError
+
+if TYPE_CHECKING:
+    from asyncpg import Record
+    from asyncpg.pool import PoolConnectionProxy
+
+    from otel_ctxbridge.bridge import ContextBridge
+
+__all__ = ["PoolLike", "TenantPoolError", "TenantPools", "UnknownTenantError"]
+
+C = TypeVar("C")
+C_co = TypeVar("C_co", covariant=True)
+
+
+class UnknownTenantError(ContextBridgeError, LookupError):
+    """The tenant in the context has no database in the registry (never another's pool)."""
+
+
+class TenantPoolError(ContextBridgeError, RuntimeError):
+    """The registry is closed, or every tenant pool it may keep is busy."""
+
+
+class PoolLike(Protocol[C_co]):
+    """What a ``connect`` factory returns: ``asyncpg.Pool`` or any pool of that shape."""
+
+    def acquire(self) -> AbstractAsyncContextManager[C_co]:
+        """An async context manager lending one connection."""
+
+    async def close(self) -> None:
+        """Close every connection (waiting for borrowed ones to come back)."""
+
+
+class _Entry:
+    """One tenant's pool: being created (``ready``), and how many borrowers hold it now."""
+
+    __slots__ = ("leases", "ready")
+
+    def __init__(self, ready: asyncio.Future[Any]) -> None:
+        self.ready = ready
+        self.leases = 0
+
+
+class TenantPools(Generic[C]):
+    """A registry of per-tenant connection pools chosen from the context's tenant field.
+
+    Args:
+        bridge: the bridge whose ``field`` names the tenant.
+        dsn_for_tenant: a mapping from tenant to DSN, or a callable returning the DSN or None
+            for an unknown tenant. Unknown tenants raise :class:`UnknownTenantError`.
+        field: the declared field holding the tenant (default ``"tenant_id"``); it must not
+            have ``inbound="always"``, or any client could choose its tenant.
+        min_size, max_size: bounds of each tenant's pool.
+        max_pools: most pools kept open at once; opening one more closes the least recently
+            used idle pool, or raises :class:`TenantPoolError` when all are in use.
+        connect: ``asyncpg.create_pool``-compatible factory,
+            ``connect(dsn, min_size=..., max_size=..., **pool_options) -> Awaitable[pool]``.
+        pool_options: more keyword arguments for ``connect`` (``command_timeout``, ``init``...).
+
+    Use in one event loop; ``async with TenantPools(...)`` closes the pools at the end.
+    """
+
+    @overload
+    def __init__(
+        self: TenantPools[PoolConnectionProxy[Record]],
+        bridge: ContextBridge,
+        dsn_for_tenant: Mapping[str, str] | Callable[[str], str | None],
+        *,
+        field: str = ...,
+        min_size: int = ...,
+        max_size: int = ...,
+        max_pools: int = ...,
+        connect: None = ...,
+        **pool_options: Any,
+    ) -> None: ...
+
+    @overload
+    def __init__(
+        self,
+        bridge: ContextBridge,
+        dsn_for_tenant: Mapping[str, str] | Callable[[str], str | None],
+        *,
+        field: str = ...,
+        min_size: int = ...,
+        max_size: int = ...,
+        max_pools: int = ...,
+        connect: Callable[..., Awaitable[PoolLike[C]]],
+        **pool_options: Any,
+    ) -> None: ...
+
+    def __init__(
+        self,
+        bridge: ContextBridge,
+        dsn_for_tenant: Mapping[str, str] | Callable[[str], str | None],
+        *,
+        field: str = "tenant_id",
+        min_size: int = 1,
+        max_size: int = 10,
+        max_pools: int = 100,
+        connect: Callable[..., Awaitable[PoolLike[Any]]] | None = None,
+        **pool_options: Any,
+    ) -> None:
+        declared = bridge.fields.get(field)
+        if declared is None:
+            raise FieldConfigError(f"TenantPools: the bridge declares no field {field!r}")
+        if declared.inbound == "always":
+            raise FieldConfigError(
+                f"TenantPools: field {field!r} has inbound='always', so any client could pick "
+                "its tenant; declare it inbound='trusted' or inbound='never'"
+            )
+        if not 0 <= min_size <= max_size or max_size < 1:
+            raise ValueError("TenantPools: need 0 <= min_size <= max_size and max_size >= 1")
+        if max_pools < 1:
+            raise ValueError("TenantPools: max_pools must be at least 1")
+        if not (isinstance(dsn_for_tenant, Mapping) or callable(dsn_for_tenant)):
+            raise TypeError("TenantPools: dsn_for_tenant must be a mapping or a callable")
+        if connect is None:
+            import asyncpg  # noqa: PLC0415 - optional dependency, needed only by default
+
+            connect = cast(Callable[..., Awaitable[PoolLike[Any]]], asyncpg.create_pool)
+        self._bridge = bridge
+        self._field = field
+        self._dsns = dsn_for_tenant
+        self._connect = connect
+        self._options: dict[str, Any] = {"min_size": min_size, "max_size": max_size}
+        self._options.update(pool_options)
+        self._max_pools = max_pools
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()  # least recently used first
+        self._closing: set[asyncio.Future[Any]] = set()
+        self._closed = False
+
+    @property
+    def field(self) -> str:
+        """The name of the field the tenant is read from."""
+        return self._field
+
+    def current_tenant(self) -> str | None:
+        """The tenant in the current context, or None when there is none."""
+        value = self._bridge.get(self._field)
+        return value if isinstance(value, str) else None
+
+    def tenant(self) -> str:
+        """The tenant in the current context; raises :class:`MissingContextError` without one."""
+        value = self.current_tenant()
+        if value is None:
+            raise MissingContextError(
+                f"no tenant in the current context: TenantPools routes on field "
+                f"{self._field!r}, which a trusted source (the ASGI middleware or "
+                f"bridge.scope()) must set before a connection is taken"
+            )
+        return value
+
+    def _dsn(self, tenant: str) -> str:
+        dsns = self._dsns
+        dsn = dsns.get(tenant) if isinstance(dsns, Mapping) else dsns(tenant)
+        if not isinstance(dsn, str) or not dsn:
+            shown = self._bridge.fields[self._field].shown(tenant)
+            raise UnknownTenantError(f"tenant {shown!r} has no database in this registry")
+        return dsn
+
+    def _entry(self, tenant: str) -> _Entry:
+        """The tenant's entry, creating its pool in the background when there is none."""
+        if self._closed:
+            raise TenantPoolError("TenantPools is closed")
+        entry = self._entries.get(tenant)
+        if entry is not None:
+            self._entries.move_to_end(tenant)
+            return entry
+        dsn = self._dsn(tenant)
+        if len(self._entries) >= self._max_pools:
+            self._evict_one()
+        entry = _Entry(asyncio.ensure_future(self._connect(dsn, **self._options)))
+        entry.ready.add_done_callback(lambda f: self._forget_failed(tenant, entry, f))
+        self._entries[tenant] = entry
+        return entry
+
+    def _forget_failed(self, tenant: str, entry: _Entry, future: asyncio.Future[Any]) -> None:
+        if (future.cancelled() or future.exception() is not None) and self._entries.get(
+            tenant
+        ) is entry:
+            del self._entries[tenant]  # the next request tries again
+
+    def _evict_one(self) -> None:
+        for tenant, entry in self._entries.items():
+            if entry.leases == 0 and entry.ready.done():
+                del self._entries[tenant]
+                self._close_later(entry)
+                return
+        raise TenantPoolError(
+            f"all {self._max_pools} tenant pools are in use; raise max_pools or retry later"
+        )
+
+    def _close_later(self, entry: _Entry) -> None:
+        if entry.ready.cancelled() or entry.ready.exception() is not None:
+            return
+        closing = asyncio.ensure_future(cast(PoolLike[Any], entry.ready.result()).close())
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
+
+    async def pool(self, tenant: str | None = None) -> PoolLike[C]:
+        """The pool of ``tenant`` (default: the current tenant), created on first use."""
+        entry = self._entry(self.tenant() if tenant is None else tenant)
+        return cast(PoolLike[C], await asyncio.shield(entry.ready))
+
+    def acquire(self) -> AbstractAsyncContextManager[C]:
+        """``async with pools.acquire() as conn``: a connection of the current tenant's pool,
+        returned to that pool when the block ends (also on errors and cancellation).
+
+        Raises :class:`MissingContextError` without a tenant and :class:`UnknownTenantError`
+        for a tenant the registry does not know."""
+        return self._lease(self.tenant())
+
+    @asynccontextmanager
+    async def _lease(self, tenant: str) -> AsyncIterator[C]:
+        entry = self._entry(tenant)
+        entry.leases += 1  # counted before any await: an entry in use is never evicted
+        try:
+            pool = cast(PoolLike[C], await asyncio.shield(entry.ready))
+            async with pool.acquire() as connection:
+                yield connection
+        finally:
+            entry.leases -= 1
+
+    def in_use(self, tenant: str | None = None) -> int:
+        """How many connections are lent out now, for ``tenant`` or for all tenants."""
+        if tenant is not None:
+            entry = self._entries.get(tenant)
+            return entry.leases if entry is not None else 0
+        return sum(entry.leases for entry in self._entries.values())
+
+    def tenants(self) -> list[str]:
+        """The tenants that have a pool now, least recently used first."""
+        return list(self._entries)
+
+    async def close(self) -> None:
+        """Close every pool (asyncpg waits for lent connections to come back). Idempotent;
+        afterwards :meth:`acquire` raises :class:`TenantPoolError`."""
+        self._closed = True
+        entries = list(self._entries.values())
+        self._entries.clear()
+        for entry in entries:
+            await asyncio.wait([entry.ready])
+            self._close_later(entry)
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
+
+    async def __aenter__(self) -> TenantPools[C]:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"TenantPools(field={self._field!r}, pools={len(self._entries)})"
