@@ -8,11 +8,13 @@ the bridge reads and sets that variable directly when the runtime context is the
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from contextvars import ContextVar, Token
+from types import CoroutineType
 from typing import Any, ParamSpec, TypeVar, cast
 
 from opentelemetry import context as otel_context
@@ -28,6 +30,8 @@ __all__ = [
     "bind_context",
     "detach",
     "get_current",
+    "run_coroutine_in",
+    "run_in_snapshot",
     "with_entry",
 ]
 
@@ -55,28 +59,33 @@ _VAR = _runtime_var()
 
 get_current: Callable[[], Context]
 attach: Callable[[Context], Token[Context]]
+reset: Callable[[Token[Context]], None]
 if _VAR is not None:
     get_current = _VAR.get
     attach = _VAR.set
+    reset = _VAR.reset
 else:  # pragma: no cover - only with a custom OTEL_PYTHON_CONTEXT runtime
     get_current = otel_context.get_current
     attach = otel_context.attach
+    reset = otel_context.detach
 
 
 def detach(token: Token[Context]) -> None:
     """Restore the context from before ``attach``; a foreign token is logged, never raised."""
-    global detach_failures  # noqa: PLW0603 - a process-wide diagnostic counter
     try:
-        if _VAR is not None:
-            _VAR.reset(token)
-        else:  # pragma: no cover - custom runtime context
-            otel_context.detach(token)
+        reset(token)
     except (ValueError, RuntimeError):
-        detach_failures += 1
-        _logger.warning(
-            "otel_ctxbridge: failed to detach a context (entered in another task or thread); "
-            "a scope or attached context was left open"
-        )
+        detach_failed()
+
+
+def detach_failed() -> None:
+    """Count and log a detach that failed (the token belongs to another context)."""
+    global detach_failures  # noqa: PLW0603 - a process-wide diagnostic counter
+    detach_failures += 1
+    _logger.warning(
+        "otel_ctxbridge: failed to detach a context (entered in another task or thread); "
+        "a scope or attached context was left open"
+    )
 
 
 def with_entry(ctx: Context, key: str, value: object) -> Context:
@@ -86,19 +95,26 @@ def with_entry(ctx: Context, key: str, value: object) -> Context:
     return new
 
 
-def run_in(ctx: Context, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
-    """Call ``fn`` with ``ctx`` attached; an awaitable result is run inside ``ctx`` too."""
+def call_in(ctx: Context, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
+    """Call ``fn`` with ``ctx`` attached and return its result.
+
+    A coroutine result (``fn`` is a coroutine function) is wrapped so that the whole
+    coroutine runs inside ``ctx`` when awaited, not just its creation."""
     token = attach(ctx)
     try:
         result = fn(*args, **kwargs)
     finally:
-        detach(token)
-    if inspect.iscoroutine(result):
-        return cast(R, _await_in(ctx, result))
+        try:
+            reset(token)
+        except (ValueError, RuntimeError):
+            detach_failed()
+    if result.__class__ is CoroutineType:
+        return cast(R, await_in(ctx, cast(Awaitable[R], result)))
     return result
 
 
-async def _await_in(ctx: Context, awaitable: Awaitable[R]) -> R:
+async def await_in(ctx: Context, awaitable: Awaitable[R]) -> R:
+    """Await ``awaitable`` with ``ctx`` attached."""
     token = attach(ctx)
     try:
         return await awaitable
@@ -106,40 +122,63 @@ async def _await_in(ctx: Context, awaitable: Awaitable[R]) -> R:
         detach(token)
 
 
-def call_in(ctx: Context, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
-    """Like :func:`run_in`, but a coroutine function is called inside ``ctx`` as a whole."""
+def bind_context(fn: Callable[P, R]) -> Callable[P, R]:
+    """Wrap ``fn`` so that it runs in a copy of the ``contextvars`` context current now.
+
+    That carries OTel's context (baggage, the current span), every ``AsyncLocalStorage``
+    and any other context variable. A coroutine function's whole body runs in the copy."""
+    captured = contextvars.copy_context()
     if inspect.iscoroutinefunction(fn):
-        return cast(R, _call_async_in(ctx, fn, args, kwargs))
-    return run_in(ctx, fn, *args, **kwargs)
-
-
-async def _call_async_in(
-    ctx: Context,
-    fn: Callable[..., Coroutine[Any, Any, R]],
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-) -> R:
-    token = attach(ctx)
-    try:
-        return await fn(*args, **kwargs)
-    finally:
-        detach(token)
-
-
-def bind_context(fn: Callable[P, R], ctx: Context | None = None) -> Callable[P, R]:
-    """Wrap ``fn`` so that it runs in ``ctx`` (default: the context current now)."""
-    captured = get_current() if ctx is None else ctx
-    if inspect.iscoroutinefunction(fn):
-        async_fn = cast(Callable[..., Coroutine[Any, Any, Any]], fn)
 
         @functools.wraps(fn)
         async def bound_async(*args: Any, **kwargs: Any) -> Any:
-            return await _call_async_in(captured, async_fn, args, kwargs)
+            ctx = captured.copy()
+            return await run_coroutine_in(ctx, ctx.run(fn, *args, **kwargs))
 
         return cast(Callable[P, R], bound_async)
 
     @functools.wraps(fn)
     def bound(*args: P.args, **kwargs: P.kwargs) -> R:
-        return call_in(captured, fn, *args, **kwargs)
+        result = captured.copy().run(fn, *args, **kwargs)
+        return result
 
     return bound
+
+
+def run_in_snapshot(
+    captured: contextvars.Context, fn: Callable[..., R], *args: Any, **kwargs: Any
+) -> R:
+    """Call ``fn`` in a copy of ``captured``; a coroutine result runs wholly in that copy."""
+    ctx = captured.copy()
+    result = ctx.run(fn, *args, **kwargs)
+    if result.__class__ is CoroutineType:
+        return cast(R, run_coroutine_in(ctx, cast(Coroutine[Any, Any, Any], result)))
+    return result
+
+
+class _Suspend:
+    """Passes a value the inner coroutine yielded (a future) out to the event loop."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: object) -> None:
+        self.value = value
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        return (yield self.value)
+
+
+async def run_coroutine_in(ctx: contextvars.Context, coro: Coroutine[Any, Any, R]) -> R:
+    """Drive ``coro`` with every step run inside ``ctx`` (``create_task(context=)`` needs
+    Python 3.11; this works from 3.10 and keeps the caller's task)."""
+    send: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            yielded = ctx.run(coro.send, send) if error is None else ctx.run(coro.throw, error)
+        except StopIteration as stop:
+            return cast(R, stop.value)
+        try:
+            send, error = await _Suspend(yielded), None
+        except BaseException as exc:  # cancellation included: thrown into the inner coroutine
+            send, error = None, exc

@@ -47,35 +47,25 @@ class Scope:
     own scope.
     """
 
-    __slots__ = ("_base", "_bridge", "_derived", "_token", "_values")
+    __slots__ = ("_bridge", "_token", "_values")
 
-    def __init__(
-        self,
-        bridge: ContextBridge,
-        values: Mapping[str, Any],
-        base: Context | None = None,
-        derived: Context | None = None,
-    ) -> None:
+    def __init__(self, bridge: ContextBridge, values: Mapping[str, Any]) -> None:
         self._bridge = bridge
-        self._values = values
-        # ``derived`` is ``values`` written over ``base``, computed when the scope was made;
-        # reused when the scope is entered in that same context (the usual ``with`` case).
-        self._base = base
-        self._derived = derived
+        self._values: Mapping[str, Any] | None = values
         self._token: Token[Context] | None = None
 
     def __enter__(self) -> Scope:
         if self._token is not None:
             raise RuntimeError("this scope is already entered; call bridge.scope() again")
-        current = rt.get_current()
-        if current is self._base and self._derived is not None:
-            ctx = self._derived
-        else:
-            ctx = self._bridge.derive(current, self._values)
-        self._base = self._derived = None
+        values = self._values
+        if values is None:
+            raise RuntimeError("a scope is entered once; call bridge.scope() again")
+        ctx = self._bridge.derive(rt.get_current(), values)
         self._token = rt.attach(ctx)
-        if ctx.get(rt.SPAN_KEY) is not None:
-            stamp(self._bridge, ctx.get(rt.SPAN_KEY), self._values)
+        self._values = None  # an in-flight request keeps only the token alive
+        span = ctx.get(rt.SPAN_KEY)
+        if span is not None:
+            stamp(self._bridge, span, values)
         return self
 
     def __exit__(
@@ -86,7 +76,10 @@ class Scope:
     ) -> None:
         token, self._token = self._token, None
         if token is not None:
-            rt.detach(token)
+            try:
+                rt.reset(token)
+            except (ValueError, RuntimeError):
+                rt.detach_failed()
 
     async def __aenter__(self) -> Scope:
         return self.__enter__()
@@ -99,11 +92,6 @@ class Scope:
     ) -> None:
         self.__exit__(exc_type, exc, tb)
 
-    @property
-    def values(self) -> Mapping[str, Any]:
-        """The values this scope sets."""
-        return self._values
-
     def __call__(self, fn: F) -> F:
         """Decorate ``fn`` so that every call runs inside a fresh scope of these values."""
         if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
@@ -112,6 +100,9 @@ class Scope:
                 "enter the scope inside the generator body instead"
             )
         bridge, values = self._bridge, self._values
+        if values is None:
+            raise RuntimeError("this scope was already entered; call bridge.scope() again")
+        bridge.derive(rt.get_current(), values)  # bad values fail at decoration, not per call
         if inspect.iscoroutinefunction(fn):
 
             @functools.wraps(fn)

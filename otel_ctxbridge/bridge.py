@@ -14,6 +14,8 @@ from opentelemetry.trace import Span
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from . import _runtime as rt
+from ._runtime import BAGGAGE_KEY as _BAGGAGE
+from ._runtime import get_current as _get_current
 from ._scope import Scope, stamp
 from ._state import EMPTY, MISSING, Frame, State, next_generation
 from .errors import ContextValueError, FieldConfigError, MissingContextError, UnknownFieldError
@@ -82,6 +84,13 @@ class ContextBridge:
         self._where: dict[str, str | None] = {
             f.name: (f.baggage_key if f.propagate else None) for f in resolved.values()
         }
+        # name -> (baggage key or None, max_length, whether the default printable check applies)
+        self._plans: dict[str, tuple[str | None, int, bool]] = {
+            f.name: (self._where[f.name], f.max_length, f.validator is None)
+            for f in resolved.values()
+        }
+        # current(): the last answer and the (baggage, state) it was computed from.
+        self._last: tuple[object, object, Mapping[str, Any]] = (MISSING, MISSING, EMPTY)
         self._drops: dict[str, int] = {}
         self._drop_lock = threading.Lock()
 
@@ -89,18 +98,24 @@ class ContextBridge:
 
     def get(self, name: str, default: Any = None) -> Any:
         """The value of field ``name`` in the current context, or ``default`` when unset."""
-        try:
-            key = self._where[name]
-        except KeyError:
-            raise UnknownFieldError(f"no field named {name!r}") from None
-        ctx = rt.get_current()
+        key = self._where.get(name, MISSING)
+        ctx = _get_current()
         state: State | None = ctx.get(self._key)  # type: ignore[assignment] # our own key
+        if state is None:
+            if key is None:
+                return default
+            if key is MISSING:
+                raise UnknownFieldError(f"no field named {name!r}")
+            bag: Any = ctx.get(_BAGGAGE)
+            return bag.get(key, default) if bag else default
+        if key is MISSING:
+            raise UnknownFieldError(f"no field named {name!r}")
         if key is None:
-            value = state.local.get(name, MISSING) if state is not None else MISSING
+            value = state.local.get(name, MISSING)
         else:
-            bag: Any = ctx.get(rt.BAGGAGE_KEY)
+            bag = ctx.get(_BAGGAGE)
             value = bag.get(key, MISSING) if bag else MISSING
-        if state is not None and state.frame is not None and state.frame.updates:
+        if state.frame is not None and state.frame.updates:
             update = state.frame.updates.get(name)
             if update is not None and update[1] > state.generation:
                 value = update[0]
@@ -108,7 +123,18 @@ class ContextBridge:
 
     def current(self) -> Mapping[str, Any]:
         """A read-only mapping of the declared fields set in the current context."""
-        return MappingProxyType(self.values_in(rt.get_current()))
+        ctx = _get_current()
+        bag = ctx.get(_BAGGAGE)
+        state = ctx.get(self._key)
+        last = self._last
+        if last[0] is bag and last[1] is state:
+            return last[2]
+        view = MappingProxyType(self.values_in(ctx))
+        if state is None or state.frame is None:  # type: ignore[attr-defined] # our State
+            # Contexts are immutable, so the same (baggage, state) pair gives the same answer;
+            # holding them keeps their identities from being reused.
+            self._last = (bag, state, view)
+        return view
 
     def values_in(self, ctx: Context) -> dict[str, Any]:
         """The declared fields set in ``ctx`` (with the request's late updates), by name."""
@@ -140,10 +166,11 @@ class ContextBridge:
 
     def scope(self, **values: Any) -> Scope:
         """A scope setting ``values`` (``None`` unsets a field): ``with``, ``async with``,
-        or a decorator of sync and async functions. Nested scopes overlay and restore."""
-        base = rt.get_current()
-        derived = self.derive(base, values)  # validate now: errors point at the caller
-        return Scope(self, values, base, derived)
+        or a decorator of sync and async functions. Nested scopes overlay and restore.
+
+        Values are validated when the scope is entered (or when it decorates a function):
+        :class:`ContextValueError` and :class:`UnknownFieldError` name the field."""
+        return Scope(self, values)
 
     def update(self, **values: Any) -> None:
         """Change fields for the rest of the current request or scope.
@@ -184,37 +211,56 @@ class ContextBridge:
 
         return BridgedStorage(self)
 
-    def derive(
+    def derive(  # noqa: PLR0912 - the hot path of scope entry, kept as one inlined loop
         self, ctx: Context, values: Mapping[str, Any], frame: Frame | None = None
     ) -> Context:
         """A copy of ``ctx`` with ``values`` written (``None`` unsets); validates them.
 
         ``frame`` starts a request frame (used by the ASGI middleware)."""
         state: State | None = ctx.get(self._key)  # type: ignore[assignment] # our own key
-        old_bag: Any = ctx.get(rt.BAGGAGE_KEY) or EMPTY
         bag: dict[str, object] | None = None
         local: dict[str, object] | None = None
+        plans = self._plans
+        chars = 0  # characters written to baggage, for the cheap limits bound
         for name, value in values.items():
-            key = self._where.get(name, MISSING)
-            if key is MISSING:
+            plan = plans.get(name)
+            if plan is None:
                 raise UnknownFieldError(f"no field named {name!r}")
+            key, max_length, printable_only = plan
             if value is not None:
-                problem = self.fields[name].problem(value)
-                if problem is not None:
-                    raise ContextValueError(name, problem)
+                if value.__class__ is str and printable_only:
+                    if len(value) > max_length or not value.isprintable():
+                        raise ContextValueError(name, str(self.fields[name].problem(value)))
+                else:
+                    problem = self.fields[name].problem(value)
+                    if problem is not None:
+                        raise ContextValueError(name, problem)
             if key is None:
                 if local is None:
                     local = dict(state.local) if state is not None else {}
-                _put(local, name, value)
+                target = local
+                key = name
             else:
                 if bag is None:
-                    bag = dict(old_bag)
-                _put(bag, key, value)
-        if bag is not None:
-            self._check_limits(bag, values)
+                    old: Any = ctx.get(_BAGGAGE)
+                    if old:
+                        bag = dict(old)
+                        chars = -1  # unknown: measure the whole bag below
+                    else:
+                        bag = {}
+                target = bag
+                if chars >= 0 and value is not None:
+                    chars += len(value) + len(key) + 2
+            if value is None:
+                target.pop(key, None)
+            else:
+                target[key] = value
+        unsure = bag is not None and (chars < 0 or 12 * chars > MAX_MEMBER_BYTES)
+        if unsure and _may_exceed_limits(bag):  # type: ignore[arg-type] # unsure => bag set
+            self._check_limits(bag, values)  # type: ignore[arg-type] # unsure => bag set
         new = Context(ctx)
         if bag is not None:
-            dict.__setitem__(new, rt.BAGGAGE_KEY, bag)
+            dict.__setitem__(new, _BAGGAGE, bag)
         frame = frame if frame is not None else (state.frame if state is not None else None)
         if local is not None or frame is not None:
             own = local if local is not None else (state.local if state is not None else EMPTY)
@@ -327,11 +373,16 @@ def _with(field: Field, **changes: Any) -> Field:
     return dataclasses.replace(field, **changes)
 
 
-def _put(target: dict[str, object], key: str, value: object) -> None:
-    if value is None:
-        target.pop(key, None)
-    else:
-        target[key] = value
+def _may_exceed_limits(bag: Mapping[str, object]) -> bool:
+    """False when ``bag`` surely fits OTel's baggage limits (the cheap bound), else True."""
+    if len(bag) > MAX_MEMBERS:
+        return True
+    try:
+        chars = sum(map(len, bag.values()))  # type: ignore[arg-type] # TypeError handled
+    except TypeError:  # a non-str value put in baggage by other code
+        return True
+    # A character encodes to at most 12 bytes (4 UTF-8 bytes, each as %XX).
+    return 12 * chars + sum(map(len, bag)) + 2 * len(bag) > MAX_MEMBER_BYTES
 
 
 def _texts(value: Any) -> list[str]:

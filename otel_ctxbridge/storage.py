@@ -13,16 +13,18 @@ Mapping of Node's semantics onto Python:
 - ``disable()`` makes ``get_store()`` return None in every context until the next ``run`` or
   ``enter_with`` of the same instance.
 
-Stores live in OpenTelemetry's context under a private key per instance, so they travel with
-``bind``, ``snapshot`` and every OTel context hand-off; they are never put in baggage.
+A plain instance keeps its store in a ``ContextVar`` of its own (never in baggage); ``bind`` and
+``snapshot`` capture every context variable, OTel's context included. ``bridge.storage()``
+returns an instance whose store is the bridge's fields, kept where the bridge keeps them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
-
-from opentelemetry.context import create_key
+import contextvars
+from collections.abc import Callable, Coroutine, Mapping
+from contextvars import ContextVar
+from types import CoroutineType
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from . import _runtime as rt
 
@@ -38,32 +40,45 @@ R = TypeVar("R")
 class AsyncLocalStorage(Generic[T]):
     """A store that follows the flow of execution, like Node's ``AsyncLocalStorage``.
 
-    Several instances are independent of each other.
+    Each instance keeps its store in a ``ContextVar`` of its own, so instances are
+    independent, and the store never enters OTel baggage.
     """
 
     def __init__(self) -> None:
-        self._key = create_key("otel_ctxbridge.als")
+        self._var: ContextVar[T | None] = ContextVar(f"otel_ctxbridge.als.{id(self):x}")
         self._enabled = True
 
     def run(self, store: T, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
-        """Call ``fn(*args, **kwargs)`` with ``store`` as the store and return its result."""
-        self._enabled = True
-        return rt.call_in(rt.with_entry(rt.get_current(), self._key, store), fn, *args, **kwargs)
+        """Call ``fn(*args, **kwargs)`` with ``store`` as the store and return its result.
+
+        With a coroutine function the result is an awaitable running the whole coroutine
+        with the store."""
+        if not self._enabled:
+            self._enabled = True
+        var = self._var
+        token = var.set(store)
+        try:
+            result = fn(*args, **kwargs)
+        finally:
+            var.reset(token)
+        if result.__class__ is CoroutineType:  # an async fn: run its whole body with the store
+            return cast(R, _with_store(var, store, cast(Coroutine[Any, Any, R], result)))
+        return result
 
     def get_store(self) -> T | None:
         """The current store, or None outside ``run``/``enter_with`` or after ``disable()``."""
         if not self._enabled:
             return None
-        return rt.get_current().get(self._key)  # type: ignore[return-value] # our own key
+        return self._var.get(None)
 
     def enter_with(self, store: T) -> None:
         """Make ``store`` the store for the rest of the current task or thread's context."""
         self._enabled = True
-        rt.attach(rt.with_entry(rt.get_current(), self._key, store))
+        self._var.set(store)
 
     def exit(self, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
         """Call ``fn(*args, **kwargs)`` outside any store (``get_store()`` is None there)."""
-        return rt.call_in(rt.with_entry(rt.get_current(), self._key, None), fn, *args, **kwargs)
+        return self.run(None, fn, *args, **kwargs)  # type: ignore[arg-type] # None = no store
 
     def disable(self) -> None:
         """Turn the instance off: ``get_store()`` answers None until the next run/enter_with."""
@@ -71,18 +86,27 @@ class AsyncLocalStorage(Generic[T]):
 
     @staticmethod
     def bind(fn: Callable[..., R]) -> Callable[..., R]:
-        """Wrap ``fn`` to run in the context current now (all stores and OTel state)."""
+        """Wrap ``fn`` to run in the context current now: every store, OTel's context and
+        all other context variables."""
         return rt.bind_context(fn)
 
     @staticmethod
     def snapshot() -> Callable[..., Any]:
         """Capture the current context; returns ``runner(fn, *args, **kwargs)`` running in it."""
-        captured = rt.get_current()
+        captured = contextvars.copy_context()
 
         def runner(fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
-            return rt.call_in(captured, fn, *args, **kwargs)
+            return rt.run_in_snapshot(captured, fn, *args, **kwargs)
 
         return runner
+
+
+async def _with_store(var: ContextVar[T | None], store: T, coro: Coroutine[Any, Any, R]) -> R:
+    token = var.set(store)
+    try:
+        return await coro
+    finally:
+        var.reset(token)
 
 
 class BridgedStorage(AsyncLocalStorage[dict[str, Any]]):
@@ -123,4 +147,3 @@ class BridgedStorage(AsyncLocalStorage[dict[str, Any]]):
         """Call ``fn`` with every declared field unset."""
         ctx = self._bridge.derive(rt.get_current(), self._cleared({}))
         return rt.call_in(ctx, fn, *args, **kwargs)
-

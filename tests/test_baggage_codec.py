@@ -72,9 +72,11 @@ def test_parse_follows_w3c_baggage(header: str, expected: dict[str, str]) -> Non
 def test_parse_keeps_the_first_members_within_the_limits() -> None:
     """Past 180 members or 8192 bytes, extra members are dropped and counted."""
     members, dropped = parse_baggage(",".join(f"k{i}=v" for i in range(200)))
-    assert len(members) == 180 and dropped == 20
+    assert len(members) == 180
+    assert dropped == 20
     members, dropped = parse_baggage(",".join(f"k{i}={'x' * 1000}" for i in range(10)))
-    assert len(members) == 8 and dropped == 2
+    assert len(members) == 8
+    assert dropped == 2
     members, _ = parse_baggage(["a=1", "b=2"])
     assert members == {"a": "1", "b": "2"}
 
@@ -84,21 +86,23 @@ def test_writes_over_the_baggage_limits_raise_naming_the_field() -> None:
     bridge = cb.ContextBridge(
         [cb.Field(f"f{i}", max_length=4096) for i in range(3)] + [cb.Field("small")]
     )
-    with pytest.raises(cb.ContextValueError, match="f0.*4096"):
-        bridge.scope(f0="é" * 2000)  # 2000 chars, 12000 bytes once encoded
+    with pytest.raises(cb.ContextValueError, match=r"f0.*4096"):
+        with bridge.scope(f0="é" * 2000):  # 2000 chars, 12000 bytes once encoded
+            pass
     with (
         bridge.scope(f0="x" * 4000, f1="y" * 4000),
-        pytest.raises(cb.ContextValueError, match=f"f2.*{MAX_HEADER_BYTES}"),
+        pytest.raises(cb.ContextValueError, match=rf"f2.*{MAX_HEADER_BYTES}"),
     ):
-        bridge.scope(f2="z" * 1000)
+        with bridge.scope(f2="z" * 1000):
+            pass
     many = {f"m{i}": "v" for i in range(180)}
     ctx = propagate.extract({"baggage": ",".join(f"{k}={v}" for k, v in many.items())})
     from opentelemetry.context import attach, detach
 
     token = attach(ctx)
     try:
-        with pytest.raises(cb.ContextValueError, match="180"):
-            bridge.scope(small="v")
+        with pytest.raises(cb.ContextValueError, match="180"), bridge.scope(small="v"):
+            pass
     finally:
         detach(token)
 

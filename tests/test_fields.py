@@ -26,7 +26,11 @@ def test_explicit_names_are_kept() -> None:
         [cb.Field("rid", baggage_key="request.id", attribute="http.rid", log_key="reqid")]
     )
     field = bridge.fields["rid"]
-    assert (field.baggage_key, field.attribute, field.log_key) == ("request.id", "http.rid", "reqid")
+    assert (field.baggage_key, field.attribute, field.log_key) == (
+        "request.id",
+        "http.rid",
+        "reqid",
+    )
 
 
 def test_header_names_are_lowercased() -> None:
@@ -58,7 +62,7 @@ def test_bad_configuration_raises_naming_the_field(kwargs: dict[str, object], me
 
 def test_duplicate_names_keys_and_headers_raise() -> None:
     """Two fields may not share a name, baggage key, attribute, log key or header."""
-    with pytest.raises(cb.FieldConfigError, match="'b'.*'a'"):
+    with pytest.raises(cb.FieldConfigError, match=r"'b'.*'a'"):
         cb.ContextBridge([cb.Field("a", header="x-a"), cb.Field("b", header="x-a")])
     with pytest.raises(cb.FieldConfigError, match="baggage key"):
         cb.ContextBridge([cb.Field("a"), cb.Field("b", baggage_key="a")])
@@ -110,7 +114,8 @@ def test_process_local_fields_accept_objects() -> None:
 def test_redaction_modes() -> None:
     """Hash, mask and callable redaction change what spans and logs show."""
     hashed = cb.Field("email", redact=True).shown("bob@example.com")
-    assert isinstance(hashed, str) and hashed.startswith("sha256:")
+    assert isinstance(hashed, str)
+    assert hashed.startswith("sha256:")
     assert "bob" not in hashed
     assert cb.Field("email", redact="mask").shown("bob@example.com") == "****"
     assert cb.Field("email", redact=lambda v: v[:1] + "…").shown("bob") == "b…"

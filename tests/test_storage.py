@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
+import pytest
 from opentelemetry import baggage
 
 import otel_ctxbridge as cb
@@ -153,3 +154,46 @@ def test_bridged_enter_with_exit_and_disable(bridge: cb.ContextBridge) -> None:
         return outside, after, als.get_store()
 
     assert als.run({"tenant_id": "t1"}, body) == (None, {"tenant_id": "t2"}, None)
+
+
+async def test_bound_coroutine_keeps_store_across_awaits_and_propagates_cancellation() -> None:
+    """A bound coroutine function runs wholly in the captured context, and cancelling the
+    caller cancels the inner coroutine."""
+    als: cb.AsyncLocalStorage[str] = cb.AsyncLocalStorage()
+    cancelled = asyncio.Event()
+
+    async def slow() -> str | None:
+        try:
+            await asyncio.sleep(0.001)
+            seen = als.get_store()
+            await asyncio.sleep(10)
+            return seen
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    async def read() -> str | None:
+        await asyncio.sleep(0.001)
+        return als.get_store()
+
+    bound_read = als.run("captured", lambda: cb.AsyncLocalStorage.bind(read))
+    assert await bound_read() == "captured"
+    bound_slow = als.run("captured", lambda: cb.AsyncLocalStorage.bind(slow))
+    task = asyncio.create_task(bound_slow())
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert cancelled.is_set()
+
+
+async def test_snapshot_runner_runs_coroutines_in_the_snapshot() -> None:
+    """snapshot()'s runner also scopes a coroutine function as a whole."""
+    als: cb.AsyncLocalStorage[str] = cb.AsyncLocalStorage()
+
+    async def read() -> str | None:
+        await asyncio.sleep(0)
+        return als.get_store()
+
+    runner = als.run("snap", cb.AsyncLocalStorage.snapshot)
+    assert await runner(read) == "snap"

@@ -21,7 +21,11 @@ def test_scope_sets_and_restores_values(bridge: cb.ContextBridge) -> None:
     with bridge.scope(request_id="r-1", tenant_id="acme", user_id="u-1"):
         assert bridge.get("request_id") == "r-1"
         assert bridge.require("tenant_id") == "acme"
-        assert dict(bridge.current()) == {"request_id": "r-1", "tenant_id": "acme", "user_id": "u-1"}
+        assert dict(bridge.current()) == {
+            "request_id": "r-1",
+            "tenant_id": "acme",
+            "user_id": "u-1",
+        }
     assert dict(bridge.current()) == {}
     with pytest.raises(cb.MissingContextError, match="tenant_id"):
         bridge.require("tenant_id")
@@ -59,24 +63,30 @@ def test_nested_scopes_overlay_and_restore_even_when_raising(bridge: cb.ContextB
 
 
 def test_unknown_field_and_bad_values_raise_at_write_time(bridge: cb.ContextBridge) -> None:
-    """Undeclared names and invalid values raise when the scope is created, naming the field."""
-    with pytest.raises(cb.UnknownFieldError, match="nope"):
-        bridge.scope(nope="x")
+    """Undeclared names and invalid values raise when the scope is entered, naming the field."""
+    with pytest.raises(cb.UnknownFieldError, match="nope"), bridge.scope(nope="x"):
+        pass
     with pytest.raises(cb.UnknownFieldError):
         bridge.get("nope")
     with pytest.raises(cb.ContextValueError, match="tenant_id") as info:
-        bridge.scope(tenant_id=123)
+        with bridge.scope(tenant_id=123):
+            pass
     assert info.value.field == "tenant_id"
     with pytest.raises(cb.ContextValueError, match="request_id"):
-        bridge.scope(request_id="bad id\r\n")
+        with bridge.scope(request_id="bad id\r\n"):
+            pass
     with pytest.raises(cb.ContextValueError, match="max_length"):
-        bridge.scope(tenant_id="t" * 300)
+        with bridge.scope(tenant_id="t" * 300):
+            pass
 
 
-def test_a_scope_object_cannot_be_entered_twice_at_once(bridge: cb.ContextBridge) -> None:
-    """Re-entering a scope object that is active is refused instead of corrupting state."""
+def test_a_scope_object_is_entered_once(bridge: cb.ContextBridge) -> None:
+    """Re-entering a scope object, while active or after, is refused instead of corrupting
+    state; bridge.scope() makes a new one."""
     scope = bridge.scope(request_id="r")
     with scope, pytest.raises(RuntimeError, match="already entered"), scope:
+        pass
+    with pytest.raises(RuntimeError, match="entered once"), scope:
         pass
 
 
@@ -105,14 +115,20 @@ async def test_scope_as_decorator_sync_and_async(bridge: cb.ContextBridge) -> No
     assert bridge.get("tenant_id") is None
 
 
+def test_scope_decorator_validates_at_decoration(bridge: cb.ContextBridge) -> None:
+    """A decorator with a bad value fails when applied, not on some later call."""
+    with pytest.raises(cb.ContextValueError, match="tenant_id"):
+        bridge.scope(tenant_id=1)(lambda: None)
+
+
 def test_scope_refuses_to_decorate_generators(bridge: cb.ContextBridge) -> None:
     """Decorating a generator would leak the scope into its consumer: refused clearly."""
 
     def gen() -> object:
         yield 1
 
-    with pytest.raises(TypeError, match="generator"):
-        bridge.scope(request_id="r")(gen)
+    with pytest.raises(TypeError, match="generator"), bridge.scope(request_id="r")(gen):
+        pass
 
 
 async def test_run_with_sync_and_async_callables(bridge: cb.ContextBridge) -> None:
@@ -134,7 +150,11 @@ def test_update_changes_the_rest_of_the_scope_only(bridge: cb.ContextBridge) -> 
     """update() changes values until the enclosing scope ends."""
     with bridge.scope(request_id="r-1"):
         bridge.update(user_id="u-7", tenant_id="acme")
-        assert dict(bridge.current()) == {"request_id": "r-1", "user_id": "u-7", "tenant_id": "acme"}
+        assert dict(bridge.current()) == {
+            "request_id": "r-1",
+            "user_id": "u-7",
+            "tenant_id": "acme",
+        }
         assert baggage.get_baggage("tenant_id") == "acme"
     assert dict(bridge.current()) == {}
 
@@ -161,7 +181,8 @@ def test_update_inside_a_frame_reaches_the_request_from_a_thread(
         finally:
             rt.detach(token)
     inner, server_span = spans.get_finished_spans()
-    assert server_span.attributes is not None and inner.attributes is not None
+    assert server_span.attributes is not None
+    assert inner.attributes is not None
     assert server_span.attributes["app.user_id"] == "u-7"
     assert inner.attributes["app.user_id"] == "system"
 
