@@ -1,0 +1,353 @@
+"""configure(): tracer and logger providers, the bridge's processors, logging bridge, OTLP export.
+
+::
+
+    telemetry = cb.configure(bridge, service_name="orders", endpoint="http://collector:4318")
+    ...
+    telemetry.shutdown()        # at exit (also registered by the SDK's atexit hooks)
+
+Arguments win over ``OTEL_*`` variables, as in the OTel SDK; leave one as None to let the
+environment decide: ``OTEL_EXPORTER_OTLP_ENDPOINT`` (and the per-signal ``..._TRACES_/_LOGS_``
+variants), ``OTEL_EXPORTER_OTLP_HEADERS``, ``OTEL_EXPORTER_OTLP_PROTOCOL`` (``http/protobuf``
+default, or ``grpc``), ``OTEL_EXPORTER_OTLP_TIMEOUT`` (seconds), ``OTEL_SERVICE_NAME``,
+``OTEL_RESOURCE_ATTRIBUTES``, ``OTEL_TRACES_EXPORTER`` / ``OTEL_LOGS_EXPORTER`` (``otlp``,
+``console``, ``none``), ``OTEL_PROPAGATORS``, and the SDK's own ``OTEL_BSP_*``/``OTEL_BLRP_*``
+and sampler variables. Export runs in background threads with a short timeout (2 s by
+default), so an absent collector never blocks nor breaks the app, and shutdown returns in
+bounded time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from opentelemetry import _logs, propagate, trace
+from opentelemetry._logs._internal import ProxyLoggerProvider  # public API lacks the name
+from opentelemetry.sdk._logs import LoggerProvider, LogRecordProcessor
+from opentelemetry.sdk._logs.export import (
+    BatchLogRecordProcessor,
+    ConsoleLogRecordExporter,
+    LogRecordExporter,
+)
+from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+
+from .bridge import ContextBridge
+from .errors import AlreadyConfiguredError
+from .logs import SPAN_ID, TRACE_ID, ContextLogRecordProcessor
+from .propagation import default_propagator
+from .spans import ContextSpanProcessor
+
+__all__ = ["Telemetry", "active_telemetry", "configure"]
+
+_logger = logging.getLogger("otel_ctxbridge")
+_lock = threading.Lock()
+_active: Telemetry | None = None
+DEFAULT_EXPORT_TIMEOUT = 2.0
+"""Seconds an OTLP export (with its retries) may take when nothing else is configured."""
+
+
+class Telemetry:
+    """What :func:`configure` installed; ``shutdown()`` flushes and uninstalls it."""
+
+    def __init__(
+        self,
+        bridge: ContextBridge,
+        tracer_provider: TracerProvider,
+        logger_provider: LoggerProvider,
+        handler: logging.Handler | None,
+    ) -> None:
+        self.bridge = bridge
+        self.tracer_provider = tracer_provider
+        self.logger_provider = logger_provider
+        self.logging_handler = handler
+        """The handler on the root logger that turns stdlib records into OTel log records."""
+        self._closed = False
+
+    def force_flush(self, timeout_millis: int = 5000) -> bool:
+        """Export what is buffered now; False when it did not complete."""
+        ok = self.tracer_provider.force_flush(timeout_millis)
+        return bool(self.logger_provider.force_flush(timeout_millis)) and ok
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """Flush and stop both providers (in parallel, at most about ``timeout`` seconds),
+        remove the logging handler, and allow ``configure()`` again. Idempotent."""
+        global _active  # noqa: PLW0603 - the one installed configuration
+        with _lock:
+            if self._closed:
+                return
+            self._closed = True
+            if _active is self:
+                _active = None
+        if self.logging_handler is not None:
+            logging.getLogger().removeHandler(self.logging_handler)
+        threads = [
+            threading.Thread(target=_quietly, args=(p.shutdown,), daemon=True)
+            for p in (self.tracer_provider, self.logger_provider)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout)
+
+    @property
+    def closed(self) -> bool:
+        """True after :meth:`shutdown`."""
+        return self._closed
+
+    def __enter__(self) -> Telemetry:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+
+def active_telemetry() -> Telemetry | None:
+    """The configuration installed by :func:`configure` and not yet shut down, if any."""
+    return _active
+
+
+def configure(
+    bridge: ContextBridge,
+    service_name: str | None = None,
+    endpoint: str | None = None,
+    *,
+    protocol: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    resource_attributes: Mapping[str, Any] | None = None,
+    export_timeout: float | None = None,
+    otlp: bool = True,
+    span_processors: Sequence[SpanProcessor] = (),
+    span_exporters: Sequence[SpanExporter] = (),
+    log_processors: Sequence[LogRecordProcessor] = (),
+    log_exporters: Sequence[LogRecordExporter] = (),
+    log_level: int | str = logging.NOTSET,
+    bridge_logging: bool = True,
+    set_propagator: bool = True,
+) -> Telemetry:
+    """Install global tracer and logger providers carrying the bridge's fields, exporting OTLP.
+
+    Args:
+        bridge: the field registry whose processors are installed.
+        service_name: ``service.name`` of the resource (else ``OTEL_SERVICE_NAME``).
+        endpoint: the collector's base URL, like ``OTEL_EXPORTER_OTLP_ENDPOINT``
+            (``/v1/traces`` and ``/v1/logs`` are appended for http/protobuf).
+        protocol: ``"http/protobuf"`` (default) or ``"grpc"``.
+        headers: headers for every export request (else ``OTEL_EXPORTER_OTLP_HEADERS``).
+        resource_attributes: more resource attributes (merged over ``OTEL_RESOURCE_ATTRIBUTES``).
+        export_timeout: seconds an export may take with retries (default 2, or the variable).
+        otlp: False exports nothing over OTLP (extra exporters only).
+        span_processors, log_processors: extra processors, added as given.
+        span_exporters, log_exporters: extra exporters, each behind a batch processor.
+        log_level: level of the handler bridging stdlib logging (root logger) to OTel logs.
+        bridge_logging: False leaves stdlib logging alone.
+        set_propagator: install :func:`default_propagator` as the global textmap (skipped
+            when ``OTEL_PROPAGATORS`` is set).
+
+    Raises:
+        AlreadyConfiguredError: an earlier ``configure()`` is still active, or global OTel
+            providers were already set (OTel allows them to be set once per process).
+    """
+    global _active  # noqa: PLW0603 - the one installed configuration
+    with _lock:
+        if _active is not None:
+            raise AlreadyConfiguredError(
+                "otel_ctxbridge.configure() was already called; shutdown() the handle first"
+            )
+        _refuse_foreign_providers()
+        resource = _resource(service_name, resource_attributes)
+        export = _Export(otlp, endpoint, protocol, headers, export_timeout)
+        tracer_provider = TracerProvider(resource=resource)
+        tracer_provider.add_span_processor(ContextSpanProcessor(bridge))
+        for span_processor in span_processors:
+            tracer_provider.add_span_processor(span_processor)
+        for span_exporter in [
+            *span_exporters,
+            *export.exporters("traces"),
+        ]:
+            tracer_provider.add_span_processor(BatchSpanProcessor(span_exporter))
+        logger_provider = LoggerProvider(resource=resource)
+        logger_provider.add_log_record_processor(ContextLogRecordProcessor(bridge))
+        for log_processor in log_processors:
+            logger_provider.add_log_record_processor(log_processor)
+        for log_exporter in [
+            *log_exporters,
+            *export.exporters("logs"),
+        ]:
+            logger_provider.add_log_record_processor(BatchLogRecordProcessor(log_exporter))
+        trace.set_tracer_provider(tracer_provider)
+        _logs.set_logger_provider(logger_provider)
+        handler = _LoggingBridge(bridge, logger_provider, log_level) if bridge_logging else None
+        if handler is not None:
+            logging.getLogger().addHandler(handler)
+        if set_propagator and not os.environ.get("OTEL_PROPAGATORS"):
+            propagate.set_global_textmap(default_propagator())
+        _active = Telemetry(bridge, tracer_provider, logger_provider, handler)
+        return _active
+
+
+def _refuse_foreign_providers() -> None:
+    if not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+        raise AlreadyConfiguredError(
+            "a global TracerProvider is already set (OTel allows one per process); add "
+            "otel_ctxbridge.ContextSpanProcessor(bridge) to it instead of calling configure()"
+        )
+    if not isinstance(_logs.get_logger_provider(), ProxyLoggerProvider):
+        raise AlreadyConfiguredError(
+            "a global LoggerProvider is already set (OTel allows one per process); add "
+            "otel_ctxbridge.ContextLogRecordProcessor(bridge) to it instead of calling configure()"
+        )
+
+
+def _resource(service_name: str | None, attributes: Mapping[str, Any] | None) -> Resource:
+    extra: dict[str, Any] = dict(attributes or {})
+    if service_name is not None:
+        extra[SERVICE_NAME] = service_name
+    return Resource.create(extra)  # merges OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME
+
+
+def _env(signal: str, name: str) -> str | None:
+    return os.environ.get(f"OTEL_EXPORTER_OTLP_{signal.upper()}_{name}") or os.environ.get(
+        f"OTEL_EXPORTER_OTLP_{name}"
+    )
+
+
+class _Export:
+    """Which exporters a signal gets, from the arguments and the ``OTEL_*`` variables."""
+
+    def __init__(
+        self,
+        otlp: bool,
+        endpoint: str | None,
+        protocol: str | None,
+        headers: Mapping[str, str] | None,
+        timeout: float | None,
+    ) -> None:
+        self.otlp = otlp
+        self.endpoint = endpoint
+        self.protocol = protocol
+        self.headers = headers
+        self.timeout = timeout
+
+    def exporters(self, signal: str) -> list[Any]:
+        """What ``OTEL_TRACES_EXPORTER``/``OTEL_LOGS_EXPORTER`` ask for (default: otlp)."""
+        names = os.environ.get(f"OTEL_{signal.upper()}_EXPORTER", "otlp")
+        out: list[Any] = []
+        for name in sorted({n.strip().lower() for n in names.split(",")}):
+            if name == "console":
+                out.append(
+                    ConsoleSpanExporter() if signal == "traces" else ConsoleLogRecordExporter()
+                )
+            elif name == "otlp" and self.otlp:
+                out.append(self.otlp_exporter(signal))
+            elif name not in ("none", "otlp", ""):
+                _logger.warning(
+                    "otel_ctxbridge: unsupported OTEL_%s_EXPORTER %r", signal.upper(), name
+                )
+        return out
+
+    def otlp_exporter(self, signal: str) -> Any:
+        """The OTLP exporter of ``signal`` (``"traces"`` or ``"logs"``)."""
+        chosen = (self.protocol or _env(signal, "PROTOCOL") or "http/protobuf").strip().lower()
+        timeout = self.timeout
+        if timeout is None and _env(signal, "TIMEOUT") is None:
+            timeout = DEFAULT_EXPORT_TIMEOUT
+        kwargs: dict[str, Any] = {"timeout": timeout} if timeout is not None else {}
+        if self.headers is not None:
+            kwargs["headers"] = dict(self.headers)
+        if chosen == "grpc":
+            if self.endpoint is not None:
+                kwargs["endpoint"] = self.endpoint
+            return _grpc(signal, kwargs)
+        if chosen != "http/protobuf":
+            _logger.warning("otel_ctxbridge: OTLP protocol %r unsupported; using http", chosen)
+        if self.endpoint is not None:
+            path = "/v1/traces" if signal == "traces" else "/v1/logs"
+            kwargs["endpoint"] = self.endpoint.rstrip("/") + path
+        if signal == "traces":
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # noqa: PLC0415 - optional extra
+                OTLPSpanExporter,
+            )
+
+            return OTLPSpanExporter(**kwargs)
+        from opentelemetry.exporter.otlp.proto.http._log_exporter import (  # noqa: PLC0415 - optional extra
+            OTLPLogExporter,
+        )
+
+        return OTLPLogExporter(**kwargs)
+
+
+def _grpc(signal: str, kwargs: dict[str, Any]) -> Any:
+    if signal == "traces":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (  # noqa: PLC0415 - optional extra
+            OTLPSpanExporter,
+        )
+
+        return OTLPSpanExporter(**kwargs)
+    from opentelemetry.exporter.otlp.proto.grpc._log_exporter import (  # noqa: PLC0415 - optional extra
+        OTLPLogExporter,
+    )
+
+    return OTLPLogExporter(**kwargs)
+
+
+def _quietly(fn: Any) -> None:
+    try:
+        fn()
+    except Exception:  # shutdown must not raise into the app
+        _logger.debug("otel_ctxbridge: error during shutdown", exc_info=True)
+
+
+class _LoggingBridge(logging.Handler):
+    """Root-logger handler turning stdlib records into OTel log records.
+
+    Delegates to ``LoggingHandler`` from ``opentelemetry-instrumentation-logging`` (the SDK's
+    own handler is deprecated). Records of OTel's own loggers are not exported (an exporter
+    failing to reach the collector would otherwise feed on its own warnings), and the plain
+    keys ``ContextLogFilter`` may have set are left out: the record processor adds the fields
+    as namespaced attributes and OTel carries the trace ids natively.
+    """
+
+    def __init__(self, bridge: ContextBridge, provider: LoggerProvider, level: int | str) -> None:
+        super().__init__(level)
+        self._inner = _otel_handler(provider)
+        self._plain = frozenset(
+            (*(str(f.log_key) for f in bridge.fields.values()), TRACE_ID, SPAN_ID)
+        )
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name.startswith("opentelemetry"):
+            return
+        if not self._plain.isdisjoint(record.__dict__):
+            clone = logging.LogRecord.__new__(type(record))
+            clone.__dict__.update(
+                {k: v for k, v in record.__dict__.items() if k not in self._plain}
+            )
+            record = clone
+        self._inner.emit(record)
+
+    def flush(self) -> None:
+        """Nothing to do: the logger provider's batch processor exports in the background
+        (and flushes at ``shutdown()`` / interpreter exit)."""
+
+
+def _otel_handler(provider: LoggerProvider) -> logging.Handler:
+    try:
+        from opentelemetry.instrumentation.logging.handler import (  # noqa: PLC0415 - optional
+            LoggingHandler,
+        )
+    except ImportError:  # pragma: no cover - fall back to the SDK's deprecated handler
+        from opentelemetry.sdk._logs import (  # type: ignore[assignment] # noqa: PLC0415 - same API
+            LoggingHandler,
+        )
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return LoggingHandler(logger_provider=provider)
+    return LoggingHandler(logger_provider=provider)
