@@ -107,9 +107,7 @@ class Field:
         object.__setattr__(self, "_check", self._compile_validator(fail))
         object.__setattr__(self, "_shown", self._compile_redaction(fail))
 
-    def _compile_validator(
-        self, fail: Callable[[str], FieldConfigError]
-    ) -> Callable[[str], bool]:
+    def _compile_validator(self, fail: Callable[[str], FieldConfigError]) -> Callable[[str], bool]:
         validator = self.validator
         if validator is None:
             return str.isprintable

@@ -41,7 +41,8 @@ def test_design_contract_names_are_present() -> None:
         assert name in cb.__all__
     for method in ("scope", "get", "current", "require", "update", "run", "bind", "inject"):
         assert callable(getattr(cb.ContextBridge, method))
-    assert callable(cb.ContextBridge.extract) and callable(cb.ContextBridge.storage)
+    assert callable(cb.ContextBridge.extract)
+    assert callable(cb.ContextBridge.storage)
     for method in ("run", "get_store", "enter_with", "exit", "disable", "bind", "snapshot"):
         assert callable(getattr(cb.AsyncLocalStorage, method))
 
