@@ -1,0 +1,354 @@
+"""Egress policy: which destinations receive the context as W3C ``baggage``.
+
+OpenTelemetry's httpx and requests instrumentations inject ``traceparent`` and ``baggage``
+from the current context into every outbound request, whoever the destination. An
+:class:`EgressPolicy` lists the destinations allowed to receive baggage (internal services);
+every other host gets ``traceparent`` only, and optionally the request id header::
+
+    policy = EgressPolicy(hosts=["orders", ".internal"], networks=["10.0.0.0/8"])
+    egress = instrument_http_clients(bridge, policy)     # httpx (sync + async) and requests
+
+How it is enforced: the instrumentations call a *request hook* inside the client span, right
+before they inject. The hook (:meth:`HttpEgress.request_hook`) decides from the request's URL
+and makes the context the instrumentation is about to inject from the one the policy allows:
+without baggage for a host outside the policy (a ``baggage`` header already on the request,
+say copied by a redirect, is removed too), with the request's late ``update()`` values for an
+allowed one. The instrumentation stays the only writer of the headers, so nothing is injected
+twice; the hook's context ends with the client span. Host names are compared as written in the
+URL, never resolved.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import Iterable, MutableMapping
+from typing import Any
+from urllib.parse import urlsplit
+
+from opentelemetry import propagate
+from opentelemetry.baggage.propagation import W3CBaggagePropagator
+from opentelemetry.context import Context
+from opentelemetry.propagators.composite import CompositePropagator
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from . import _runtime as rt
+from .bridge import ContextBridge
+from .errors import ContextBridgeError
+from .propagation import default_propagator
+
+__all__ = ["EgressConfigError", "EgressPolicy", "HttpEgress", "instrument_http_clients"]
+
+_logger = logging.getLogger("otel_ctxbridge")
+_Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class EgressConfigError(ContextBridgeError, ValueError):
+    """An :class:`EgressPolicy` or HTTP client instrumentation is misconfigured."""
+
+
+class EgressPolicy:
+    """The destinations allowed to receive baggage; every other host gets none.
+
+    Args:
+        hosts: host names (case-insensitive, exact) and suffixes: ``".internal"`` (or
+            ``"*.internal"``) matches ``orders.internal`` and ``a.b.internal``.
+            IP literals are allowed as exact entries too.
+        networks: CIDR ranges (``"10.0.0.0/8"``, ``"fd00::/8"``) matched against IP literal
+            hosts. Names are not resolved: ``localhost`` matches only a ``hosts`` entry.
+        request_id_only_elsewhere: hosts outside the policy still get the request id in its
+            header (for example ``x-request-id``), never baggage.
+        request_id_field: the field whose header ``request_id_only_elsewhere`` sends.
+    """
+
+    __slots__ = (
+        "_exact",
+        "_networks",
+        "_suffixes",
+        "request_id_field",
+        "request_id_only_elsewhere",
+    )
+
+    def __init__(
+        self,
+        hosts: Iterable[str] = (),
+        networks: Iterable[str] = (),
+        *,
+        request_id_only_elsewhere: bool = False,
+        request_id_field: str = "request_id",
+    ) -> None:
+        if isinstance(hosts, str) or isinstance(networks, str):
+            raise EgressConfigError("hosts and networks must be lists of strings, not a string")
+        exact: set[str] = set()
+        suffixes: list[str] = []
+        for entry in hosts:
+            if not isinstance(entry, str) or not entry.strip(". *"):
+                raise EgressConfigError(f"invalid egress host entry {entry!r}")
+            name = _normal_host(entry.removeprefix("*"))
+            if name.startswith("."):
+                suffixes.append(name)
+            else:
+                exact.add(name)
+        parsed: list[_Network] = []
+        for cidr in networks:
+            try:
+                parsed.append(ipaddress.ip_network(cidr, strict=False))
+            except (TypeError, ValueError):
+                raise EgressConfigError(f"invalid egress network {cidr!r}") from None
+        self._exact = frozenset(exact)
+        self._suffixes = tuple(suffixes)
+        self._networks = tuple(parsed)
+        self.request_id_only_elsewhere = bool(request_id_only_elsewhere)
+        """Whether hosts outside the policy get the request id header."""
+        self.request_id_field = request_id_field
+        """The field sent to hosts outside the policy when ``request_id_only_elsewhere``."""
+
+    def allows(self, destination: object) -> bool:
+        """True when ``destination`` (a URL, ``httpx.URL``, host or ``host:port``) may receive
+        baggage. Anything unreadable is refused."""
+        host = _host_of(destination)
+        if not host:
+            return False
+        if host in self._exact or any(host.endswith(suffix) for suffix in self._suffixes):
+            return True
+        if not self._networks:
+            return False
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return any(address in network for network in self._networks)
+
+    def __repr__(self) -> str:
+        hosts = sorted(self._exact) + list(self._suffixes)
+        networks = [str(n) for n in self._networks]
+        return (
+            f"EgressPolicy(hosts={hosts!r}, networks={networks!r}, "
+            f"request_id_only_elsewhere={self.request_id_only_elsewhere!r})"
+        )
+
+
+def _normal_host(host: str) -> str:
+    host = host.strip().lower().rstrip(".")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host
+
+
+def _host_of(destination: object) -> str:
+    try:
+        host = getattr(destination, "host", None)  # httpx.URL
+        if isinstance(host, str):
+            return _normal_host(host)
+        if isinstance(destination, tuple) and len(destination) >= 2:  # raw (scheme, host, ..)
+            raw = destination[1]
+            return _normal_host(raw.decode("ascii") if isinstance(raw, bytes) else str(raw))
+        text = destination.decode("ascii") if isinstance(destination, bytes) else destination
+        if not isinstance(text, str):
+            return ""
+        if "://" not in text:
+            text = "//" + text
+        return _normal_host(urlsplit(text).hostname or "")
+    except (UnicodeDecodeError, ValueError):
+        return ""
+
+
+class HttpEgress:
+    """Applies an :class:`EgressPolicy` to OpenTelemetry's HTTP client instrumentations.
+
+    :func:`instrument_http_clients` makes one and wires its hooks; use :meth:`request_hook`
+    and :meth:`async_request_hook` yourself when you instrument the clients yourself, and
+    :meth:`headers` for clients OpenTelemetry does not instrument.
+    """
+
+    def __init__(self, bridge: ContextBridge, policy: EgressPolicy) -> None:
+        if policy.request_id_only_elsewhere:
+            field = bridge.fields.get(policy.request_id_field)
+            if field is None or field.header is None:
+                raise EgressConfigError(
+                    f"request_id_only_elsewhere needs a field {policy.request_id_field!r} "
+                    "with a header"
+                )
+        self.bridge = bridge
+        """The bridge whose fields travel."""
+        self.policy = policy
+        """The policy deciding which hosts get baggage."""
+        self._undo: list[Any] = []
+        self._warned = False
+
+    # -- hooks -----------------------------------------------------------------------------
+
+    def request_hook(self, span: object, request: Any) -> None:
+        """The instrumentations' request hook (httpx ``RequestInfo`` or a requests
+        ``PreparedRequest``): shapes the context the instrumentation injects next. Never raises."""
+        try:
+            self._shape(span, getattr(request, "url", None), getattr(request, "headers", None))
+        except Exception:  # telemetry never throws on the request path
+            _logger.warning("otel_ctxbridge: egress hook failed", exc_info=True)
+
+    async def async_request_hook(self, span: object, request: Any) -> None:
+        """:meth:`request_hook` for ``httpx.AsyncClient`` (OpenTelemetry awaits it)."""
+        self.request_hook(span, request)
+
+    def _shape(self, span: object, url: object, headers: object) -> None:
+        ctx = rt.get_current()
+        allowed = self.policy.allows(url)
+        if allowed:
+            new = self._with_late_updates(ctx)
+        else:
+            if isinstance(headers, MutableMapping) and "baggage" in headers:
+                del headers["baggage"]
+            if self.policy.request_id_only_elsewhere:
+                self._put_request_id(ctx, headers)
+            new = rt.with_entry(ctx, rt.BAGGAGE_KEY, {}) if ctx.get(rt.BAGGAGE_KEY) else ctx
+        if new is ctx:
+            return
+        if ctx.get(rt.SPAN_KEY) is not span:
+            # The hook is not running inside the client span, so a context attached here
+            # would outlive the request: refuse rather than leak it.
+            if not self._warned:
+                self._warned = True
+                _logger.warning(
+                    "otel_ctxbridge: the HTTP instrumentation called the request hook outside "
+                    "its span; the egress policy cannot shape what it injects"
+                )
+            return
+        # No detach on purpose: the instrumentation's ``start_as_current_span`` resets the
+        # context variable to its value from before the span, which drops this one with it.
+        rt.attach(new)
+
+    def _with_late_updates(self, ctx: Context) -> Context:
+        bag: dict[str, object] = dict(ctx.get(rt.BAGGAGE_KEY) or {})  # type: ignore[call-overload]
+        values = self.bridge.values_in(ctx)
+        changed = False
+        for name, field in self.bridge.fields.items():
+            if not field.propagate:
+                continue
+            key = str(field.baggage_key)
+            if name in values:
+                if bag.get(key) != values[name]:
+                    bag[key] = values[name]
+                    changed = True
+            elif key in bag:
+                del bag[key]
+                changed = True
+        return rt.with_entry(ctx, rt.BAGGAGE_KEY, bag) if changed else ctx
+
+    def _put_request_id(self, ctx: Context, headers: object) -> None:
+        field = self.bridge.fields[self.policy.request_id_field]
+        value = self.bridge.values_in(ctx).get(field.name)
+        if (
+            isinstance(headers, MutableMapping)
+            and isinstance(value, str)
+            and value.isascii()
+            and value.isprintable()
+        ):
+            headers[str(field.header)] = value
+
+    # -- manual use ------------------------------------------------------------------------
+
+    def headers(
+        self, url: object, carrier: MutableMapping[str, str] | None = None
+    ) -> MutableMapping[str, str]:
+        """``traceparent`` plus, when the policy allows ``url``, ``baggage`` for a client
+        OpenTelemetry does not instrument; returns ``carrier`` (default: a new dict)."""
+        out: MutableMapping[str, str] = {} if carrier is None else carrier
+        if self.policy.allows(url):
+            return self.bridge.inject(out)
+        TraceContextTextMapPropagator().inject(out)
+        out.pop("baggage", None)
+        if self.policy.request_id_only_elsewhere:
+            self._put_request_id(rt.get_current(), out)
+        return out
+
+    def instrument_client(self, client: Any) -> None:
+        """Instrument one ``httpx.Client`` or ``httpx.AsyncClient`` (any transport, such as
+        ``httpx.MockTransport``) with this policy, instead of every client."""
+        import httpx  # noqa: PLC0415 - optional extra
+        from opentelemetry.instrumentation.httpx import (  # noqa: PLC0415 - optional extra
+            HTTPXClientInstrumentor,
+        )
+
+        hook = self.async_request_hook if isinstance(client, httpx.AsyncClient) else None
+        HTTPXClientInstrumentor.instrument_client(client, request_hook=hook or self.request_hook)
+        self._undo.append(lambda: HTTPXClientInstrumentor.uninstrument_client(client))
+
+    def uninstrument(self) -> None:
+        """Undo what :func:`instrument_http_clients` and :meth:`instrument_client` did."""
+        while self._undo:
+            self._undo.pop()()
+
+
+def instrument_http_clients(
+    bridge: ContextBridge,
+    policy: EgressPolicy,
+    *,
+    httpx: bool = True,
+    requests: bool = True,
+    tracer_provider: Any = None,
+) -> HttpEgress:
+    """Instrument httpx (sync and async clients) and requests with OpenTelemetry, applying
+    ``policy``: allowed hosts get ``traceparent`` and ``baggage``, others no baggage.
+
+    Installs :func:`~otel_ctxbridge.default_propagator` as the global propagator when the
+    application has not chosen one (OTel's default, no ``OTEL_PROPAGATORS``). Raises
+    :class:`EgressConfigError` when a library is already instrumented without the policy.
+    Returns the :class:`HttpEgress`; ``uninstrument()`` undoes it all.
+    """
+    egress = HttpEgress(bridge, policy)
+    use_default_propagator_if_unset()
+    try:
+        if httpx:
+            from opentelemetry.instrumentation.httpx import (  # noqa: PLC0415 - optional extra
+                HTTPXClientInstrumentor,
+            )
+
+            _instrument(
+                egress,
+                HTTPXClientInstrumentor(),
+                request_hook=egress.request_hook,
+                async_request_hook=egress.async_request_hook,
+                tracer_provider=tracer_provider,
+            )
+        if requests:
+            from opentelemetry.instrumentation.requests import (  # noqa: PLC0415 - optional
+                RequestsInstrumentor,
+            )
+
+            _instrument(
+                egress,
+                RequestsInstrumentor(),
+                request_hook=egress.request_hook,
+                tracer_provider=tracer_provider,
+            )
+    except BaseException:
+        egress.uninstrument()
+        raise
+    return egress
+
+
+def _instrument(egress: HttpEgress, instrumentor: Any, **kwargs: Any) -> None:
+    if instrumentor.is_instrumented_by_opentelemetry:
+        raise EgressConfigError(
+            f"{type(instrumentor).__name__} is already instrumented without the egress policy; "
+            "let instrument_http_clients() instrument it"
+        )
+    instrumentor.instrument(**kwargs)
+    egress._undo.append(instrumentor.uninstrument)
+
+
+def use_default_propagator_if_unset() -> bool:
+    """Install :func:`~otel_ctxbridge.default_propagator` globally when the global propagator
+    is still OpenTelemetry's default; returns True when it did."""
+    import os  # noqa: PLC0415 - once per instrumentation
+
+    if os.environ.get("OTEL_PROPAGATORS"):
+        return False
+    current = propagate.get_global_textmap()
+    inner = getattr(current, "_propagators", None)
+    if type(current) is not CompositePropagator or not isinstance(inner, list):
+        return False
+    if [type(p) for p in inner] != [TraceContextTextMapPropagator, W3CBaggagePropagator]:
+        return False
+    propagate.set_global_textmap(default_propagator())
+    return True

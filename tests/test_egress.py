@@ -1,0 +1,410 @@
+"""Egress policy: baggage reaches only allowed hosts, through OTel's httpx and requests
+instrumentations (MockTransport clients and real servers), with no double injection."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+import requests
+import uvicorn
+from opentelemetry import propagate, trace
+from opentelemetry.baggage.propagation import W3CBaggagePropagator
+from opentelemetry.propagators.composite import CompositePropagator
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+import otel_ctxbridge as cb
+from otel_ctxbridge import _runtime
+from otel_ctxbridge.egress import (
+    EgressConfigError,
+    EgressPolicy,
+    HttpEgress,
+    instrument_http_clients,
+    use_default_propagator_if_unset,
+)
+
+# -- a real server that records the headers it receives -----------------------------------
+
+
+class Recorder:
+    """An ASGI app answering 200 and keeping each request's raw headers."""
+
+    def __init__(self) -> None:
+        self.requests: list[list[tuple[str, str]]] = []
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        self.requests.append([(k.decode(), v.decode("latin-1")) for k, v in scope["headers"]])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    def last(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for key, value in self.requests[-1]:
+            out.setdefault(key, []).append(value)
+        return out
+
+
+@pytest.fixture(scope="module")
+def recorder() -> Iterator[tuple[Recorder, int]]:
+    """A uvicorn server on 127.0.0.1 (free port) in a thread, stopped at the end."""
+    app = Recorder()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.started, "uvicorn did not start"
+    yield app, port
+    server.should_exit = True
+    thread.join(10)
+    sock.close()
+
+
+@pytest.fixture
+def egress(bridge: cb.ContextBridge, spans: InMemorySpanExporter) -> Iterator[HttpEgress]:
+    """httpx and requests instrumented with a policy allowing ``localhost`` only."""
+    handle = instrument_http_clients(bridge, EgressPolicy(hosts=["localhost"]))
+    yield handle
+    handle.uninstrument()
+
+
+def _client_span_traceparent(spans: InMemorySpanExporter) -> str:
+    client = [s for s in spans.get_finished_spans() if s.kind == trace.SpanKind.CLIENT][-1]
+    ctx = client.get_span_context()
+    return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}"
+
+
+# -- the policy --------------------------------------------------------------------------
+
+
+def test_policy_matches_exact_names_suffixes_and_networks() -> None:
+    """Exact names (case-insensitive), ``.suffix`` and ``*.suffix`` entries, CIDRs for IP
+    literals; names are never resolved, and anything unreadable is refused."""
+    policy = EgressPolicy(
+        hosts=["Orders", ".internal", "*.svc.cluster.local", "192.0.2.7"],
+        networks=["10.0.0.0/8", "fd00::/8"],
+    )
+    allowed = [
+        "http://orders/x",
+        "https://ORDERS.:8443/x",
+        "http://billing.internal/v1",
+        "http://a.b.internal",
+        "http://pay.ns.svc.cluster.local/",
+        "http://10.1.2.3:8080/",
+        "http://[fd00::1]:80/",
+        "http://192.0.2.7/",
+        "orders",
+        "orders:8080",
+        httpx.URL("http://x.internal/"),
+        (b"http", b"orders", 80, b"/"),
+    ]
+    refused = [
+        "http://internal/",  # a suffix entry matches subdomains only
+        "http://evilinternal/",
+        "http://orders.evil.com/",
+        "http://11.0.0.1/",
+        "http://localhost/",
+        "http://[::1]/",
+        "https://api.stripe.com/v1",
+        "",
+        None,
+        12,
+        b"\xff\xfe",
+    ]
+    assert [u for u in allowed if not policy.allows(u)] == []
+    assert [u for u in refused if policy.allows(u)] == []
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"hosts": "orders"}, "lists of strings"),
+        ({"hosts": [""]}, "invalid egress host"),
+        ({"hosts": ["*."]}, "invalid egress host"),
+        ({"networks": ["10.0.0.0/33"]}, "invalid egress network"),
+        ({"networks": ["orders"]}, "invalid egress network"),
+    ],
+)
+def test_policy_refuses_bad_configuration(kwargs: dict[str, Any], message: str) -> None:
+    """A misconfigured policy raises EgressConfigError (a ValueError) at construction."""
+    with pytest.raises(EgressConfigError, match=message):
+        EgressPolicy(**kwargs)
+
+
+def test_request_id_only_elsewhere_needs_a_request_id_header(bridge: cb.ContextBridge) -> None:
+    """``request_id_only_elsewhere`` names a field with a header, checked when wired."""
+    policy = EgressPolicy(request_id_only_elsewhere=True, request_id_field="user_id")
+    with pytest.raises(EgressConfigError, match="user_id"):
+        HttpEgress(bridge, policy)
+
+
+# -- MockTransport clients ---------------------------------------------------------------
+
+
+def _mock_client(
+    egress: HttpEgress, seen: list[httpx.Request], *, asynchronous: bool = False
+) -> Any:
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200)
+
+    transport = httpx.MockTransport(handler)
+    client: Any = (
+        httpx.AsyncClient(transport=transport)
+        if asynchronous
+        else httpx.Client(transport=transport)
+    )
+    egress.instrument_client(client)
+    return client
+
+
+def test_sync_client_sends_baggage_only_to_allowed_hosts(
+    bridge: cb.ContextBridge, spans: InMemorySpanExporter
+) -> None:
+    """An allowed host gets traceparent (the client span) and W3C baggage of propagated fields,
+    a space as %20; a third party gets traceparent only; process-local fields never leave."""
+    egress = HttpEgress(bridge, EgressPolicy(hosts=["orders"]))
+    propagate.set_global_textmap(cb.default_propagator())
+    seen: list[httpx.Request] = []
+    with _mock_client(egress, seen) as client:
+        with bridge.scope(request_id="r-1", tenant_id="acme corp", user_id="u-7"):
+            client.get("http://orders/api")
+            internal_parent = _client_span_traceparent(spans)
+            client.get("https://api.thirdparty.example/v1")
+            external_parent = _client_span_traceparent(spans)
+    egress.uninstrument()
+    internal, external = seen
+    assert internal.headers["baggage"] == "request_id=r-1,tenant_id=acme%20corp"
+    assert internal.headers["traceparent"].startswith(internal_parent)
+    assert "baggage" not in external.headers
+    assert external.headers["traceparent"].startswith(external_parent)
+    assert all("u-7" not in value for r in seen for value in r.headers.values())
+
+
+async def test_async_client_sends_baggage_only_to_allowed_hosts(
+    bridge: cb.ContextBridge, spans: InMemorySpanExporter
+) -> None:
+    """The same policy holds for httpx.AsyncClient (OTel awaits the async hook)."""
+    egress = HttpEgress(bridge, EgressPolicy(hosts=[".internal"]))
+    propagate.set_global_textmap(cb.default_propagator())
+    seen: list[httpx.Request] = []
+    async with _mock_client(egress, seen, asynchronous=True) as client:
+        with bridge.scope(request_id="r-2", tenant_id="acme"):
+            await asyncio.gather(
+                client.get("http://orders.internal/a"), client.get("http://partner.example/b")
+            )
+    egress.uninstrument()
+    by_host = {r.url.host: r.headers for r in seen}
+    assert by_host["orders.internal"]["baggage"] == "request_id=r-2,tenant_id=acme"
+    assert "baggage" not in by_host["partner.example"]
+    assert "traceparent" in by_host["partner.example"]
+
+
+def test_third_party_gets_no_baggage_header_even_one_already_on_the_request(
+    bridge: cb.ContextBridge, spans: InMemorySpanExporter
+) -> None:
+    """A ``baggage`` header already on a request to a host outside the policy (as a redirect
+    copies it) is removed; ``request_id_only_elsewhere`` sends the request id header instead."""
+    policy = EgressPolicy(hosts=["orders"], request_id_only_elsewhere=True)
+    egress = HttpEgress(bridge, policy)
+    seen: list[httpx.Request] = []
+    with _mock_client(egress, seen) as client, bridge.scope(request_id="r-3", tenant_id="t"):
+        client.get("http://cdn.example/x", headers={"baggage": "request_id=r-3,tenant_id=t"})
+        client.get("http://orders/x")
+    egress.uninstrument()
+    external, internal = seen
+    assert "baggage" not in external.headers
+    assert external.headers["x-request-id"] == "r-3"
+    assert "x-request-id" not in internal.headers
+    assert internal.headers["baggage"] == "request_id=r-3,tenant_id=t"
+
+
+def test_redirect_to_a_third_party_carries_no_baggage(
+    bridge: cb.ContextBridge, spans: InMemorySpanExporter
+) -> None:
+    """httpx copies headers onto a redirect; the hop to a host outside the policy drops them."""
+    egress = HttpEgress(bridge, EgressPolicy(hosts=["orders"]))
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if request.url.host == "orders":
+            return httpx.Response(302, headers={"location": "http://elsewhere.example/"})
+        return httpx.Response(200)
+
+    client = httpx.Client(transport=httpx.MockTransport(handler), follow_redirects=True)
+    egress.instrument_client(client)
+    with client, bridge.scope(request_id="r-4", tenant_id="t"):
+        client.get("http://orders/start")
+    egress.uninstrument()
+    assert [r.url.host for r in seen] == ["orders", "elsewhere.example"]
+    assert "baggage" in seen[0].headers
+    assert "baggage" not in seen[1].headers
+
+
+def test_update_made_in_a_worker_thread_reaches_later_outbound_calls(
+    bridge: cb.ContextBridge, spans: InMemorySpanExporter
+) -> None:
+    """Inside a request frame, ``update()`` from a thread (a FastAPI sync dependency) changes
+    the baggage of calls the request makes afterwards."""
+    egress = HttpEgress(bridge, EgressPolicy(hosts=["orders"]))
+    seen: list[httpx.Request] = []
+    frame = bridge.new_frame(())
+    ctx = bridge.derive(_runtime.get_current(), {"request_id": "r-5", "tenant_id": "a"}, frame)
+    token = _runtime.attach(ctx)
+    try:
+        worker = threading.Thread(target=bridge.bind(lambda: bridge.update(tenant_id="b")))
+        worker.start()
+        worker.join()
+        with _mock_client(egress, seen) as client:
+            client.get("http://orders/x")
+    finally:
+        _runtime.detach(token)
+    egress.uninstrument()
+    assert seen[0].headers["baggage"] == "request_id=r-5,tenant_id=b"
+
+
+def test_hook_called_outside_its_span_attaches_nothing(
+    bridge: cb.ContextBridge, caplog: pytest.LogCaptureFixture
+) -> None:
+    """If an instrumentation ever called the hook outside its span, the hook would refuse to
+    attach a context (it would outlive the request) and say so once."""
+    egress = HttpEgress(bridge, EgressPolicy(hosts=["orders"]))
+    request = httpx.Request("GET", "http://elsewhere.example/")
+    with bridge.scope(request_id="r-6"), caplog.at_level(logging.WARNING, "otel_ctxbridge"):
+        before = _runtime.get_current()
+        egress.request_hook(trace.INVALID_SPAN, request)
+        egress.request_hook(trace.INVALID_SPAN, request)
+        assert _runtime.get_current() is before
+    assert len([r for r in caplog.records if "outside its span" in r.message]) == 1
+
+
+def test_manual_headers_follow_the_policy(bridge: cb.ContextBridge) -> None:
+    """``HttpEgress.headers(url)`` for uninstrumented clients: baggage for allowed hosts only."""
+    egress = HttpEgress(
+        bridge, EgressPolicy(networks=["10.0.0.0/8"], request_id_only_elsewhere=True)
+    )
+    with bridge.scope(request_id="r-7", tenant_id="t", user_id="u"):
+        inside = egress.headers("http://10.0.0.5:8000/")
+        outside = egress.headers("https://example.com/", {"baggage": "leak=1"})
+    assert inside == {"baggage": "request_id=r-7,tenant_id=t"}
+    assert outside == {"x-request-id": "r-7"}
+
+
+# -- real servers, global instrumentation ------------------------------------------------
+
+
+def test_httpx_and_requests_to_real_server_follow_the_policy(
+    bridge: cb.ContextBridge,
+    spans: InMemorySpanExporter,
+    egress: HttpEgress,
+    recorder: tuple[Recorder, int],
+) -> None:
+    """With ``instrument_http_clients``: httpx (sync) and requests reach a real server with
+    baggage as ``localhost`` (allowed) and without it as ``127.0.0.1`` (not in the policy)."""
+    app, port = recorder
+    results: dict[str, dict[str, list[str]]] = {}
+    with bridge.scope(request_id="r-8", tenant_id="acme corp", user_id="u-9"):
+        for name, host in (("allowed", "localhost"), ("other", "127.0.0.1")):
+            url = f"http://{host}:{port}/"
+            httpx.get(url)
+            results[f"httpx-{name}"] = app.last()
+            requests.get(url, timeout=10)
+            results[f"requests-{name}"] = app.last()
+    for key, headers in results.items():
+        assert len(headers["traceparent"]) == 1, key
+        if key.endswith("allowed"):
+            assert headers["baggage"] == ["request_id=r-8,tenant_id=acme%20corp"], key
+        else:
+            assert "baggage" not in headers, key
+        assert all("u-9" not in v for values in headers.values() for v in values), key
+
+
+async def test_async_httpx_to_real_server_follows_the_policy(
+    bridge: cb.ContextBridge,
+    spans: InMemorySpanExporter,
+    egress: HttpEgress,
+    recorder: tuple[Recorder, int],
+) -> None:
+    """An instrumented ``httpx.AsyncClient`` to a real server: baggage to the allowed host only."""
+    app, port = recorder
+    async with httpx.AsyncClient() as client:
+        with bridge.scope(request_id="r-9", tenant_id="acme"):
+            await client.get(f"http://localhost:{port}/")
+            allowed = app.last()
+            await client.get(f"http://127.0.0.1:{port}/")
+            other = app.last()
+    assert allowed["baggage"] == ["request_id=r-9,tenant_id=acme"]
+    assert "baggage" not in other
+    assert "traceparent" in other
+
+
+def test_manual_headers_plus_instrumentation_inject_once(
+    bridge: cb.ContextBridge,
+    spans: InMemorySpanExporter,
+    egress: HttpEgress,
+    recorder: tuple[Recorder, int],
+) -> None:
+    """Headers from ``egress.headers(url)`` on an instrumented client: one ``traceparent``
+    (the client span's) and one ``baggage`` arrive, for httpx and requests alike."""
+    app, port = recorder
+    url = f"http://localhost:{port}/"
+    with bridge.scope(request_id="r-10", tenant_id="t"):
+        for send in (
+            lambda: httpx.get(url, headers=egress.headers(url)),
+            lambda: requests.get(url, headers=egress.headers(url), timeout=10),
+        ):
+            send()
+            headers = app.last()
+            assert headers["baggage"] == ["request_id=r-10,tenant_id=t"]
+            assert len(headers["traceparent"]) == 1
+            assert headers["traceparent"][0].startswith(_client_span_traceparent(spans))
+
+
+def test_instrumenting_an_already_instrumented_library_is_refused(
+    bridge: cb.ContextBridge, spans: InMemorySpanExporter
+) -> None:
+    """httpx already instrumented without the policy would silently skip it: refused, and
+    nothing is left instrumented by the failed call."""
+    from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
+    from opentelemetry.instrumentation.requests import RequestsInstrumentor
+
+    HTTPXClientInstrumentor().instrument()
+    try:
+        with pytest.raises(EgressConfigError, match="HTTPXClientInstrumentor"):
+            instrument_http_clients(bridge, EgressPolicy(hosts=["orders"]))
+        assert not RequestsInstrumentor().is_instrumented_by_opentelemetry
+    finally:
+        HTTPXClientInstrumentor().uninstrument()
+
+
+def test_default_propagator_installed_only_when_unconfigured(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """OTel's default textmap is replaced by ``default_propagator()`` (W3C-correct baggage);
+    a propagator the application chose, or ``OTEL_PROPAGATORS``, is left alone."""
+    otel_default = CompositePropagator([TraceContextTextMapPropagator(), W3CBaggagePropagator()])
+    propagate.set_global_textmap(otel_default)
+    monkeypatch.setenv("OTEL_PROPAGATORS", "tracecontext,baggage")
+    assert not use_default_propagator_if_unset()
+    monkeypatch.delenv("OTEL_PROPAGATORS")
+    assert use_default_propagator_if_unset()
+    assert propagate.get_global_textmap() is not otel_default
+    chosen = TraceContextTextMapPropagator()
+    propagate.set_global_textmap(chosen)
+    assert not use_default_propagator_if_unset()
+    assert propagate.get_global_textmap() is chosen
