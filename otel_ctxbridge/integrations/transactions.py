@@ -148,7 +148,7 @@ class Transactions(Generic[C]):
         held = self._entry(rt.get_current())
         if held is None:
             raise MissingContextError("tx.shared() needs an open transaction to share")
-        self._check(held)
+        self._check(held, using=False)
         if held.shared:
             raise TransactionScopeError("a shared call cannot share the transaction further")
         root = held.root
@@ -174,7 +174,7 @@ class Transactions(Generic[C]):
     def _entry(self, ctx: Context) -> _Held | None:
         return cast("_Held | None", ctx.get(self._key))
 
-    def _check(self, held: _Held) -> None:
+    def _check(self, held: _Held, *, using: bool = True) -> None:
         root = held.root
         if not root.open:
             raise TransactionScopeError("the transaction in this context has already ended")
@@ -184,7 +184,7 @@ class Transactions(Generic[C]):
                 "the transaction in this context belongs to the task that opened it; a task "
                 "spawned inside may use it only through tx.shared(fn)"
             )
-        if root.holder is not None and root.holder is not me:
+        if using and root.holder is not None and root.holder is not me:
             raise TransactionScopeError(
                 "a shared call is using this transaction's connection; await it first"
             )
