@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 import requests
-import uvicorn
+from _servers import serve
 from opentelemetry import propagate, trace
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.propagators.composite import CompositePropagator
@@ -56,22 +54,10 @@ class Recorder:
 
 @pytest.fixture(scope="module")
 def recorder() -> Iterator[tuple[Recorder, int]]:
-    """A uvicorn server on 127.0.0.1 (free port) in a thread, stopped at the end."""
+    """A real uvicorn server on 127.0.0.1 (free port) recording headers, stopped at the end."""
     app = Recorder()
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert server.started, "uvicorn did not start"
-    yield app, port
-    server.should_exit = True
-    thread.join(10)
-    sock.close()
+    with serve(app, lifespan="off") as base_url:
+        yield app, httpx.URL(base_url).port or 80
 
 
 @pytest.fixture
