@@ -1,0 +1,150 @@
+"""Celery: the request's context published with each task and restored around it on the worker.
+
+``pip install otel_ctxbridge[celery]``::
+
+    from otel_ctxbridge.integrations.celery import instrument_celery
+
+    app = Celery("orders", broker="amqp://...")
+    instrument_celery(bridge, app, trusted=True)  # where publishers and workers both import it
+
+Publishing (``before_task_publish``) writes ``traceparent`` and ``baggage`` from the current
+context into the task message headers; process-local fields stay behind. On the worker,
+``task_prerun`` continues from those headers and ``task_postrun`` restores the worker's
+context, for every pool (solo, prefork, threads). The worker takes each field only as its
+``inbound`` policy allows: ``"always"`` fields from any message, ``"trusted"`` ones only with
+``trusted=True`` (your broker carries only your own services' messages). Invalid or oversized
+values are dropped, counted and logged without the value, and the task runs anyway; with
+``generate`` (the default) a task that arrives without a request id gets a fresh one.
+
+Composes with ``opentelemetry-instrumentation-celery``: when its task span is already current,
+that span stays the parent of the task's spans and gets the fields as attributes.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from contextvars import Token
+from typing import Any
+
+from celery import Celery, signals  # type: ignore[import-untyped] # celery ships no types
+from opentelemetry import trace
+from opentelemetry.context import Context
+
+from otel_ctxbridge import _runtime as rt
+from otel_ctxbridge._scope import stamp
+from otel_ctxbridge.bridge import ContextBridge
+from otel_ctxbridge.carriers import context_from
+
+__all__ = ["CeleryInstrumentation", "instrument_celery"]
+
+_logger = logging.getLogger("otel_ctxbridge")
+_TOKEN = "_otel_ctxbridge_token"
+_CARRIED = ("traceparent", "tracestate", "baggage")
+
+
+class CeleryInstrumentation:
+    """The signal handlers :func:`instrument_celery` connected; ``uninstrument()`` removes them."""
+
+    def __init__(
+        self, bridge: ContextBridge, app: Celery | None, *, trusted: bool, generate: bool
+    ) -> None:
+        self.bridge = bridge
+        """The bridge whose fields travel with tasks."""
+        self.app = app
+        """The app whose tasks are restored on the worker (None: every app)."""
+        self.trusted = trusted
+        """Whether ``inbound="trusted"`` fields are taken from task messages."""
+        self.generate = generate
+        """Whether missing generate-able fields (the request id) get a fresh value."""
+        self._uid = f"otel_ctxbridge-{uuid.uuid4()}"
+        self._keys = tuple(
+            dict.fromkeys((*_CARRIED, *(f.header for f in bridge.fields.values() if f.header)))
+        )
+        signals.before_task_publish.connect(self._publish, weak=False, dispatch_uid=self._uid)
+        signals.task_prerun.connect(self._prerun, weak=False, dispatch_uid=self._uid)
+        signals.task_postrun.connect(self._postrun, weak=False, dispatch_uid=self._uid)
+
+    def uninstrument(self) -> None:
+        """Disconnect the handlers; tasks running now still restore their context."""
+        signals.before_task_publish.disconnect(self._publish, dispatch_uid=self._uid)
+        signals.task_prerun.disconnect(self._prerun, dispatch_uid=self._uid)
+        signals.task_postrun.disconnect(self._postrun, dispatch_uid=self._uid)
+
+    # -- publisher -------------------------------------------------------------------------
+
+    def _publish(self, sender: Any = None, headers: Any = None, **_: Any) -> None:
+        if not isinstance(headers, dict):  # task protocol 1 (Celery 3) keeps no headers
+            return
+        try:
+            self.bridge.inject(headers)
+        except Exception:  # publishing never fails because of telemetry
+            _logger.warning("otel_ctxbridge: could not add context to a task message")
+
+    # -- worker ----------------------------------------------------------------------------
+
+    def _prerun(self, sender: Any = None, task: Any = None, **_: Any) -> None:
+        if task is None or (self.app is not None and getattr(task, "app", None) is not self.app):
+            return
+        request = getattr(task, "request", None)
+        if request is None or getattr(request, "is_eager", False):
+            return  # an eager task already runs in its caller's context
+        try:
+            base = rt.get_current()
+            span = trace.get_current_span(base)
+            if not span.get_span_context().is_valid:
+                base = Context()  # start clean: nothing an earlier task left behind
+            ctx = context_from(
+                self.bridge,
+                self._carrier(request),
+                trusted=self.trusted,
+                generate=self.generate,
+                base=base,
+            )
+            setattr(request, _TOKEN, rt.attach(ctx))
+            if span.get_span_context().is_valid:
+                stamp(self.bridge, span, self.bridge.values_in(ctx))
+        except Exception:  # a task never fails because of telemetry
+            _logger.warning("otel_ctxbridge: could not restore a task's context", exc_info=True)
+
+    def _carrier(self, request: Any) -> dict[str, Any]:
+        """The carried keys, from the message headers Celery exposes on ``task.request``
+        (as attributes, and under ``headers`` for some transports and protocols)."""
+        nested = getattr(request, "headers", None)
+        carrier: dict[str, Any] = {}
+        for key in self._keys:
+            value = getattr(request, key, None)
+            if value is None and isinstance(nested, dict):
+                value = nested.get(key)
+            if value is not None:
+                carrier[key] = value
+        return carrier
+
+    def _postrun(self, sender: Any = None, task: Any = None, **_: Any) -> None:
+        request = getattr(task, "request", None)
+        token: Token[Context] | None = getattr(request, _TOKEN, None)
+        if token is None:
+            return
+        try:
+            delattr(request, _TOKEN)
+        except AttributeError:  # pragma: no cover - removed concurrently; nothing to restore
+            return
+        rt.detach(token)
+
+
+def instrument_celery(
+    bridge: ContextBridge,
+    app: Celery | None = None,
+    *,
+    trusted: bool = False,
+    generate: bool = True,
+) -> CeleryInstrumentation:
+    """Publish the current context with every task and restore it around the task on the
+    worker (tasks of ``app`` only, or of every app when None).
+
+    ``trusted=True`` also takes ``inbound="trusted"`` fields (a tenant) from messages: use it
+    when only your own services can publish to the broker. Call it where both the publishing
+    code and the worker import it (the module that creates the app). Returns a handle whose
+    ``uninstrument()`` disconnects the signal handlers.
+    """
+    return CeleryInstrumentation(bridge, app, trusted=trusted, generate=generate)
