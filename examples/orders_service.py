@@ -154,14 +154,16 @@ class Orders:
         return int(remaining)
 
 
-def tenant_pools(database_url: str | None, tenants: Sequence[str], data_dir: Path) -> Any:
+def tenant_pools(
+    database_url: str | None, tenants: Sequence[str], data_dir: Path, pool_size: int
+) -> Any:
     """PostgreSQL pools from a ``{tenant}`` DSN template, else one SQLite file per tenant."""
     if database_url:
         dsns = {t: database_url.replace("{tenant}", t) for t in tenants}
-        return TenantPools(bridge, dsns, min_size=1, max_size=10)
+        return TenantPools(bridge, dsns, min_size=1, max_size=pool_size)
     data_dir.mkdir(parents=True, exist_ok=True)
     files = {t: str(data_dir / f"{t}.db") for t in tenants}
-    return TenantPools(bridge, files, max_size=5, connect=create_sqlite_pool)
+    return TenantPools(bridge, files, max_size=pool_size, connect=create_sqlite_pool)
 
 
 async def prepare(pools: TenantPools[Any], tenants: Sequence[str], dialect: str) -> None:
@@ -189,13 +191,15 @@ def create_app(
     tenants: Sequence[str] = ("acme", "globex"),
     data_dir: Path | None = None,
     trust: TrustPolicy | None = None,
+    pool_size: int = 10,
     **otel_kwargs: Any,
 ) -> Any:
-    """The service as an ASGI app: FastAPI inside ``instrument_asgi``. ``app.state.pools``
-    (on the inner FastAPI app, returned as ``.fastapi``) is the tenant registry."""
+    """The service as an ASGI app: FastAPI inside ``instrument_asgi`` (``otel_kwargs`` go to
+    it). The inner FastAPI app is the result's ``.fastapi``; its ``state.pools`` is the tenant
+    registry, at most ``pool_size`` connections per tenant."""
     dialect = "postgresql" if database_url else "sqlite"
     where = data_dir or Path(tempfile.mkdtemp(prefix="orders-"))
-    pools = tenant_pools(database_url, tenants, where)
+    pools = tenant_pools(database_url, tenants, where, pool_size)
     orders = Orders(pools)
 
     @asynccontextmanager

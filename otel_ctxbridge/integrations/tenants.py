@@ -250,6 +250,14 @@ class TenantPools(Generic[C]):
         """The tenants that have a pool now, least recently used first."""
         return list(self._entries)
 
+    def open_pools(self) -> dict[str, PoolLike[C]]:
+        """The pools created so far, by tenant (for metrics and health checks)."""
+        return {
+            tenant: cast(PoolLike[C], entry.ready.result())
+            for tenant, entry in self._entries.items()
+            if entry.ready.done() and not entry.ready.cancelled() and not entry.ready.exception()
+        }
+
     async def close(self) -> None:
         """Close every pool (asyncpg waits for lent connections to come back). Idempotent;
         afterwards :meth:`acquire` raises :class:`TenantPoolError`."""
