@@ -415,3 +415,19 @@ async def test_transactions_over_a_plain_asyncpg_pool(
         assert pool.get_idle_size() == pool.get_size()
     finally:
         await pool.close()
+
+
+async def test_one_transaction_block_object_is_entered_once_at_a_time(
+    bridge: cb.ContextBridge, tx: Transactions[Any]
+) -> None:
+    """Entering the same ``tx.transaction()`` object while it is entered raises RuntimeError
+    (use the decorator or call ``transaction()`` per block); after the block it may be reused."""
+    block = tx.transaction()
+    with bridge.scope(tenant_id="acme"):
+        async with block:
+            with pytest.raises(RuntimeError, match="already entered"):
+                async with block:
+                    pass
+            assert tx.in_transaction()
+        async with block as conn:
+            assert await conn.fetchval("SELECT 1") == 1

@@ -216,7 +216,10 @@ class TenantPools(Generic[C]):
         closing.add_done_callback(self._closing.discard)
 
     async def pool(self, tenant: str | None = None) -> PoolLike[C]:
-        """The pool of ``tenant`` (default: the current tenant), created on first use."""
+        """The pool of ``tenant`` (default: the current tenant), created on first use.
+
+        For inspection and pool-level calls; borrow connections with :meth:`acquire`, which
+        also keeps the pool from being evicted (``max_pools``) while it is in use."""
         entry = self._entry(self.tenant() if tenant is None else tenant)
         return cast(PoolLike[C], await asyncio.shield(entry.ready))
 

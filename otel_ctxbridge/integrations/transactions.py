@@ -198,7 +198,7 @@ class TransactionScope(Generic[C]):
     """What :meth:`Transactions.transaction` returns: an async context manager (entered once
     at a time) and a decorator of async functions."""
 
-    __slots__ = ("_lease", "_nested", "_options", "_root", "_token", "_tx", "_txn")
+    __slots__ = ("_entered", "_lease", "_nested", "_options", "_root", "_token", "_tx", "_txn")
 
     def __init__(self, tx: Transactions[C], nested: NestedMode, options: dict[str, Any]) -> None:
         self._tx = tx
@@ -208,10 +208,19 @@ class TransactionScope(Generic[C]):
         self._txn: _DbTransaction | None = None
         self._root: _Root | None = None
         self._token: Any = None
+        self._entered = False
 
     async def __aenter__(self) -> C:
-        if self._txn is not None or self._lease is not None:
-            raise RuntimeError("this transaction block is already entered")
+        if self._entered:
+            raise RuntimeError("this transaction block is already entered; call transaction()")
+        self._entered = True
+        try:
+            return await self._enter()
+        except BaseException:
+            self._entered = False
+            raise
+
+    async def _enter(self) -> C:
         tx = self._tx
         held = tx._entry(rt.get_current())
         if held is not None and self._nested != "new":
@@ -252,8 +261,11 @@ class TransactionScope(Generic[C]):
                     root.lock.release()
             if token is not None:
                 rt.detach(token)
-            if lease is not None:
-                await lease.__aexit__(exc_type, exc, tb)
+            try:
+                if lease is not None:
+                    await lease.__aexit__(exc_type, exc, tb)
+            finally:
+                self._entered = False
 
     def __call__(self, fn: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
         """Decorate async ``fn``: every call runs inside its own transaction block."""
