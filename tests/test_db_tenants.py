@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Coroutine, Iterator
 from typing import Any
@@ -315,3 +317,14 @@ async def test_query_spans_carry_the_fields(
         assert attrs["db.system"] == "postgresql"
         assert attrs["app.request_id"] == f"r-q{i}"
         assert attrs["app.tenant_id"] == TENANTS[i % 2]
+
+
+def test_the_integration_imports_without_loading_a_driver() -> None:
+    """Importing the db and sqlite integrations loads neither asyncpg nor aiosqlite: the
+    drivers are optional extras, imported when a pool is first created."""
+    code = (
+        "import sys, otel_ctxbridge.integrations.db, otel_ctxbridge.integrations.sqlite;"
+        "print(sorted(m for m in ('asyncpg', 'aiosqlite') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
