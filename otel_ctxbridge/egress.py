@@ -14,8 +14,10 @@ and makes the context the instrumentation is about to inject from the one the po
 without baggage for a host outside the policy (a ``baggage`` header already on the request,
 say copied by a redirect, is removed too), with the request's late ``update()`` values for an
 allowed one. The instrumentation stays the only writer of the headers, so nothing is injected
-twice; the hook's context ends with the client span. Host names are compared as written in the
-URL, never resolved.
+twice; the hook's context ends with the client span. Redirects: httpx runs the hook for every
+hop; requests copies the first request's headers to each hop without the instrumentation, so
+the hook also strips ``baggage`` before a hop to a host outside the policy. Host names are
+compared as written in the URL, never resolved.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import ipaddress
 import logging
 from collections.abc import Iterable, MutableMapping
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 from opentelemetry import propagate
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
@@ -183,8 +185,25 @@ class HttpEgress:
         ``PreparedRequest``): shapes the context the instrumentation injects next. Never raises."""
         try:
             self._shape(span, getattr(request, "url", None), getattr(request, "headers", None))
+            hooks = getattr(request, "hooks", None)  # a requests PreparedRequest
+            chain = hooks.get("response") if isinstance(hooks, dict) else None
+            if isinstance(chain, list) and self._redirect_hook not in chain:
+                chain.append(self._redirect_hook)
         except Exception:  # telemetry never throws on the request path
             _logger.warning("otel_ctxbridge: egress hook failed", exc_info=True)
+
+    def _redirect_hook(self, response: Any, *args: Any, **kwargs: Any) -> None:
+        """requests follows a redirect with a copy of the request's headers, outside the
+        instrumentation (no hook, no inject): strip ``baggage`` before a hop leaves the policy."""
+        try:
+            if not getattr(response, "is_redirect", False):
+                return
+            target = urljoin(str(response.url), str(response.headers.get("location", "")))
+            headers = getattr(response.request, "headers", None)
+            if not self.policy.allows(target) and isinstance(headers, MutableMapping):
+                headers.pop("baggage", None)
+        except Exception:  # telemetry never throws on the request path
+            _logger.warning("otel_ctxbridge: egress redirect hook failed", exc_info=True)
 
     async def async_request_hook(self, span: object, request: Any) -> None:
         """:meth:`request_hook` for ``httpx.AsyncClient`` (OpenTelemetry awaits it)."""

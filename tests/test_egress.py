@@ -8,6 +8,7 @@ import logging
 import threading
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import quote, unquote
 
 import httpx
 import pytest
@@ -42,12 +43,17 @@ class Recorder:
         if scope["type"] != "http":
             return
         self.requests.append([(k.decode(), v.decode("latin-1")) for k, v in scope["headers"]])
-        await send({"type": "http.response.start", "status": 200, "headers": []})
+        if scope["path"] == "/redirect":  # /redirect?to=URL answers 302 to URL
+            location = unquote(scope["query_string"].decode().removeprefix("to="))
+            headers = [(b"location", location.encode())]
+            await send({"type": "http.response.start", "status": 302, "headers": headers})
+        else:
+            await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"ok"})
 
-    def last(self) -> dict[str, list[str]]:
+    def last(self, index: int = -1) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
-        for key, value in self.requests[-1]:
+        for key, value in self.requests[index]:
             out.setdefault(key, []).append(value)
         return out
 
@@ -394,3 +400,26 @@ def test_default_propagator_installed_only_when_unconfigured(
     propagate.set_global_textmap(chosen)
     assert not use_default_propagator_if_unset()
     assert propagate.get_global_textmap() is chosen
+
+
+def test_real_redirects_out_of_the_policy_drop_baggage(
+    bridge: cb.ContextBridge,
+    spans: InMemorySpanExporter,
+    egress: HttpEgress,
+    recorder: tuple[Recorder, int],
+) -> None:
+    """An allowed host redirecting to one outside the policy: the second hop arrives without
+    baggage with requests (which copies headers to redirects outside the instrumentation) and
+    with httpx; a redirect within the policy keeps it."""
+    app, port = recorder
+    inside, outside = f"http://localhost:{port}/end", f"http://127.0.0.1:{port}/end"
+    with bridge.scope(request_id="r-11", tenant_id="t"):
+        for follow in (
+            lambda url: requests.get(url, timeout=10),
+            lambda url: httpx.get(url, follow_redirects=True),
+        ):
+            for target, keeps in ((outside, False), (inside, True)):
+                follow(f"http://localhost:{port}/redirect?to={quote(target)}")
+                assert app.last(-2)["baggage"] == ["request_id=r-11,tenant_id=t"]
+                assert ("baggage" in app.last()) is keeps, target
+                assert len(app.last()["traceparent"]) == 1
