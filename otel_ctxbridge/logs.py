@@ -43,7 +43,9 @@ stdlib records and exports over OTLP); ``configure()`` installs both.
 
 from __future__ import annotations
 
+import keyword
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry.context import Context
@@ -54,6 +56,8 @@ from . import _runtime as rt
 from ._state import MISSING
 from .spans import _SCALARS, FieldReader
 
+_get_current = rt.get_current
+
 if TYPE_CHECKING:
     from .bridge import ContextBridge
 
@@ -61,29 +65,57 @@ __all__ = ["ContextLogFilter", "ContextLogRecordProcessor", "trace_ids"]
 
 TRACE_ID = "trace_id"
 SPAN_ID = "span_id"
-_last: tuple[SpanContext | None, str, str] = (None, "", "")
 
 
-def trace_ids(span_context: SpanContext) -> tuple[str, str]:
-    """``(trace_id, span_id)`` of a span context in lower-case hex (32 and 16 digits)."""
-    global _last  # noqa: PLW0603 - a one-entry cache; a tuple swap is atomic
-    last = _last
-    if last[0] is span_context:
-        return last[1], last[2]
-    ids = format(span_context.trace_id, "032x"), format(span_context.span_id, "016x")
-    _last = (span_context, ids[0], ids[1])
-    return ids
-
-
-def current_trace_ids(ctx: Context) -> tuple[str, str] | None:
-    """The hex ids of the span current in ``ctx``, or None without a valid span."""
+def trace_ids(ctx: Context) -> tuple[str, str] | None:
+    """``(trace_id, span_id)`` in lower-case hex (32 and 16 digits, as OTel writes them) of
+    the span current in ``ctx``; None without a valid span."""
     span: Any = ctx.get(rt.SPAN_KEY)
     if span is None:
         return None
-    sc = span.get_span_context()
+    sc: SpanContext = span.get_span_context()
     if not sc.is_valid:
         return None
-    return trace_ids(sc)
+    return format(sc.trace_id, "032x"), format(sc.span_id, "016x")
+
+
+def _assigner(keys: tuple[str, ...]) -> Callable[[logging.LogRecord, tuple[Any, ...]], bool]:
+    """A function setting ``keys`` on a record to the matching values, unless the record
+    has any of them already (an ``extra=`` value, a filter that ran before): then it returns
+    False and sets nothing.
+
+    Generated once per filter with the keys as literals: plain attribute stores keep CPython
+    on its fastest path, a loop of ``setattr`` calls costs three times as much per record.
+    Keys are written with ``repr()`` or, when they are identifiers, as attribute names.
+    """
+    names = [f"v{i}" for i in range(len(keys))]
+    probe = " or ".join(f"hasattr(record, {key!r})" for key in keys)
+    lines = ["def assign(record, values):", f"    {', '.join(names)}, = values"]
+    lines += [f"    if {probe}:", "        return False"]
+    for key, name in zip(keys, names, strict=True):
+        if key.isidentifier() and not keyword.iskeyword(key):
+            lines.append(f"    record.{key} = {name}")
+        else:
+            lines.append(f"    setattr(record, {key!r}, {name})")
+    lines.append("    return True")
+    namespace: dict[str, Any] = {}
+    exec("\n".join(lines), namespace)
+    return namespace["assign"]  # type: ignore[no-any-return] # the function defined above
+
+
+def _share_keys(keys: tuple[str, ...]) -> None:
+    """Add ``keys`` to the key-sharing dictionary of ``LogRecord`` instances (PEP 412).
+
+    CPython stores instance attributes compactly while they belong to the class's shared
+    keys; a record that gains other attributes pays for a full dict, which is most of what
+    setting five attributes costs. The shared keys grow only in insertion order, so one record
+    set the way the logging flow sets it (formatter attributes, then ours) makes the filter's
+    later records stay compact. Harmless elsewhere.
+    """
+    record = logging.LogRecord("otel_ctxbridge", logging.INFO, __file__, 0, "", (), None)
+    record.message = record.asctime = ""
+    for key in keys:
+        setattr(record, key, None)
 
 
 class ContextLogFilter(logging.Filter):
@@ -99,36 +131,33 @@ class ContextLogFilter(logging.Filter):
         super().__init__(name)
         self.bridge = bridge
         self.default = default
-        self._reader = FieldReader(bridge)
-        self._log_keys = tuple(e.log_key for e in self._reader.entries)
-        self._keys = frozenset((*self._log_keys, TRACE_ID, SPAN_ID))
-        self._defaults = dict.fromkeys(self._keys, default)
+        self._reader = FieldReader(bridge, self._values_of)
+        self._names = (*(e.log_key for e in self._reader.entries), TRACE_ID, SPAN_ID)
+        self._keys = frozenset(self._names)
+        self._assign = _assigner(self._names)
+        _share_keys(self._names)
+
+    def _values_of(self, values: tuple[Any, ...], ctx: Context) -> tuple[Any, ...]:
+        default = self.default
+        return (
+            *(default if value is MISSING else value for value in values),
+            *(trace_ids(ctx) or (default, default)),
+        )
 
     def filter(self, record: logging.LogRecord) -> bool:
         """Annotate ``record``; always True."""
         try:
-            ctx = rt.get_current()
-            values = self._reader.read(ctx)
-            default = self.default
-            out = {
-                k: default if v is MISSING else v
-                for k, v in zip(self._log_keys, values, strict=True)
-            }
-            ids = current_trace_ids(ctx)
-            if ids is None:
-                out[TRACE_ID] = out[SPAN_ID] = default
-            else:
-                out[TRACE_ID], out[SPAN_ID] = ids
-            d = record.__dict__
-            if self._keys.isdisjoint(d):
-                d.update(out)
-            else:
-                for k, v in out.items():
-                    d.setdefault(k, v)
+            ctx = _get_current()
+            last = self._reader.last  # the reader's cache, inlined
+            values = last[3] if last[0] is ctx and last[1] is None else self._reader.get(ctx)
+            if not self._assign(record, values):  # the record has one of the keys already
+                for key, value in zip(self._names, values, strict=True):
+                    if not hasattr(record, key):
+                        setattr(record, key, value)
         except Exception as exc:  # logging must never fail because of context
             self._reader.warn_once("filter", "ContextLogFilter failed (%s)", type(exc).__name__)
-            for k, v in self._defaults.items():
-                record.__dict__.setdefault(k, v)
+            for key in self._keys:
+                record.__dict__.setdefault(key, self.default)
         return True
 
 
@@ -141,22 +170,30 @@ class ContextLogRecordProcessor(LogRecordProcessor):
 
     def __init__(self, bridge: ContextBridge) -> None:
         self.bridge = bridge
-        self._reader = FieldReader(bridge)
+        self._reader = FieldReader(bridge, self._attributes)
+
+    def _attributes(self, values: tuple[Any, ...], ctx: Context) -> dict[str, Any]:
+        return {
+            entry.attribute: value
+            for entry, value in zip(self._reader.entries, values, strict=True)
+            if value is not MISSING and isinstance(value, _SCALARS)
+        }
 
     def on_emit(self, log_record: ReadWriteLogRecord) -> None:
         """Set the fields on ``log_record``'s attributes."""
         try:
             record = log_record.log_record
             ctx = record.context if record.context is not None else rt.get_current()
-            values = self._reader.read(ctx)
-            attributes: Any = record.attributes
-            for entry, value in zip(self._reader.entries, values, strict=True):
-                if value is MISSING or not isinstance(value, _SCALARS):
-                    continue
-                if attributes is None:
-                    record.attributes = attributes = {}
-                if entry.attribute not in attributes:
-                    attributes[entry.attribute] = value
+            attributes = self._reader.get(ctx)
+            if not attributes:
+                return
+            existing: Any = record.attributes
+            if existing is None:
+                record.attributes = dict(attributes)
+                return
+            for key, value in attributes.items():
+                if key not in existing:
+                    existing[key] = value
         except Exception as exc:  # telemetry never throws on the logging path
             self._reader.warn_once(
                 "on_emit", "ContextLogRecordProcessor failed (%s)", type(exc).__name__

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import _runtime as rt
 from ._state import MISSING
-from .logs import SPAN_ID, TRACE_ID, current_trace_ids
+from .logs import SPAN_ID, TRACE_ID, trace_ids
 from .spans import FieldReader
 
 if TYPE_CHECKING:
@@ -55,27 +55,28 @@ class ContextStructlogProcessor:
         self, bridge: ContextBridge, *, default: Any = _OMIT, trace_ids: bool = True
     ) -> None:
         self.bridge = bridge
-        self._reader = FieldReader(bridge)
         self._default = default
         self._trace_ids = trace_ids
+        self._reader = FieldReader(bridge, self._items)
+
+    def _items(self, values: tuple[Any, ...], ctx: Any) -> tuple[tuple[str, Any], ...]:
+        items = [
+            (entry.log_key, self._default if value is MISSING else value)
+            for entry, value in zip(self._reader.entries, values, strict=True)
+            if value is not MISSING or self._default is not _OMIT
+        ]
+        ids = trace_ids(ctx) if self._trace_ids else None
+        if ids is not None:
+            items += [(TRACE_ID, ids[0]), (SPAN_ID, ids[1])]
+        return tuple(items)
 
     def __call__(
         self, logger: Any, method_name: str, event_dict: MutableMapping[str, Any]
     ) -> MutableMapping[str, Any]:
         """Merge the fields into ``event_dict`` (existing keys win) and return it."""
         try:
-            ctx = rt.get_current()
-            default = self._default
-            for entry, value in zip(self._reader.entries, self._reader.read(ctx), strict=True):
-                if value is not MISSING:
-                    event_dict.setdefault(entry.log_key, value)
-                elif default is not _OMIT:
-                    event_dict.setdefault(entry.log_key, default)
-            if self._trace_ids:
-                ids = current_trace_ids(ctx)
-                if ids is not None:
-                    event_dict.setdefault(TRACE_ID, ids[0])
-                    event_dict.setdefault(SPAN_ID, ids[1])
+            for key, value in self._reader.get(rt.get_current()):
+                event_dict.setdefault(key, value)
         except Exception as exc:  # logging must never fail because of context
             self._reader.warn_once(
                 "structlog", "ContextStructlogProcessor failed (%s)", type(exc).__name__
