@@ -320,7 +320,9 @@ class ContextBridge:
         raw_baggage = lowered.get("baggage")
         members: dict[str, str] = {}
         if raw_baggage:
-            members, _ = parse_baggage(_texts(raw_baggage))
+            members, dropped = parse_baggage(_texts(raw_baggage))
+            if dropped:
+                self.count_drop("baggage", f"{dropped} malformed or oversized baggage members")
         found: dict[str, str] = {}
         for name, field in self.fields.items():
             if field.inbound == "never" or (field.inbound == "trusted" and not trusted):
@@ -339,7 +341,9 @@ class ContextBridge:
         return found
 
     def count_drop(self, name: str, reason: str) -> None:
-        """Count an inbound value of field ``name`` that was refused; log the first one."""
+        """Count an inbound value of field ``name`` that was refused; log the first one.
+
+        Malformed or oversized ``baggage`` members are counted under ``"baggage"``."""
         with self._drop_lock:
             count = self._drops.get(name, 0) + 1
             self._drops[name] = count

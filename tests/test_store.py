@@ -282,6 +282,8 @@ def test_extract_applies_policy_and_validation_without_raising(bridge: cb.Contex
     assert bridge.drop_counts()["request_id"] == 1
     assert bridge.extract({"baggage": "user_id=u1"}, trusted=True) == {}  # local: never baggage
     assert bridge.extract(None) == {}  # type: ignore[arg-type]
+    assert bridge.extract({"baggage": f"request_id={'x' * 5000},tenant_id=%ZZ"}) == {}
+    assert bridge.drop_counts()["baggage"] == 1
 
 
 def test_extract_logs_drops_without_the_raw_value(
