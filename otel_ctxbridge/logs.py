@@ -4,7 +4,8 @@
 as OTel writes them) on every stdlib record; put it on the *handlers* that format records (a
 logger's own filters do not see records propagated from child loggers).
 
-JSON log lines with python-json-logger (``pip install otel_ctxbridge[json]``)::
+JSON log lines with python-json-logger (``pip install otel_ctxbridge[json]``), one object a
+line with level, message, logger, timestamp, the fields and the trace ids::
 
     import logging.config
 
@@ -18,11 +19,10 @@ JSON log lines with python-json-logger (``pip install otel_ctxbridge[json]``)::
         "formatters": {
             "json": {
                 "()": "pythonjsonlogger.json.JsonFormatter",
-                "fmt": "%(asctime)s %(levelname)s %(name)s %(message)s "
+                "fmt": "%(levelname)s %(name)s %(message)s "
                        "%(request_id)s %(tenant_id)s %(user_id)s %(trace_id)s %(span_id)s",
-                "rename_fields": {"levelname": "level", "name": "logger",
-                                  "asctime": "timestamp"},
-                "timestamp": False,
+                "rename_fields": {"levelname": "level", "name": "logger"},
+                "timestamp": True,
             },
         },
         "handlers": {
@@ -32,13 +32,14 @@ JSON log lines with python-json-logger (``pip install otel_ctxbridge[json]``)::
         "root": {"level": "INFO", "handlers": ["stdout"]},
     })
 
-Each line is then one JSON object: ``{"timestamp": ..., "level": "INFO", "logger": "app",
-"message": "...", "request_id": "r-1", "tenant_id": "acme", "user_id": null,
-"trace_id": "4bf9...", "span_id": "00f0..."}``.
+Each line is then one JSON object: ``{"level": "INFO", "logger": "app", "message": "...",
+"request_id": "r-1", "tenant_id": "acme", "user_id": null, "trace_id": "4bf9...",
+"span_id": "00f0...", "timestamp": "2025-01-01T12:00:00.123456+00:00"}`` (plus any
+``extra=`` keys). ``ext://myapp.bridge`` names the module attribute holding your bridge.
 
 ``ContextLogRecordProcessor`` adds the fields as attributes (``app.request_id``) to OTel log
 records (the ones ``LoggingHandler`` from ``opentelemetry-instrumentation-logging`` makes of
-stdlib records and exports over OTLP); ``configure()`` installs both.
+stdlib records and exports over OTLP); ``configure()`` installs it.
 """
 
 from __future__ import annotations
