@@ -1,0 +1,350 @@
+"""configure(): providers, processors, logging bridge and OTLP export, against real receivers."""
+
+from __future__ import annotations
+
+import http.server
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+from opentelemetry import propagate, trace
+from opentelemetry.sdk._logs.export import InMemoryLogRecordExporter
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, format_trace_id
+
+import otel_ctxbridge as cb
+from otel_ctxbridge.collector import CollectorStartError, EmbeddedCollector
+from otel_ctxbridge.logs import ContextLogFilter
+from otel_ctxbridge.otlp_sink import RecordingSink
+from otel_ctxbridge.sdk import Telemetry, active_telemetry, configure
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+OTEL_ENV = (
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_HEADERS",
+    "OTEL_EXPORTER_OTLP_PROTOCOL",
+    "OTEL_EXPORTER_OTLP_TIMEOUT",
+    "OTEL_SERVICE_NAME",
+    "OTEL_RESOURCE_ATTRIBUTES",
+    "OTEL_TRACES_EXPORTER",
+    "OTEL_LOGS_EXPORTER",
+    "OTEL_PROPAGATORS",
+)
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No OTEL_* variable from the outside leaks into these tests; nothing stays configured."""
+    for name in OTEL_ENV:
+        monkeypatch.delenv(name, raising=False)
+    _reset_providers()
+    yield
+    telemetry = active_telemetry()
+    if telemetry is not None:
+        telemetry.shutdown()
+    _reset_providers()
+
+
+@pytest.fixture
+def sink() -> Iterator[RecordingSink]:
+    """A real OTLP/HTTP receiver on 127.0.0.1."""
+    with RecordingSink() as receiver:
+        yield receiver
+
+
+@pytest.fixture
+def app_logger() -> Iterator[logging.Logger]:
+    """Logger ``app`` at INFO (records propagate to the root logger's handlers)."""
+    logger = logging.getLogger("app")
+    logger.setLevel(logging.INFO)
+    yield logger
+    logger.setLevel(logging.NOTSET)
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _shutdown_within(telemetry: Telemetry, seconds: float) -> None:
+    """Shut down in a thread and require it to return within ``seconds``."""
+    done = threading.Thread(target=telemetry.shutdown)
+    done.start()
+    done.join(seconds)
+    assert not done.is_alive(), f"shutdown() did not return within {seconds} s"
+
+
+def test_spans_and_logs_reach_the_collector_with_the_fields(
+    bridge: cb.ContextBridge, sink: RecordingSink, app_logger: logging.Logger
+) -> None:
+    """One configure(): spans and stdlib log lines are exported over OTLP/HTTP (paths
+    appended to the base URL) with service.name, the fields as attributes, and the trace id."""
+    telemetry = configure(bridge, service_name="orders", endpoint=sink.endpoint + "/")
+    tracer = trace.get_tracer("test")
+    with (
+        bridge.scope(request_id="r-1", tenant_id="acme", user_id="u-1"),
+        tracer.start_as_current_span("GET /orders", kind=SpanKind.SERVER) as span,
+    ):
+        app_logger.info("listing orders")
+    assert telemetry.force_flush()
+    assert sink.wait_for(lambda s: bool(s.spans()) and bool(s.logs()), timeout=10)
+    (exported,) = sink.spans()
+    assert exported["service"] == "orders"
+    assert exported["attributes"]["app.request_id"] == "r-1"
+    assert exported["attributes"]["app.user_id"] == "u-1"
+    (log,) = [r for r in sink.logs() if r["body"] == "listing orders"]
+    assert log["service"] == "orders"
+    assert log["trace_id"] == format_trace_id(span.get_span_context().trace_id)
+    assert log["attributes"]["app.tenant_id"] == "acme"
+    assert log["attributes"]["app.user_id"] == "u-1"
+
+
+def test_plain_filter_keys_are_not_duplicated_into_otel_logs(
+    bridge: cb.ContextBridge, sink: RecordingSink, app_logger: logging.Logger
+) -> None:
+    """With a ContextLogFilter on another root handler too, OTel log records carry only the
+    namespaced attributes, not request_id/trace_id copies of the record's keys; an
+    ``extra=`` key of the app's own still goes through."""
+    console = logging.NullHandler()
+    console.addFilter(ContextLogFilter(bridge))
+    root = logging.getLogger()
+    root.addHandler(console)
+    try:
+        telemetry = configure(bridge, service_name="orders", endpoint=sink.endpoint)
+        root.handlers.remove(console)
+        root.handlers.insert(0, console)  # the filter runs before the OTel bridge handler
+        with bridge.scope(request_id="r-2"):
+            app_logger.warning("with extra", extra={"order_id": "o-9"})
+        telemetry.force_flush()
+        assert sink.wait_for(lambda s: bool(s.logs()), timeout=10)
+    finally:
+        root.removeHandler(console)
+    attributes = sink.logs()[0]["attributes"]
+    assert attributes["app.request_id"] == "r-2"
+    assert attributes["order_id"] == "o-9"
+    assert not {"request_id", "tenant_id", "trace_id", "span_id"} & set(attributes)
+
+
+def test_standard_env_variables_are_honoured(
+    bridge: cb.ContextBridge, sink: RecordingSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES apply
+    when the arguments are left out."""
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", sink.endpoint)
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "from-env")
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=test,team=core")
+    telemetry = configure(bridge)
+    trace.get_tracer("test").start_span("env").end()
+    telemetry.force_flush()
+    assert sink.wait_for(lambda s: bool(s.spans()), timeout=10)
+    exported = sink.spans()[0]
+    assert exported["service"] == "from-env"
+    assert exported["resource"]["deployment.environment"] == "test"
+    assert exported["resource"]["team"] == "core"
+
+
+class _HeaderRecorder(http.server.BaseHTTPRequestHandler):
+    seen: list[tuple[str, dict[str, str]]] = []  # noqa: RUF012 - set per server below
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        self.seen.append((self.path, {k.lower(): v for k, v in self.headers.items()}))
+        self.send_response(200)
+        self.send_header("content-type", "application/x-protobuf")
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def header_server() -> Iterator[tuple[str, list[tuple[str, dict[str, str]]]]]:
+    """An HTTP server answering 200 to every POST and recording paths and headers."""
+    seen: list[tuple[str, dict[str, str]]] = []
+    handler = type("Recorder", (_HeaderRecorder,), {"seen": seen})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", seen
+    server.shutdown()
+    server.server_close()
+    thread.join(5)
+
+
+def test_headers_from_the_environment_and_from_the_argument(
+    bridge: cb.ContextBridge,
+    header_server: tuple[str, list[tuple[str, dict[str, str]]]],
+    monkeypatch: pytest.MonkeyPatch,
+    app_logger: logging.Logger,
+) -> None:
+    """OTEL_EXPORTER_OTLP_HEADERS is sent with every export, unless headers= is given."""
+    url, seen = header_server
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", "x-api-key=from-env")
+    telemetry = configure(bridge, endpoint=url)
+    trace.get_tracer("test").start_span("h").end()
+    app_logger.warning("h")
+    telemetry.force_flush()
+    telemetry.shutdown()
+    assert {path for path, _ in seen} == {"/v1/traces", "/v1/logs"}
+    assert {headers.get("x-api-key") for _, headers in seen} == {"from-env"}
+    _reset_providers()
+    seen.clear()
+    telemetry = configure(bridge, endpoint=url, headers={"x-api-key": "from-arg"})
+    trace.get_tracer("test").start_span("h").end()
+    telemetry.force_flush()
+    assert {headers.get("x-api-key") for _, headers in seen} == {"from-arg"}
+
+
+def _reset_providers() -> None:
+    """Unset the global providers (OTel sets them once per process). The logger provider
+    lives in ``opentelemetry._logs._internal``, not in the ``_logs`` package."""
+    from opentelemetry._logs import _internal as logs_internal
+    from opentelemetry.util._once import Once
+
+    trace._TRACER_PROVIDER_SET_ONCE = Once()  # type: ignore[attr-defined]
+    trace._TRACER_PROVIDER = None  # type: ignore[attr-defined]
+    logs_internal._LOGGER_PROVIDER_SET_ONCE = Once()
+    logs_internal._LOGGER_PROVIDER = None
+
+
+@pytest.mark.parametrize("protocol", ["http/protobuf", "grpc"])
+def test_a_closed_port_neither_blocks_nor_breaks_the_app(
+    bridge: cb.ContextBridge, app_logger: logging.Logger, protocol: str
+) -> None:
+    """With no collector listening, spans and logs are still made (an in-memory exporter
+    sees them, with the fields), nothing raises, and shutdown returns in bounded time."""
+    memory = InMemorySpanExporter()
+    logs = InMemoryLogRecordExporter()
+    telemetry = configure(
+        bridge,
+        service_name="lonely",
+        endpoint=f"http://127.0.0.1:{_closed_port()}",
+        protocol=protocol,
+        span_processors=[SimpleSpanProcessor(memory)],
+        log_exporters=[logs],
+    )
+    tracer = trace.get_tracer("test")
+    for i in range(50):
+        with bridge.scope(request_id=f"r-{i}"), tracer.start_as_current_span(f"op-{i}"):
+            app_logger.info("working %d", i)
+    assert len(memory.get_finished_spans()) == 50
+    assert memory.get_finished_spans()[-1].attributes["app.request_id"] == "r-49"  # type: ignore[index]
+    _shutdown_within(telemetry, 15)
+    assert len(logs.get_finished_logs()) == 50
+    assert telemetry.closed
+    assert active_telemetry() is None
+
+
+def test_grpc_export_to_a_real_collector(
+    bridge: cb.ContextBridge, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OTEL_EXPORTER_OTLP_PROTOCOL=grpc exports through the embedded rotel collector."""
+    with RecordingSink() as sink:
+        collector = EmbeddedCollector(sink)
+        try:
+            collector.start()
+        except CollectorStartError as exc:
+            if IN_CI:
+                pytest.fail(f"rotel-agent cannot start (CI=true): {exc}")
+            pytest.skip(f"rotel-agent cannot start here: {exc}")
+        try:
+            monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+            telemetry = configure(
+                bridge, service_name="grpc-svc", endpoint=collector.otlp_grpc_endpoint
+            )
+            with bridge.scope(request_id="r-grpc"):
+                trace.get_tracer("test").start_span("over-grpc").end()
+            telemetry.force_flush()
+            assert sink.wait_for(lambda s: bool(s.spans()), timeout=15), collector.output()
+        finally:
+            collector.stop()
+    exported = sink.spans()[0]
+    assert exported["service"] == "grpc-svc"
+    assert exported["attributes"]["app.request_id"] == "r-grpc"
+
+
+def test_configure_refuses_to_install_twice(bridge: cb.ContextBridge) -> None:
+    """A second configure() raises AlreadyConfiguredError while the first is active, and
+    after shutdown too (OTel's global providers can be set once per process)."""
+    telemetry = configure(bridge, otlp=False)
+    with pytest.raises(cb.AlreadyConfiguredError, match="already called"):
+        configure(bridge, otlp=False)
+    telemetry.shutdown()
+    telemetry.shutdown()  # idempotent
+    with pytest.raises(cb.AlreadyConfiguredError, match="TracerProvider is already set"):
+        configure(bridge, otlp=False)
+
+
+def test_configure_refuses_a_foreign_global_provider(bridge: cb.ContextBridge) -> None:
+    """If the app (or auto-instrumentation) already set a TracerProvider, configure() says
+    how to add the processor instead of silently not installing it."""
+    trace.set_tracer_provider(TracerProvider())
+    with pytest.raises(cb.AlreadyConfiguredError, match="ContextSpanProcessor"):
+        configure(bridge, otlp=False)
+    assert active_telemetry() is None
+
+
+def test_the_w3c_propagator_is_installed(bridge: cb.ContextBridge) -> None:
+    """configure() installs tracecontext + the W3C-correct baggage propagator globally."""
+    with configure(bridge, otlp=False):
+        carrier: dict[str, str] = {}
+        with (
+            bridge.scope(tenant_id="a b+c"),
+            trace.get_tracer("t").start_as_current_span("out"),
+        ):
+            propagate.inject(carrier)
+    assert carrier["baggage"] == "tenant_id=a%20b%2Bc"
+    assert "traceparent" in carrier
+
+
+def test_otel_propagators_variable_wins(
+    bridge: cb.ContextBridge, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With OTEL_PROPAGATORS set, configure() leaves the global textmap alone."""
+    monkeypatch.setenv("OTEL_PROPAGATORS", "tracecontext")
+    before = propagate.get_global_textmap()
+    with configure(bridge, otlp=False):
+        assert propagate.get_global_textmap() is before
+
+
+def test_extra_exporters_and_exporter_variables(
+    bridge: cb.ContextBridge, monkeypatch: pytest.MonkeyPatch, app_logger: logging.Logger
+) -> None:
+    """Extra exporters sit behind batch processors (flushed by force_flush); the logging
+    bridge skips OTel's own loggers; OTEL_TRACES_EXPORTER=none adds no OTLP exporter."""
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")
+    monkeypatch.setenv("OTEL_LOGS_EXPORTER", "none")
+    spans, logs = InMemorySpanExporter(), InMemoryLogRecordExporter()
+    telemetry = configure(
+        bridge, endpoint="http://127.0.0.1:9", span_exporters=[spans], log_exporters=[logs]
+    )
+    with bridge.scope(request_id="r-x"):
+        trace.get_tracer("t").start_span("batched").end()
+        app_logger.info("kept")
+        logging.getLogger("opentelemetry.sdk.test").warning("self-diagnostics")
+    assert spans.get_finished_spans() == ()
+    assert telemetry.force_flush()
+    assert [s.name for s in spans.get_finished_spans()] == ["batched"]
+    assert [r.log_record.body for r in logs.get_finished_logs()] == ["kept"]
+    handler = telemetry.logging_handler
+    assert handler in logging.getLogger().handlers
+    start = time.monotonic()
+    telemetry.shutdown()
+    assert time.monotonic() - start < 10
+    assert handler not in logging.getLogger().handlers
+
+
+def test_bridge_logging_can_be_left_off(bridge: cb.ContextBridge) -> None:
+    """bridge_logging=False installs no handler on the root logger."""
+    before = list(logging.getLogger().handlers)
+    with configure(bridge, otlp=False, bridge_logging=False) as telemetry:
+        assert telemetry.logging_handler is None
+        assert logging.getLogger().handlers == before
