@@ -46,11 +46,12 @@ from __future__ import annotations
 
 import keyword
 import logging
+import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry.context import Context
-from opentelemetry.sdk._logs import LogRecordProcessor, ReadWriteLogRecord
+from opentelemetry.sdk._logs import LoggerProvider, LogRecordProcessor, ReadWriteLogRecord
 from opentelemetry.trace import SpanContext
 
 from . import _runtime as rt
@@ -62,7 +63,7 @@ _get_current = rt.get_current
 if TYPE_CHECKING:
     from .bridge import ContextBridge
 
-__all__ = ["ContextLogFilter", "ContextLogRecordProcessor", "trace_ids"]
+__all__ = ["ContextLogFilter", "ContextLogRecordProcessor", "OTelLoggingBridge", "trace_ids"]
 
 TRACE_ID = "trace_id"
 SPAN_ID = "span_id"
@@ -206,3 +207,55 @@ class ContextLogRecordProcessor(LogRecordProcessor):
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         """Nothing is buffered: always True."""
         return True
+
+
+class OTelLoggingBridge(logging.Handler):
+    """Root-logger handler turning stdlib records into OTel log records.
+
+    Delegates to ``LoggingHandler`` from ``opentelemetry-instrumentation-logging`` (the SDK's
+    own handler is deprecated). Records of OTel's own loggers are not exported (an exporter
+    failing to reach the collector would otherwise feed on its own warnings), and the plain
+    keys ``ContextLogFilter`` may have set are left out: the record processor adds the fields
+    as namespaced attributes and OTel carries the trace ids natively.
+    """
+
+    def __init__(
+        self, bridge: ContextBridge, provider: LoggerProvider, level: int | str = logging.NOTSET
+    ) -> None:
+        super().__init__(level)
+        self._inner = _otel_handler(provider)
+        self._plain = frozenset(
+            (*(str(f.log_key) for f in bridge.fields.values()), TRACE_ID, SPAN_ID)
+        )
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Hand ``record`` (without the filter's plain keys) to OTel's handler."""
+        if record.name.startswith("opentelemetry"):
+            return
+        if not self._plain.isdisjoint(record.__dict__):
+            clone = logging.LogRecord.__new__(type(record))
+            clone.__dict__.update(
+                {k: v for k, v in record.__dict__.items() if k not in self._plain}
+            )
+            record = clone
+        self._inner.emit(record)
+
+    def flush(self) -> None:
+        """Nothing to do: the logger provider's batch processor exports in the background
+        (and flushes at ``shutdown()`` / interpreter exit)."""
+
+
+def _otel_handler(provider: LoggerProvider) -> logging.Handler:
+    try:
+        from opentelemetry.instrumentation.logging.handler import (  # noqa: PLC0415 - optional
+            LoggingHandler,
+        )
+    except ImportError:  # pragma: no cover - fall back to the SDK's deprecated handler
+        from opentelemetry.sdk._logs import (  # type: ignore[assignment] # noqa: PLC0415 - same API
+            LoggingHandler,
+        )
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return LoggingHandler(logger_provider=provider)
+    return LoggingHandler(logger_provider=provider)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -40,7 +39,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExport
 
 from .bridge import ContextBridge
 from .errors import AlreadyConfiguredError
-from .logs import SPAN_ID, TRACE_ID, ContextLogRecordProcessor
+from .logs import ContextLogRecordProcessor, OTelLoggingBridge
 from .propagation import default_propagator
 from .spans import ContextSpanProcessor
 
@@ -183,7 +182,7 @@ def configure(
             logger_provider.add_log_record_processor(BatchLogRecordProcessor(log_exporter))
         trace.set_tracer_provider(tracer_provider)
         _logs.set_logger_provider(logger_provider)
-        handler = _LoggingBridge(bridge, logger_provider, log_level) if bridge_logging else None
+        handler = OTelLoggingBridge(bridge, logger_provider, log_level) if bridge_logging else None
         if handler is not None:
             logging.getLogger().addHandler(handler)
         if set_propagator and not os.environ.get("OTEL_PROPAGATORS"):
@@ -302,52 +301,3 @@ def _quietly(fn: Any) -> None:
         fn()
     except Exception:  # shutdown must not raise into the app
         _logger.debug("otel_ctxbridge: error during shutdown", exc_info=True)
-
-
-class _LoggingBridge(logging.Handler):
-    """Root-logger handler turning stdlib records into OTel log records.
-
-    Delegates to ``LoggingHandler`` from ``opentelemetry-instrumentation-logging`` (the SDK's
-    own handler is deprecated). Records of OTel's own loggers are not exported (an exporter
-    failing to reach the collector would otherwise feed on its own warnings), and the plain
-    keys ``ContextLogFilter`` may have set are left out: the record processor adds the fields
-    as namespaced attributes and OTel carries the trace ids natively.
-    """
-
-    def __init__(self, bridge: ContextBridge, provider: LoggerProvider, level: int | str) -> None:
-        super().__init__(level)
-        self._inner = _otel_handler(provider)
-        self._plain = frozenset(
-            (*(str(f.log_key) for f in bridge.fields.values()), TRACE_ID, SPAN_ID)
-        )
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.name.startswith("opentelemetry"):
-            return
-        if not self._plain.isdisjoint(record.__dict__):
-            clone = logging.LogRecord.__new__(type(record))
-            clone.__dict__.update(
-                {k: v for k, v in record.__dict__.items() if k not in self._plain}
-            )
-            record = clone
-        self._inner.emit(record)
-
-    def flush(self) -> None:
-        """Nothing to do: the logger provider's batch processor exports in the background
-        (and flushes at ``shutdown()`` / interpreter exit)."""
-
-
-def _otel_handler(provider: LoggerProvider) -> logging.Handler:
-    try:
-        from opentelemetry.instrumentation.logging.handler import (  # noqa: PLC0415 - optional
-            LoggingHandler,
-        )
-    except ImportError:  # pragma: no cover - fall back to the SDK's deprecated handler
-        from opentelemetry.sdk._logs import (  # type: ignore[assignment] # noqa: PLC0415 - same API
-            LoggingHandler,
-        )
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            return LoggingHandler(logger_provider=provider)
-    return LoggingHandler(logger_provider=provider)
