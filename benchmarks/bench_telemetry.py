@@ -52,10 +52,14 @@ def _overhead_ratio(rounds: list[dict[str, float]], ours: str, theirs: str, base
         theirs_cost = r[theirs] - r[base]
         if theirs_cost > 0:
             ratios.append(max(r[ours] - r[base], 0.0) / theirs_cost)
+    return statistics.median(ratios) if ratios else float("inf")
+
+
+def _show(rounds: list[dict[str, float]]) -> None:
+    """With BENCH_VERBOSE set, print each variant's median time."""
     if VERBOSE:
         for name in rounds[0]:
             print(f"    {name:<12} {statistics.median(r[name] for r in rounds):9.0f} ns")
-    return statistics.median(ratios) if ratios else float("inf")
 
 
 def _tracer(*processors: object) -> trace.Tracer:
@@ -89,6 +93,7 @@ def span_rows() -> list[Row]:
             },
             number=5_000,
         )
+    _show(rounds)
     return [
         (
             "ContextSpanProcessor / BaggageSpanProcessor (per-span overhead)",
@@ -141,6 +146,7 @@ def log_rows() -> list[Row]:
             finally:
                 instrumentor.uninstrument()
             rounds.append(r)
+    _show(rounds)
     return [
         (
             "ContextLogFilter / LoggingInstrumentor (in-span overhead)",
