@@ -6,6 +6,12 @@ them with the trace id: everything it needs arrives in the standard ``traceparen
 (The caller, ``gateway_service.py``, sends baggage here because its egress policy allows this
 host; the user id it holds is process-local and never arrives.)
 
+OpenTelemetry's own baggage processors (``opentelemetry-processor-baggage``) copy those two
+baggage entries onto every span and OTel log record it makes (attributes ``request_id`` and
+``tenant_id``); its server span also lists the baggage keys that arrived
+(``orders.baggage_keys``). ``GET /orders/fail`` logs, then fails with a 500, to show a failing
+request end to end.
+
 Run it (port ``DOWNSTREAM_PORT``, default 8002)::
 
     python examples/downstream_orders_service.py
@@ -28,17 +34,26 @@ from opentelemetry import baggage, trace
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 
 log = logging.getLogger("orders.downstream")
+CONTEXT_KEYS = frozenset({"request_id", "tenant_id"})
+"""Baggage entries copied onto this service's spans and log records (never all of baggage:
+it comes from the caller)."""
+FAILING_ORDER = "fail"
+"""``GET /orders/fail`` logs, then raises: an unhandled error (500), as a broken dependency."""
 
 
 def create_app() -> Any:
     """The FastAPI app behind OpenTelemetry's ASGI middleware (server spans, context)."""
-    api = FastAPI(title="downstream orders")
+    # OTel's ASGI middleware (below) makes the server span; FastAPI's own telemetry (newer
+    # releases) would start a second one (older releases ignore this setting).
+    api = FastAPI(title="downstream orders", telemetry={"tracing": False})
 
     @api.get("/orders/{order_id}")
     async def get_order(order_id: str, request: Request) -> dict[str, Any]:
         request_id = baggage.get_baggage("request_id")
         tenant_id = baggage.get_baggage("tenant_id")
-        context = trace.get_current_span().get_span_context()
+        span = trace.get_current_span()  # the server span of OTel's ASGI middleware
+        span.set_attribute("orders.baggage_keys", sorted(baggage.get_all()))  # what arrived
+        context = span.get_span_context()
         trace_id = f"{context.trace_id:032x}" if context.is_valid else None
         log.info(
             "order %s requested: request_id=%s tenant_id=%s trace_id=%s",
@@ -48,6 +63,8 @@ def create_app() -> Any:
             trace_id,
             extra={"request_id": request_id, "tenant_id": tenant_id},
         )
+        if order_id == FAILING_ORDER:  # a broken dependency, for the demo: answered 500
+            raise RuntimeError(f"order {order_id}: the order store is unavailable")
         return {
             "order_id": order_id,
             "request_id": request_id,
@@ -63,12 +80,14 @@ def create_app() -> Any:
 
 def setup_telemetry() -> Any:
     """A plain OTel SDK: a tracer provider (OTLP export and logs when an endpoint is set)."""
+    from opentelemetry.processor.baggage import BaggageSpanProcessor  # noqa: PLC0415
     from opentelemetry.sdk.resources import Resource  # noqa: PLC0415 - startup only
     from opentelemetry.sdk.trace import TracerProvider  # noqa: PLC0415 - startup only
 
     name = os.environ.get("OTEL_SERVICE_NAME", "orders-downstream")
     resource = Resource.create({"service.name": name})
     provider = TracerProvider(resource=resource)
+    provider.add_span_processor(BaggageSpanProcessor(CONTEXT_KEYS.__contains__))
     trace.set_tracer_provider(provider)
     if not os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
         return provider
@@ -82,12 +101,14 @@ def setup_telemetry() -> Any:
     from opentelemetry.instrumentation.logging.handler import (  # noqa: PLC0415
         LoggingHandler,
     )
+    from opentelemetry.processor.baggage import BaggageLogProcessor  # noqa: PLC0415
     from opentelemetry.sdk._logs import LoggerProvider  # noqa: PLC0415
     from opentelemetry.sdk._logs.export import BatchLogRecordProcessor  # noqa: PLC0415
     from opentelemetry.sdk.trace.export import BatchSpanProcessor  # noqa: PLC0415
 
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     logger_provider = LoggerProvider(resource=resource)
+    logger_provider.add_log_record_processor(BaggageLogProcessor(CONTEXT_KEYS.__contains__))
     logger_provider.add_log_record_processor(BatchLogRecordProcessor(OTLPLogExporter()))
     set_logger_provider(logger_provider)
     log.addHandler(LoggingHandler(logger_provider=logger_provider))
