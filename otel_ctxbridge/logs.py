@@ -172,7 +172,7 @@ class ContextLogRecordProcessor(LogRecordProcessor):
 
     def __init__(self, bridge: ContextBridge) -> None:
         self.bridge = bridge
-        self._reader = FieldReader(bridge, self._attributes)
+        self._reader = FieldReader(bridge, self._attributes, uses_context=False)
 
     def _attributes(self, values: tuple[Any, ...], ctx: Context) -> dict[str, Any]:
         return {

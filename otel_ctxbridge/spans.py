@@ -23,36 +23,33 @@ from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 
 from . import _runtime as rt
-from ._state import EMPTY, MISSING, Frame, State
+from ._state import EMPTY, MISSING, Frame
 
 if TYPE_CHECKING:
     from .bridge import ContextBridge
+    from .fields import Field
 
 __all__ = ["ContextSpanProcessor"]
 
 _logger = logging.getLogger("otel_ctxbridge")
 _SCALARS = (str, bool, int, float)
 T = TypeVar("T")
+_MEMO_SLOTS = 64
 
 
 class _Entry:
     """One field as the hot paths need it."""
 
-    __slots__ = ("attribute", "log_key", "name", "redact", "where")
+    __slots__ = ("attribute", "log_key", "name", "problem", "redact", "where")
 
-    def __init__(
-        self,
-        name: str,
-        where: str | None,
-        attribute: str,
-        log_key: str,
-        redact: Callable[[str], object] | None,
-    ) -> None:
-        self.name = name
-        self.where = where  # baggage key of a propagated field, None for a process-local one
-        self.attribute = attribute
-        self.log_key = log_key
-        self.redact = redact
+    def __init__(self, field: Field) -> None:
+        self.name = field.name
+        # baggage key of a propagated field, None for a process-local one
+        self.where = field.baggage_key if field.propagate else None
+        self.attribute = str(field.attribute)
+        self.log_key = str(field.log_key)
+        self.redact: Callable[[str], object] | None = field.shown if field.redacted else None
+        self.problem = field.problem
 
 
 def _mark(frame: Frame) -> object:
@@ -67,29 +64,34 @@ class FieldReader(Generic[T]):
     ``build(values, ctx)`` gets the shown value of each entry (``MISSING`` when unset). The
     values honour the request frame's late ``update()`` values like ``bridge.values_in``, and
     are redacted where a field says so; a redactor that raises hides the value (never shown
-    in clear) and is logged once. The product is cached for the last context seen: contexts
+    in clear) and is logged once. Baggage values that bypassed the bridge (a raw OTel
+    extract, ``baggage.set_baggage``) are validated like inbound data: an invalid one, or one
+    whose validator raises, is dropped and counted (``bridge.count_drop``, logged once,
+    without the value). The product is cached for the last context seen: contexts
     are immutable, so the same context gives the same product until its request frame
     records an update, which the cache key includes.
     """
 
-    def __init__(self, bridge: ContextBridge, build: Callable[[tuple[Any, ...], Context], T]):
+    def __init__(
+        self,
+        bridge: ContextBridge,
+        build: Callable[[tuple[Any, ...], Context], T],
+        *,
+        uses_context: bool = True,
+    ) -> None:
         self.bridge = bridge
         self.key: str = bridge._key  # the bridge's private State key (same package)
-        self.entries: tuple[_Entry, ...] = tuple(
-            _Entry(
-                f.name,
-                f.baggage_key if f.propagate else None,
-                str(f.attribute),
-                str(f.log_key),
-                f.shown if f.redacted else None,
-            )
-            for f in bridge.fields.values()
-        )
+        self.entries: tuple[_Entry, ...] = tuple(_Entry(f) for f in bridge.fields.values())
         self._index = {e.name: i for i, e in enumerate(self.entries)}
         self._build = build
+        self._uses_context = uses_context  # False: the product depends on the values only
+        self._redacted = tuple(i for i, e in enumerate(self.entries) if e.redact is not None)
         self.last: tuple[object, Frame | None, object, Any] = (MISSING, None, None, None)
         """``(context, its request frame, the frame's updates then, product)``: a context
         without a frame always gives the same product (consumers may check that inline)."""
+        # id(baggage or State) -> (baggage, State, frame mark, values, product). The contexts
+        # of one request's spans share both objects; a few slots serve concurrent requests.
+        self._memo: dict[int, tuple[object, object, object, tuple[Any, ...], Any]] = {}
         self._warned: set[str] = set()
         self._lock = threading.Lock()
 
@@ -100,29 +102,51 @@ class FieldReader(Generic[T]):
             frame = last[1]
             if frame is None or _mark(frame) == last[2]:
                 return last[3]  # type: ignore[no-any-return] # built by self._build
+        bag = ctx.get(rt.BAGGAGE_KEY)
         state: Any = ctx.get(self.key)
         frame = state.frame if state is not None else None
         mark = _mark(frame) if frame is not None else None
-        product = self._build(self.read(ctx), ctx)
-        self.last = (ctx, frame, mark, product)  # one tuple swap: safe across threads
+        slot = id(bag if bag is not None else state)
+        hit = self._memo.get(slot)
+        if hit is not None and hit[0] is bag and hit[1] is state and hit[2] == mark:
+            product = self._build(hit[3], ctx) if self._uses_context else hit[4]
+        else:
+            values = self._read(bag, state)
+            product = self._build(values, ctx)
+            if len(self._memo) >= _MEMO_SLOTS:
+                self._memo.clear()
+            self._memo[slot] = (bag, state, mark, values, product)
+        self.last = (ctx, frame, mark, product)  # one tuple swap: thread-safe
         return product
 
     def read(self, ctx: Context) -> tuple[Any, ...]:
         """The shown value of each entry in ``ctx`` (``MISSING`` when unset), in entry order."""
-        bag: Any = ctx.get(rt.BAGGAGE_KEY) or EMPTY
-        state: State | None = ctx.get(self.key)  # type: ignore[assignment] # our own key
+        return self._read(ctx.get(rt.BAGGAGE_KEY), ctx.get(self.key))
+
+    def _read(self, bag: Any, state: Any) -> tuple[Any, ...]:
+        bag = bag or EMPTY
         local = state.local if state is not None else EMPTY
-        values = [
-            bag.get(e.where, MISSING) if e.where is not None else local.get(e.name, MISSING)
-            for e in self.entries
-        ]
+        values: list[Any] = []
+        for entry in self.entries:
+            if entry.where is None:
+                values.append(local.get(entry.name, MISSING))
+                continue
+            value = bag.get(entry.where, MISSING)
+            if value is not MISSING:
+                # Baggage may have been written around the bridge (a raw propagator
+                # extract, baggage.set_baggage): check it like inbound data.
+                problem = entry.problem(value)
+                if problem is not None:
+                    self.bridge.count_drop(entry.name, problem)
+                    value = MISSING
+            values.append(value)
         if state is not None and state.frame is not None and state.frame.updates:
             for name, (value, generation) in list(state.frame.updates.items()):
                 if generation > state.generation and name in self._index:
                     values[self._index[name]] = value
-        for i, entry in enumerate(self.entries):
-            if entry.redact is not None and values[i] is not MISSING:
-                values[i] = self.shown(entry, values[i])
+        for i in self._redacted:
+            if values[i] is not MISSING:
+                values[i] = self.shown(self.entries[i], values[i])
         return tuple(values)
 
     def shown(self, entry: _Entry, value: Any) -> Any:
@@ -158,7 +182,7 @@ class ContextSpanProcessor(SpanProcessor):
 
     def __init__(self, bridge: ContextBridge) -> None:
         self.bridge = bridge
-        self._reader = FieldReader(bridge, self._attributes)
+        self._reader = FieldReader(bridge, self._attributes, uses_context=False)
 
     def _attributes(self, values: tuple[Any, ...], ctx: Context) -> dict[str, Any]:
         return {

@@ -135,6 +135,36 @@ def test_an_update_made_in_a_worker_thread_reaches_later_spans_of_the_request(
     assert _attributes(traced, "after") == {"app.request_id": "r-frame", "app.user_id": "u-thread"}
 
 
+def test_concurrent_requests_never_see_each_others_fields(
+    bridge: cb.ContextBridge, traced: InMemorySpanExporter
+) -> None:
+    """Spans started at once from many threads, each in its own scope and nested spans,
+    carry their own request's values (the per-context caches are shared by all threads)."""
+    tracer = trace.get_tracer("test")
+    start = threading.Barrier(8)
+
+    def request(n: int) -> None:
+        start.wait(5)
+        for i in range(30):
+            with bridge.scope(request_id=f"r-{n}", tenant_id=f"t-{n}"):
+                with tracer.start_as_current_span(f"{n}/{i}"):
+                    tracer.start_span(f"{n}/{i}/child").end()
+
+    workers = [threading.Thread(target=request, args=(n,)) for n in range(8)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(30)
+    finished = traced.get_finished_spans()
+    assert len(finished) == 8 * 30 * 2
+    for span in finished:
+        n = span.name.split("/")[0]
+        assert dict(span.attributes or {}) == {
+            "app.request_id": f"r-{n}",
+            "app.tenant_id": f"t-{n}",
+        }
+
+
 def test_process_local_non_string_values_and_non_scalars(
     traced: InMemorySpanExporter,
 ) -> None:
@@ -235,6 +265,43 @@ def test_the_processor_works_with_span_limits_through_the_public_path(
         "app.tenant_id": "keep",
         "app.request_id": "abcd",
     }
+
+
+def test_baggage_written_around_the_bridge_is_validated(
+    spans: InMemorySpanExporter, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Baggage set with the plain OTel API (or extracted by a raw propagator) is checked
+    like inbound data: invalid values and values whose validator raises are dropped,
+    counted and logged once, without the value; valid ones are stamped."""
+    from opentelemetry import baggage
+
+    def exploding(value: str) -> bool:
+        raise ValueError(value)
+
+    bridge = cb.ContextBridge(
+        [
+            cb.Field("request_id", validator=cb.REQUEST_ID_PATTERN),
+            cb.Field("tenant_id", validator=exploding),
+            cb.Field("plan"),
+        ]
+    )
+    provider = trace.get_tracer_provider()
+    assert isinstance(provider, TracerProvider)
+    provider.add_span_processor(ContextSpanProcessor(bridge))
+    caplog.set_level(logging.WARNING, logger="otel_ctxbridge")
+    ctx = baggage.set_baggage("request_id", "not a valid id\n")
+    ctx = baggage.set_baggage("tenant_id", "acme", ctx)
+    ctx = baggage.set_baggage("plan", "gold", ctx)
+    tracer = trace.get_tracer("test")
+    for i in range(3):
+        tracer.start_span(f"raw-{i}", context=ctx).end()
+        tracer.start_span(f"child-{i}", context=ctx).end()
+    for span in spans.get_finished_spans():
+        assert dict(span.attributes or {}) == {"app.plan": "gold"}
+    assert set(bridge.drop_counts()) == {"request_id", "tenant_id"}
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 2
+    assert not any("not a valid id" in w or "acme" in w for w in warnings)
 
 
 def test_processor_lifecycle_methods(bridge: cb.ContextBridge) -> None:
