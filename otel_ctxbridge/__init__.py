@@ -8,6 +8,8 @@ W3C ``baggage``. ``AsyncLocalStorage`` offers Node's simpler store API on the sa
 from __future__ import annotations
 
 from .bridge import ContextBridge
+from .carriers import continue_from
+from .egress import EgressConfigError, EgressPolicy, HttpEgress, instrument_http_clients
 from .errors import (
     AlreadyConfiguredError,
     ContextBridgeError,
@@ -16,9 +18,19 @@ from .errors import (
     MissingContextError,
     UnknownFieldError,
 )
+from .executors import (
+    ContextExecutor,
+    ContextProcessExecutor,
+    run_in_executor,
+    submit_with_context,
+)
 from .fields import REQUEST_ID_PATTERN, Field, new_request_id
+from .logs import ContextLogFilter, ContextLogRecordProcessor
 from .propagation import BaggagePropagator, default_propagator
+from .sdk import Telemetry, configure
+from .spans import ContextSpanProcessor
 from .storage import AsyncLocalStorage
+from .structlog_processor import ContextStructlogProcessor
 
 __all__ = [
     "REQUEST_ID_PATTERN",
@@ -27,13 +39,28 @@ __all__ = [
     "BaggagePropagator",
     "ContextBridge",
     "ContextBridgeError",
+    "ContextExecutor",
+    "ContextLogFilter",
+    "ContextLogRecordProcessor",
+    "ContextProcessExecutor",
+    "ContextSpanProcessor",
+    "ContextStructlogProcessor",
     "ContextValueError",
+    "EgressConfigError",
+    "EgressPolicy",
     "Field",
     "FieldConfigError",
+    "HttpEgress",
     "MissingContextError",
+    "Telemetry",
     "UnknownFieldError",
+    "configure",
+    "continue_from",
     "default_propagator",
+    "instrument_http_clients",
     "new_request_id",
+    "run_in_executor",
+    "submit_with_context",
 ]
 
 __version__ = "0.1.0"

@@ -24,10 +24,10 @@ def _reset_trace_globals() -> None:
 
 
 def _reset_log_globals() -> None:
-    from opentelemetry import _logs
+    from opentelemetry._logs import _internal as logs_internal
 
-    _logs._LOGGER_PROVIDER_SET_ONCE = Once()  # type: ignore[attr-defined]
-    _logs._LOGGER_PROVIDER = None  # type: ignore[attr-defined]
+    logs_internal._LOGGER_PROVIDER_SET_ONCE = Once()
+    logs_internal._LOGGER_PROVIDER = None
 
 
 @pytest.fixture(autouse=True)
