@@ -1,0 +1,260 @@
+"""What an inbound request says: its trace headers, made safe for OpenTelemetry, and the
+context fields it may set under the field policies and the :class:`TrustPolicy`.
+
+:class:`TraceHeaderShield` runs *outside* OpenTelemetry's ASGI middleware. OTel extracts the
+parent span from the request headers with the global propagator, which (0.66b1) answers 500
+when a tracing header holds bytes that are neither UTF-8 nor a valid backslash escape, keeps the
+first of duplicated ``traceparent`` headers, logs raw malformed values, and would put every
+inbound ``baggage`` member into the server span's context. The shield hands OTel a copy of the
+scope whose headers hold only a W3C-valid ``traceparent``/``tracestate`` pair, no ``baggage``,
+no shared-secret header and no header OTel cannot decode; the original headers travel in the
+scope under :data:`ORIGINAL_HEADERS` and :class:`~otel_ctxbridge.asgi.ContextBridgeMiddleware`
+puts them back before the application runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from typing import TYPE_CHECKING, Any
+
+from .fields import REQUEST_ID_PATTERN, Field
+from .limits import parse_baggage
+from .tracecontext import parse_traceparent, parse_tracestate
+
+if TYPE_CHECKING:
+    from .bridge import ContextBridge
+    from .trust import TrustPolicy
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+Headers = list[tuple[bytes, bytes]]
+
+ORIGINAL_HEADERS = "otel_ctxbridge.original_headers"
+"""Scope key under which the shield passes the headers as received to the inner middleware."""
+
+_logger = logging.getLogger("otel_ctxbridge.asgi")
+_TRACEPARENT = b"traceparent"
+_TRACESTATE = b"tracestate"
+_BAGGAGE = b"baggage"
+_SHIELDED = frozenset((_TRACEPARENT, _TRACESTATE, _BAGGAGE))
+_REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
+
+
+def _undecodable(raw: bytes) -> bool:
+    """True when OTel's ``_decode_header_item`` would raise on ``raw``."""
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        try:
+            raw.decode("unicode_escape")
+        except UnicodeDecodeError:
+            return True
+    return False
+
+
+def shield_headers(
+    headers: Iterable[tuple[bytes, bytes]],
+    hidden: frozenset[bytes] = frozenset(),
+    bridge: ContextBridge | None = None,
+) -> Headers | None:
+    """The headers OpenTelemetry may see, or None when ``headers`` can be shown unchanged."""
+    if not _needs_shield(headers, hidden):
+        return None
+    kept: Headers = []
+    parents: list[str] = []
+    states: list[str] = []
+    for name, value in headers:
+        if name == _TRACEPARENT:
+            parents.append(value.decode("latin-1"))
+        elif name == _TRACESTATE:
+            states.append(value.decode("latin-1"))
+        elif name == _BAGGAGE or name in hidden:
+            continue
+        elif (b"\\" in value and _undecodable(value)) or (b"\\" in name and _undecodable(name)):
+            continue  # OTel would answer 500 if it read this header
+        else:
+            kept.append((name, value))
+    if parents:
+        kept.extend(_trace_pair(parents, states, bridge))
+    return kept
+
+
+def _needs_shield(headers: Iterable[tuple[bytes, bytes]], hidden: frozenset[bytes]) -> bool:
+    for name, value in headers:
+        if name in _SHIELDED or name in hidden or b"\\" in value or b"\\" in name:
+            return True
+    return False
+
+
+def _trace_pair(parents: list[str], states: list[str], bridge: ContextBridge | None) -> Headers:
+    parent = parse_traceparent(parents)
+    if parent is None:
+        if bridge is not None:
+            bridge.count_drop("traceparent", "invalid or duplicated; a new trace is started")
+        return []
+    pair = [(_TRACEPARENT, parent.encode("ascii"))]
+    state = parse_tracestate(states)
+    if state is not None:
+        pair.append((_TRACESTATE, state.encode("ascii")))
+    elif bridge is not None and any(s.strip(" \t,") for s in states):
+        bridge.count_drop("tracestate", "invalid per W3C Trace Context; discarded")
+    return pair
+
+
+class TraceHeaderShield:
+    """ASGI middleware for *outside* OpenTelemetry's: validates ``traceparent``/``tracestate``
+    per W3C Trace Context Level 1 and hides ``baggage``, the trust secret and undecodable
+    headers from it (see the module documentation). Lifespan and other scopes pass through."""
+
+    def __init__(
+        self, app: ASGIApp, bridge: ContextBridge | None = None, hidden: Iterable[str] = ()
+    ) -> None:
+        self.app = app
+        self._bridge = bridge
+        self._hidden = frozenset(h.lower().encode("latin-1") for h in hidden)
+        self._names = _SHIELDED | self._hidden
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Run the wrapped app with a scope whose tracing headers are safe for OTel."""
+        kind = scope["type"]
+        if kind != "http" and kind != "websocket":  # noqa: PLR1714 - the fast comparison
+            return await self.app(scope, receive, send)
+        headers = scope.get("headers")
+        if not headers:
+            return await self.app(scope, receive, send)
+        names = self._names
+        for name, value in headers:  # the common case: nothing to change, no copy
+            if name in names or b"\\" in value or b"\\" in name:
+                break
+        else:
+            return await self.app(scope, receive, send)
+        try:
+            cleaned = shield_headers(headers, self._hidden, self._bridge)
+        except Exception:  # telemetry never throws on the request path
+            _logger.exception("otel_ctxbridge: could not check the trace headers; hiding them")
+            cleaned = []
+        if cleaned is None:
+            return await self.app(scope, receive, send)
+        inner = dict(scope)
+        inner["headers"] = cleaned
+        inner[ORIGINAL_HEADERS] = headers
+        return await self.app(inner, receive, send)
+
+
+class InboundReader:
+    """Reads the declared fields a request may set, per field policy and trust policy."""
+
+    def __init__(self, bridge: ContextBridge, trust: TrustPolicy, request_id_field: str) -> None:
+        self.bridge = bridge
+        self.trust = trust
+        self._secret = trust.secret_header.encode("latin-1") if trust.has_secret else None
+        self._readers: list[tuple[str, Field, bytes | None, str | None]] = []
+        self._declared: set[str] = set()
+        wanted: set[bytes] = {_BAGGAGE}
+        for name, field in bridge.fields.items():
+            if field.propagate:
+                self._declared.add(str(field.baggage_key))
+            if field.inbound == "never":
+                continue
+            header = field.header.encode("latin-1") if field.header else None
+            if header is not None:
+                wanted.add(header)
+            key = str(field.baggage_key) if field.propagate else None
+            self._readers.append((name, field, header, key))
+        if self._secret is not None:
+            wanted.add(self._secret)
+        self._wanted = frozenset(wanted)
+        rid = bridge.fields.get(request_id_field)
+        # A request id goes back out in a response header: without a validator of its own,
+        # hold it to the safe-token pattern (no spaces, no control characters, <= 128).
+        self._rid_strict = request_id_field if rid is not None and rid.validator is None else None
+
+    def read(self, scope: Scope) -> tuple[dict[str, str], dict[str, object] | None]:
+        """``(field values, extra baggage)``: the valid values this request may set, and for a
+        trusted peer the valid undeclared baggage members to forward downstream."""
+        found: dict[bytes, list[bytes]] | None = None
+        wanted = self._wanted
+        headers = scope.get(ORIGINAL_HEADERS) or scope.get("headers") or ()
+        for name, value in headers:
+            if name in wanted:
+                if found is None:
+                    found = {}
+                found.setdefault(name, []).append(value)
+        if found is None:
+            return {}, None
+        return self._values(scope, found)
+
+    def _values(
+        self, scope: Scope, found: dict[bytes, list[bytes]]
+    ) -> tuple[dict[str, str], dict[str, object] | None]:
+        members = self._members(found.get(_BAGGAGE))
+        trusted: bool | None = None
+        values: dict[str, str] = {}
+        for name, field, header, key in self._readers:
+            candidates: list[str | None] = []
+            if header is not None and header in found:
+                candidates.extend(_utf8(v) for v in found[header])
+            if key is not None and key in members:
+                candidates.append(members[key])
+            if not candidates:
+                continue
+            if field.inbound == "trusted":
+                if trusted is None:
+                    trusted = self._trusted(scope, found)
+                if not trusted:
+                    continue
+            value = self._first_valid(name, field, candidates)
+            if value is not None:
+                values[name] = value
+        extra: dict[str, object] | None = None
+        if members and (trusted if trusted is not None else self._trusted(scope, found)):
+            extra = {k: v for k, v in members.items() if k not in self._declared}
+        return values, extra
+
+    def _members(self, raw: list[bytes] | None) -> dict[str, str]:
+        if not raw:
+            return {}
+        texts = [_utf8(v) for v in raw]
+        members, dropped = parse_baggage([t for t in texts if t is not None])
+        if dropped or None in texts:
+            self.bridge.count_drop("baggage", "malformed baggage members dropped")
+        return members
+
+    def _first_valid(self, name: str, field: Field, candidates: list[str | None]) -> str | None:
+        for candidate in candidates:
+            if candidate is None:
+                problem: str | None = "not UTF-8"
+            else:
+                problem = field.problem(candidate)
+                if (
+                    problem is None
+                    and name == self._rid_strict
+                    and not _REQUEST_ID.fullmatch(candidate)
+                ):
+                    problem = "not a safe request-id token"
+            if problem is None:
+                return candidate
+            self.bridge.count_drop(name, problem)
+        return None
+
+    def _trusted(self, scope: Scope, found: dict[bytes, list[bytes]]) -> bool:
+        trust = self.trust
+        client = scope.get("client")
+        if client and trust.trusts_address(client[0]):
+            return True
+        if self._secret is not None:
+            secrets = found.get(self._secret) or []
+            return len(secrets) == 1 and trust.trusts_secret(secrets[0])
+        return False
+
+
+def _utf8(raw: bytes) -> str | None:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None

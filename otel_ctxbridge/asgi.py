@@ -1,0 +1,408 @@
+"""ASGI integration: the request context for every HTTP request and websocket connection.
+
+``app = instrument_asgi(app, bridge, trust=TrustPolicy(networks=["10.0.0.0/8"]))`` wraps an ASGI
+application (FastAPI, Starlette, ...) with, from the outside in:
+
+1. :class:`~otel_ctxbridge._inbound.TraceHeaderShield`: ``traceparent``/``tracestate`` checked as
+   W3C Trace Context Level 1 says, ``baggage`` and undecodable headers hidden from OTel;
+2. ``opentelemetry-instrumentation-asgi``'s ``OpenTelemetryMiddleware``: the server span, a
+   child of a valid inbound ``traceparent`` (send/receive spans off unless ``exclude_spans`` is
+   given);
+3. :class:`ContextBridgeMiddleware`: the fields, inside the server span.
+
+The order matters: OTel's middleware attaches a fresh context extracted from the headers (so a
+context attached outside it is lost) and starts the server span before inner middleware runs.
+:class:`ContextBridgeMiddleware` therefore builds the request context on top of OTel's, stamps
+the server span, and keeps a request frame so that ``bridge.update()`` anywhere in the request
+(a FastAPI dependency in a worker thread included) reaches that span and the access log.
+Use :class:`ContextBridgeMiddleware` alone when OTel's middleware is already outside it.
+
+Access log: one line per request on the ``otel_ctxbridge.access`` logger (INFO), written once
+the response is complete, message ``"GET /path 200 3.1ms"``, with ``extra`` keys ``method``,
+``path``, ``status_code``, ``duration_ms``, ``client_addr``, ``trace_id``, ``span_id`` and each
+field set in the request under its ``log_key``. Diagnostics go to ``otel_ctxbridge.asgi``.
+"""
+
+from __future__ import annotations
+
+import logging
+from time import perf_counter
+from typing import Any
+
+from opentelemetry.context import Context
+from opentelemetry.trace import format_span_id, format_trace_id
+
+from . import _runtime as rt
+from ._inbound import (
+    ORIGINAL_HEADERS,
+    ASGIApp,
+    InboundReader,
+    Message,
+    Receive,
+    Scope,
+    Send,
+    TraceHeaderShield,
+)
+from ._state import Frame
+from .bridge import ContextBridge
+from .errors import ContextValueError
+from .trust import TrustPolicy
+
+__all__ = ["ACCESS_LOGGER", "ContextBridgeMiddleware", "TraceHeaderShield", "instrument_asgi"]
+
+ACCESS_LOGGER = "otel_ctxbridge.access"
+"""Name of the logger that receives one line per request."""
+_logger = logging.getLogger("otel_ctxbridge.asgi")
+_RESERVED = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+_REQUEST_KEYS = ("method", "path", "status_code", "duration_ms", "client_addr")
+_INBOUND = "otel_ctxbridge.inbound"
+_FASTAPI_TELEMETRY = "fastapi.telemetry"
+_STARLETTE_TELEMETRY = "starlette.opentelemetry"
+_METHODS = frozenset(
+    ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "QUERY")
+)
+_500 = [(b"content-type", b"text/plain; charset=utf-8"), (b"connection", b"close")]
+
+
+def instrument_asgi(
+    app: ASGIApp,
+    bridge: ContextBridge,
+    trust: TrustPolicy | None = None,
+    access_log: bool = True,
+    *,
+    request_id_field: str = "request_id",
+    log_errors: bool = True,
+    **otel_kwargs: Any,
+) -> ASGIApp:
+    """Wrap ``app`` with OTel's ASGI middleware and the context bridge, in the right order.
+
+    Args:
+        app: the ASGI application.
+        bridge: the field registry.
+        trust: who may set ``inbound="trusted"`` fields and forward undeclared baggage;
+            default: nobody.
+        access_log: write one line per request on ``otel_ctxbridge.access``.
+        request_id_field: the field echoed on every response under its ``header``.
+        log_errors: log unhandled exceptions (with the request's fields) on
+            ``otel_ctxbridge.asgi`` before they propagate to the server.
+        otel_kwargs: passed to ``OpenTelemetryMiddleware`` (``tracer_provider``,
+            ``excluded_urls``, ...); ``exclude_spans`` defaults to ``["receive", "send"]``.
+    """
+    from opentelemetry.instrumentation.asgi import (  # noqa: PLC0415 - optional extra "asgi"
+        OpenTelemetryMiddleware,
+    )
+
+    trust = trust if trust is not None else TrustPolicy()
+    inner = ContextBridgeMiddleware(
+        app,
+        bridge,
+        trust,
+        access_log=access_log,
+        request_id_field=request_id_field,
+        log_errors=log_errors,
+    )
+    otel_kwargs.setdefault("exclude_spans", ["receive", "send"])
+    if "default_span_details" not in otel_kwargs:
+        # Read the request's fields just before OTel starts the server span, so that the span
+        # starts with them (samplers and span processors see them too).
+        otel_kwargs["default_span_details"] = inner.span_details
+    traced = OpenTelemetryMiddleware(inner, **otel_kwargs)
+    return TraceHeaderShield(traced, bridge=bridge, hidden=(trust.secret_header,))
+
+
+def _span_details(scope: Scope) -> tuple[str, dict[str, Any]]:
+    """OTel's default server span name (``"GET /path"``; the path for websockets), without
+    its per-request environment lookup for the common methods."""
+    path = str(scope.get("path", "")).strip()
+    method = str(scope.get("method", "")).strip()
+    if method not in _METHODS:
+        from opentelemetry.util.http import sanitize_method  # noqa: PLC0415 - rare methods only
+
+        method = sanitize_method(method)
+        method = "HTTP" if method == "_OTHER" else method
+    if method and path:
+        return f"{method} {path}", {}
+    return (path or method), {}
+
+
+class ContextBridgeMiddleware:
+    """Pure ASGI middleware: the request context of the declared fields for each request.
+
+    It reads each field from its ``header`` and from ``baggage`` per its ``inbound`` policy and
+    ``trust``, generates missing ones (``Field.generate``), keeps undeclared baggage only from
+    trusted peers, stamps the current (server) span, echoes the request id on every response
+    (500s included), and writes the access log. Non-HTTP scopes (lifespan) pass through
+    untouched; websocket connections get the context for their whole life and the request id
+    on ``websocket.accept``. Place it inside OTel's ``OpenTelemetryMiddleware``.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        bridge: ContextBridge,
+        trust: TrustPolicy | None = None,
+        *,
+        access_log: bool = True,
+        request_id_field: str = "request_id",
+        log_errors: bool = True,
+    ) -> None:
+        self.app = app
+        self.bridge = bridge
+        self.trust = trust if trust is not None else TrustPolicy()
+        self.access_log = access_log
+        self.log_errors = log_errors
+        self._reader = InboundReader(bridge, self.trust, request_id_field)
+        secret = self.trust.secret_header if self.trust.has_secret else None
+        self._secret = secret.encode("latin-1") if secret else None
+        self._generators = [(n, f.generate) for n, f in bridge.fields.items() if f.generate]
+        self._attributes = {
+            n: (str(f.attribute), f.shown if f.redacted else None) for n, f in bridge.fields.items()
+        }
+        rid = bridge.fields.get(request_id_field)
+        self._rid = request_id_field if rid is not None else ""
+        self._rid_header = (rid.header or "x-request-id").encode("latin-1") if rid else b""
+        self._log_keys: dict[str, str] = {}
+        for name, field in bridge.fields.items():
+            if field.log_key in _RESERVED or field.log_key in _REQUEST_KEYS:
+                _logger.warning(
+                    "otel_ctxbridge: field %r: log key %r is taken", name, field.log_key
+                )
+            else:
+                self._log_keys[name] = str(field.log_key)
+        self._access = logging.getLogger(ACCESS_LOGGER)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Run the app inside the request context."""
+        kind = scope["type"]
+        if kind != "http" and kind != "websocket":  # noqa: PLR1714 - the fast comparison
+            return await self.app(scope, receive, send)
+        try:
+            exchange = self._enter(scope, send)
+        except Exception:  # telemetry never throws on the request path
+            _logger.exception("otel_ctxbridge: no request context could be built")
+            return await self.app(scope, receive, send)
+        token = rt.attach(exchange.ctx)
+        try:
+            if kind == "websocket":
+                await self.app(scope, receive, exchange.send_ws)
+                return
+            try:
+                await self.app(scope, receive, exchange.send)
+            except Exception as exc:
+                await exchange.fail(exc)
+                raise
+            finally:
+                if not exchange.logged:
+                    exchange.finish()
+        finally:
+            rt.detach(token)
+
+    def span_details(self, scope: Scope) -> tuple[str, dict[str, Any]]:
+        """OTel's ``default_span_details`` hook: the default span name, and the request's
+        fields as attributes the server span starts with (kept for the request context)."""
+        name, attributes = _span_details(scope)
+        try:
+            values, extra = self._inbound(scope)
+            self._span_attributes(values, attributes)
+            scope[_INBOUND] = (values, extra)
+        except Exception:  # telemetry never throws on the request path
+            _logger.exception("otel_ctxbridge: could not read the request's fields")
+        return name, attributes
+
+    def _span_attributes(self, values: dict[str, Any], into: dict[str, Any]) -> dict[str, Any]:
+        for name, value in values.items():
+            attribute, shown = self._attributes[name]
+            into[attribute] = value if shown is None else shown(value)
+        return into
+
+    def _inbound(self, scope: Scope) -> tuple[dict[str, Any], dict[str, object] | None]:
+        values: dict[str, Any]
+        values, extra = self._reader.read(scope)
+        for name, generate in self._generators:
+            if name not in values:
+                values[name] = generate()
+        return values, extra
+
+    def _enter(self, scope: Scope, send: Send) -> _Exchange:
+        bridge = self.bridge
+        values: dict[str, Any]
+        pending = scope.pop(_INBOUND, None)  # read by span_details: the span has the fields
+        values, extra = self._inbound(scope) if pending is None else pending
+        base = rt.get_current()
+        if extra or base.get(rt.BAGGAGE_KEY) is not None:
+            # Only accepted fields (and a trusted peer's members) become the request's baggage.
+            base = rt.with_entry(base, rt.BAGGAGE_KEY, extra or {})
+        span: Any = base.get(rt.SPAN_KEY)
+        frame = Frame((span,) if span is not None and span.is_recording() else ())
+        for _ in range(len(values) + 2):
+            try:
+                ctx = bridge.derive(base, values, frame=frame)
+                break
+            except ContextValueError as exc:  # a generated value or the baggage limits
+                bridge.count_drop(exc.field, exc.reason)
+                if extra:
+                    extra = None
+                    base = rt.with_entry(base, rt.BAGGAGE_KEY, {})
+                else:
+                    values.pop(exc.field, None)
+        else:  # pragma: no cover - every value dropped above
+            ctx = bridge.derive(base, {}, frame=frame)
+        if frame.spans:
+            if pending is None and values:
+                span.set_attributes(self._span_attributes(values, {}))
+            # A server span is current: keep FastAPI's native telemetry and Starlette's
+            # OpenTelemetryMiddleware from starting a second one on a fresh context (FastAPI
+            # does the same when OTel's ASGI middleware is in its own stack).
+            scope.setdefault(_FASTAPI_TELEMETRY, None)
+            scope.setdefault(_STARLETTE_TELEMETRY, True)
+        original = scope.pop(ORIGINAL_HEADERS, None)
+        if original is not None:
+            scope["headers"] = original  # the app sees the headers as they came
+        if self._secret is not None:
+            secret = self._secret  # a trust secret is for this middleware only
+            if any(name == secret for name, _ in scope.get("headers") or ()):
+                scope["headers"] = [h for h in scope["headers"] if h[0] != secret]
+        return _Exchange(self, scope, send, ctx, frame, _echo(values.get(self._rid)))
+
+    def _fields_extra(self, ctx: Context) -> dict[str, Any]:
+        extra: dict[str, Any] = {}
+        fields = self.bridge.fields
+        for name, value in self.bridge.values_in(ctx).items():
+            key = self._log_keys.get(name)
+            if key is not None:
+                extra[key] = fields[name].shown(value)
+        span: Any = ctx.get(rt.SPAN_KEY)
+        if span is not None:
+            span_context = span.get_span_context()
+            if span_context.is_valid:
+                extra["trace_id"] = format_trace_id(span_context.trace_id)
+                extra["span_id"] = format_span_id(span_context.span_id)
+        return extra
+
+
+class _Exchange:
+    """One request on its way out: the echo header, the status, the access-log line."""
+
+    __slots__ = ("ctx", "echo", "frame", "logged", "mw", "scope", "send_next", "start", "status")
+
+    def __init__(  # noqa: PLR0917 - private, called once per request
+        self,
+        mw: ContextBridgeMiddleware,
+        scope: Scope,
+        send_next: Send,
+        ctx: Context,
+        frame: Frame,
+        echo: bytes | None,
+    ) -> None:
+        self.mw = mw
+        self.scope = scope
+        self.send_next = send_next
+        self.ctx = ctx
+        self.frame = frame
+        self.echo = echo
+        self.start = perf_counter()
+        self.logged = False
+        self.status = 0  # 0 until the response starts
+
+    def _add_echo(self, message: Message) -> None:
+        mw = self.mw
+        echo = self.echo
+        if self.frame.updates and mw._rid in self.frame.updates:  # changed with update()
+            echo = _echo(mw.bridge.values_in(self.ctx).get(mw._rid))
+        if echo is None:
+            return
+        name = mw._rid_header
+        headers = message.get("headers") or ()
+        for key, _ in headers:
+            if key.lower() == name:
+                return  # the application set its own
+        message["headers"] = [*headers, (name, echo)]
+
+    async def send(self, message: Message) -> None:
+        """The ``send`` the application sees for an HTTP request."""
+        kind = message["type"]
+        if kind == "http.response.start":
+            self.status = message.get("status", 200)
+            try:
+                self._add_echo(message)
+            except Exception:  # telemetry never throws on the request path
+                _logger.debug("otel_ctxbridge: could not add the request id", exc_info=True)
+        elif kind == "http.response.body" and not message.get("more_body", False):
+            await self.send_next(message)
+            if not self.logged:
+                self.finish()
+            return
+        await self.send_next(message)
+
+    async def send_ws(self, message: Message) -> None:
+        """The ``send`` the application sees for a websocket connection."""
+        if message["type"] == "websocket.accept":
+            try:
+                self._add_echo(message)
+            except Exception:  # telemetry never throws on the request path
+                _logger.debug("otel_ctxbridge: could not add the request id", exc_info=True)
+        await self.send_next(message)
+
+    async def fail(self, exc: Exception) -> None:
+        """The app raised: answer 500 (with the id) if nothing was sent, and log the error
+        with the request's fields."""
+        if not self.status:
+            try:
+                await self.send({"type": "http.response.start", "status": 500, "headers": _500})
+                await self.send({"type": "http.response.body", "body": b"Internal Server Error"})
+            except Exception:
+                _logger.debug("otel_ctxbridge: could not send the 500", exc_info=True)
+        if self.mw.log_errors and not _is_disconnect(exc):
+            method, path = self.scope.get("method"), _printable(self.scope.get("path", ""))
+            extra = self.mw._fields_extra(self.ctx)
+            _logger.error("unhandled exception in %s %s", method, path, exc_info=exc, extra=extra)
+
+    def finish(self) -> None:
+        """Write the access-log line (once), with the fields as they are now."""
+        self.logged = True
+        mw = self.mw
+        if not mw.access_log or not mw._access.isEnabledFor(logging.INFO):
+            return
+        try:
+            scope = self.scope
+            duration = (perf_counter() - self.start) * 1000.0
+            method = scope.get("method", "")
+            path = _printable(scope.get("path", ""))
+            status = self.status or 500  # no response: the server answers 500
+            client = scope.get("client")
+            extra = mw._fields_extra(self.ctx)
+            extra["method"] = method
+            extra["path"] = path
+            extra["status_code"] = status
+            extra["duration_ms"] = round(duration, 3)
+            extra["client_addr"] = f"{client[0]}:{client[1]}" if client else None
+            mw._access.info("%s %s %s %.1fms", method, path, status, duration, extra=extra)
+        except Exception:  # telemetry never throws on the request path
+            _logger.debug("otel_ctxbridge: could not write the access log", exc_info=True)
+
+
+def _echo(value: object) -> bytes | None:
+    """``value`` as a response header value, if it is a visible-ASCII token."""
+    if (
+        isinstance(value, str)
+        and value
+        and value.isascii()
+        and value.isprintable()
+        and " " not in value
+    ):
+        return value.encode("ascii")
+    return None
+
+
+def _printable(path: Any) -> str:
+    text = str(path)[:2048]
+    if text.isprintable():
+        return text
+    return text.encode("unicode_escape").decode("ascii")  # no CR/LF/ESC in log lines
+
+
+def _is_disconnect(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) or type(exc).__name__ in (
+        "ClientDisconnect",
+        "ClientDisconnected",
+    )
