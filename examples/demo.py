@@ -185,11 +185,11 @@ def run(workdir: Path) -> int:
         col = stack.collector
         print("otel_ctxbridge demo: gateway (otel_ctxbridge) -> orders-downstream (plain OTel)")
         print(
-            f"  collector  rotel-agent pid {col.pid}, OTLP/HTTP {col.otlp_http_endpoint}"
+            f"  {'collector':<18} rotel-agent pid {col.pid}, OTLP/HTTP {col.otlp_http_endpoint}"
             f" -> recording sink {stack.sink.endpoint}"
         )
         for name, proc in stack.procs.items():
-            print(f"  {name:<10} pid {proc.pid}, {stack.urls[name]}")
+            print(f"  {name:<18} pid {proc.pid}, {stack.urls[name]}")
         started = time.monotonic()
         sent = send_requests(stack.gateway_url)
         print(f"\nsent {len(sent)} requests; waiting for the collector to forward their telemetry")
