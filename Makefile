@@ -30,7 +30,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks
 
 demo: $(STAMP)
-	$(BIN)/python examples/quickstart.py
+	$(BIN)/python examples/demo.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
