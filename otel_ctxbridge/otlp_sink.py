@@ -106,6 +106,18 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._reply(200, b"", "application/x-protobuf")  # empty Export*ServiceResponse
 
 
+class _Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that hangs up mid-request (a collector killed mid-export) is not an error."""
+        import sys  # noqa: PLC0415 - only on the error path
+
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
+
+
 class RecordingSink:
     """OTLP/HTTP protobuf receiver on 127.0.0.1 keeping flattened spans and log records in memory.
 
@@ -123,14 +135,14 @@ class RecordingSink:
         self._spans: list[Record] = []
         self._logs: list[Record] = []
         self._bad = 0
-        self._server: http.server.ThreadingHTTPServer | None = None
+        self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
     def start(self) -> RecordingSink:
         """Bind and serve from a background thread; idempotent. Returns self."""
         if self._server is None:
             handler = type("_SinkHandler", (_Handler,), {"sink": self})
-            self._server = http.server.ThreadingHTTPServer((_HOST, self._port), handler)
+            self._server = _Server((_HOST, self._port), handler)
             self._port = self._server.server_address[1]
             self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,))
             self._thread.daemon = True
