@@ -11,23 +11,30 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
+from typing import NamedTuple
 from urllib.parse import quote, unquote_to_bytes
 
 __all__ = [
     "MAX_HEADER_BYTES",
     "MAX_MEMBERS",
     "MAX_MEMBER_BYTES",
+    "BaggageEntry",
     "encode_value",
     "encoded_member_size",
     "format_baggage",
+    "format_baggage_entries",
     "is_valid_key",
     "parse_baggage",
+    "parse_baggage_entries",
 ]
 
 MAX_MEMBERS = 180
 """List members OpenTelemetry keeps in one ``baggage`` header."""
 MAX_MEMBER_BYTES = 4096
-"""Bytes of one encoded ``key=value`` member."""
+"""Bytes of one encoded ``key=value`` member OpenTelemetry Python keeps (on extract and inject).
+
+Writes are held to it so that OTel-based services downstream keep the value; the parser and
+formatter here accept longer members, as W3C Baggage requires (8192 bytes in all)."""
 MAX_HEADER_BYTES = 8192
 """Bytes of the whole ``baggage`` header."""
 
@@ -52,32 +59,61 @@ def encode_value(value: str) -> str:
     return quote(value, safe=_SAFE)
 
 
+class BaggageEntry(NamedTuple):
+    """One W3C baggage list-member: key, decoded value and its properties (metadata)."""
+
+    key: str
+    value: str
+    properties: tuple[tuple[str, str | None], ...] = ()
+
+
 def format_baggage(entries: Mapping[str, object]) -> str:
-    """Format a ``baggage`` header; members with invalid keys or past the limits are left out."""
+    """Format a ``baggage`` header from key -> value; see :func:`format_baggage_entries`."""
+    return format_baggage_entries(BaggageEntry(k, str(v)) for k, v in entries.items())
+
+
+def format_baggage_entries(entries: Iterable[BaggageEntry]) -> str:
+    """Format a ``baggage`` header: values percent-encoded, properties kept.
+
+    Members with invalid keys are left out; members past 180 or past 8192 bytes in all are
+    left out too (W3C requires at least 64 members and 8192 bytes to be propagated)."""
     parts: list[str] = []
     total = 0
-    for key, value in entries.items():
-        if not is_valid_key(key):
+    for entry in entries:
+        if not is_valid_key(entry.key):
             continue
-        member = f"{key}={encode_value(str(value))}"
-        size = len(member)
-        if size > MAX_MEMBER_BYTES:
+        member = f"{entry.key}={encode_value(entry.value)}"
+        for prop_key, prop_value in entry.properties:
+            if not is_valid_key(prop_key):
+                continue
+            member += (
+                f";{prop_key}" if prop_value is None else f";{prop_key}={encode_value(prop_value)}"
+            )
+        size = len(member) + (1 if parts else 0)
+        if len(parts) >= MAX_MEMBERS or total + size > MAX_HEADER_BYTES:
             continue
-        if len(parts) >= MAX_MEMBERS or total + size + (1 if parts else 0) > MAX_HEADER_BYTES:
-            break
-        total += size + (1 if parts else 0)
+        total += size
         parts.append(member)
     return ",".join(parts)
 
 
 def parse_baggage(headers: str | Iterable[str]) -> tuple[dict[str, str], int]:
-    """Parse one or more ``baggage`` header values as W3C Baggage says.
+    """Parse ``baggage`` header values into key -> value (the last of a repeated key wins).
 
-    Returns the decoded members (key -> value, the last occurrence of a key wins) and how many
-    members were dropped as malformed or past the limits. Never raises.
-    """
+    Returns the members and how many were dropped; see :func:`parse_baggage_entries`."""
+    entries, dropped = parse_baggage_entries(headers)
+    return {entry.key: entry.value for entry in entries}, dropped
+
+
+def parse_baggage_entries(headers: str | Iterable[str]) -> tuple[list[BaggageEntry], int]:
+    """Parse one or more ``baggage`` header values as W3C Baggage says. Never raises.
+
+    Optional whitespace is trimmed; values and property values are percent-decoded UTF-8;
+    ``+`` stays a plus. A malformed member is dropped without losing the others; so are members
+    past 180, or past 8192 bytes of header in all. Returns the entries in order and how many
+    members were dropped."""
     values = [headers] if isinstance(headers, str) else list(headers)
-    result: dict[str, str] = {}
+    entries: list[BaggageEntry] = []
     dropped = 0
     total = 0
     for header in values:
@@ -85,45 +121,46 @@ def parse_baggage(headers: str | Iterable[str]) -> tuple[dict[str, str], int]:
             member = raw.strip(_OWS)
             if not member:
                 continue
-            total += len(member.encode("utf-8", "surrogateescape")) + (1 if total else 0)
-            if (
-                len(result) >= MAX_MEMBERS
-                or len(member) > MAX_MEMBER_BYTES
-                or total > MAX_HEADER_BYTES
-            ):
+            size = len(member.encode("utf-8", "surrogateescape")) + (1 if total else 0)
+            if len(entries) >= MAX_MEMBERS or total + size > MAX_HEADER_BYTES:
                 dropped += 1
                 continue
-            decoded = _parse_member(member)
-            if decoded is None:
+            entry = _parse_member(member)
+            if entry is None:
                 dropped += 1
                 continue
-            result[decoded[0]] = decoded[1]
-    return result, dropped
+            total += size
+            entries.append(entry)
+    return entries, dropped
 
 
-def _parse_member(member: str) -> tuple[str, str] | None:
-    pair, _, properties = member.partition(";")
-    key, sep, value = pair.partition("=")
-    key = key.strip(_OWS)
-    value = value.strip(_OWS)
-    if not sep or not _TOKEN.fullmatch(key) or not _VALUE.fullmatch(value):
-        return None
-    if properties and not all(_valid_property(p) for p in properties.split(";")):
-        return None
-    if _BAD_ESCAPE.search(value):
+def _decode(value: str) -> str | None:
+    if not _VALUE.fullmatch(value) or _BAD_ESCAPE.search(value):
         return None
     try:
-        return key, unquote_to_bytes(value).decode("utf-8")
+        return unquote_to_bytes(value).decode("utf-8")
     except UnicodeDecodeError:
         return None
 
 
-def _valid_property(prop: str) -> bool:
-    key, sep, value = prop.partition("=")
+def _parse_member(member: str) -> BaggageEntry | None:
+    pair, *raw_properties = member.split(";")
+    key, sep, raw_value = pair.partition("=")
     key = key.strip(_OWS)
-    if not _TOKEN.fullmatch(key):
-        return False
-    return not sep or _VALUE.fullmatch(value.strip(_OWS)) is not None
+    value = _decode(raw_value.strip(_OWS))
+    if not sep or not _TOKEN.fullmatch(key) or value is None:
+        return None
+    properties: list[tuple[str, str | None]] = []
+    for prop in raw_properties:
+        prop_key, prop_sep, prop_raw = prop.partition("=")
+        prop_key = prop_key.strip(_OWS)
+        if not _TOKEN.fullmatch(prop_key):
+            return None
+        prop_value = _decode(prop_raw.strip(_OWS)) if prop_sep else None
+        if prop_sep and prop_value is None:
+            return None
+        properties.append((prop_key, prop_value))
+    return BaggageEntry(key, value, tuple(properties))
 
 
 def encoded_member_size(key: str, value: str) -> int:

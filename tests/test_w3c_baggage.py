@@ -1,0 +1,99 @@
+"""The W3C Baggage test suite's cases, against the codec and through its test service."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from urllib.parse import quote
+
+import httpx
+import pytest
+
+from otel_ctxbridge.limits import BaggageEntry, format_baggage_entries, parse_baggage_entries
+from tests._servers import serve
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from w3c_baggage_service import app
+
+ODD = "\t \"';=asdf!@#$%^&*()"
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        ("SomeKey=SomeValue", [("SomeKey", "SomeValue", ())]),
+        (
+            "SomeKey=SomeValue;SomeProp,SomeKey2=SomeValue2;ValueProp=PropVal",
+            [
+                ("SomeKey", "SomeValue", (("SomeProp", None),)),
+                ("SomeKey2", "SomeValue2", (("ValueProp", "PropVal"),)),
+            ],
+        ),
+        (
+            "SomeKey \t = \t SomeValue \t ; \t SomeProp \t , \t SomeKey2 \t = \t SomeValue2 "
+            "\t ; \t ValueProp \t = \t PropVal",
+            [
+                ("SomeKey", "SomeValue", (("SomeProp", None),)),
+                ("SomeKey2", "SomeValue2", (("ValueProp", "PropVal"),)),
+            ],
+        ),
+        ("SomeKey=SomeValue=equals", [("SomeKey", "SomeValue=equals", ())]),
+        (f"SomeKey \t = \t {quote(ODD)} \t ", [("SomeKey", ODD, ())]),
+        (
+            "SomeKey=SomeValue;SomeProp;SecondProp=PropValue",
+            [("SomeKey", "SomeValue", (("SomeProp", None), ("SecondProp", "PropValue")))],
+        ),
+    ],
+)
+def test_parse_cases_of_the_w3c_suite(
+    header: str, expected: list[tuple[str, str, tuple[tuple[str, str | None], ...]]]
+) -> None:
+    """Keys, values, properties, optional whitespace and percent-encoding as the suite expects."""
+    entries, dropped = parse_baggage_entries(header)
+    assert dropped == 0
+    assert [tuple(e) for e in entries] == expected
+
+
+def test_percent_encoded_value_round_trips() -> None:
+    """A value with every awkward character serializes to a form that parses back to it."""
+    header = format_baggage_entries([BaggageEntry("SomeKey", ODD)])
+    assert parse_baggage_entries(header)[0] == [BaggageEntry("SomeKey", ODD)]
+    assert " " not in header
+    assert "%09%20%22" in header
+
+
+def test_propagates_at_least_64_members_and_8192_bytes() -> None:
+    """At least 64 members, and one member filling a whole 8192-byte header, are kept."""
+    many = [BaggageEntry(f"key{i}", "value") for i in range(64)]
+    assert len(format_baggage_entries(many).split(",")) == 64
+    assert len(parse_baggage_entries(format_baggage_entries(many))[0]) == 64
+    long_value = "0123456789" * 819
+    header = format_baggage_entries([BaggageEntry("a", long_value)])
+    assert len(header) == 8192
+    assert parse_baggage_entries(header)[0] == [BaggageEntry("a", long_value)]
+
+
+def test_the_test_service_answers_the_suites_endpoints() -> None:
+    """GET /baggage/parse and POST /baggage/serialize behave as the suite's README describes,
+    on a real server."""
+    with serve(app) as base, httpx.Client(base_url=base) as client:
+        parsed = client.get(
+            "/baggage/parse",
+            headers={"baggage": "MyKey=MyValue;Property1;Property2=Property2Value"},
+        )
+        assert parsed.json() == [
+            {
+                "key": "MyKey",
+                "value": "MyValue",
+                "properties": [
+                    {"key": "Property1"},
+                    {"key": "Property2", "value": "Property2Value"},
+                ],
+            }
+        ]
+        serialized = client.post("/baggage/serialize", json=parsed.json())
+        assert serialized.json()["baggage"] == "MyKey=MyValue;Property1;Property2=Property2Value"
+        assert serialized.headers["baggage"] == serialized.json()["baggage"]
+        assert client.post("/baggage/serialize", json={"not": "a list"}).status_code == 400
+        malformed = client.get("/baggage/parse", headers={"baggage": "good=1,bad key=2,=3,k=%ZZ"})
+        assert malformed.json() == [{"key": "good", "value": "1", "properties": []}]
