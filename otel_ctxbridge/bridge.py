@@ -14,20 +14,14 @@ from opentelemetry.trace import Span
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from . import _runtime as rt
+from ._carrier import read_fields
 from ._runtime import BAGGAGE_KEY as _BAGGAGE
 from ._runtime import get_current as _get_current
 from ._scope import Scope, stamp
 from ._state import EMPTY, MISSING, Frame, State, next_generation
-from .errors import ContextValueError, FieldConfigError, MissingContextError, UnknownFieldError
-from .fields import Field
-from .limits import (
-    MAX_HEADER_BYTES,
-    MAX_MEMBER_BYTES,
-    MAX_MEMBERS,
-    encode_value,
-    format_baggage,
-    parse_baggage,
-)
+from .errors import ContextValueError, MissingContextError, UnknownFieldError
+from .fields import Field, resolve_fields
+from .limits import MAX_MEMBER_BYTES, check_baggage_limits, format_baggage, may_exceed_limits
 
 if TYPE_CHECKING:
     from .storage import AsyncLocalStorage
@@ -48,34 +42,7 @@ class ContextBridge:
     """
 
     def __init__(self, fields: Iterable[Field], *, attribute_prefix: str = "app.") -> None:
-        if not isinstance(attribute_prefix, str):
-            raise FieldConfigError("attribute_prefix must be a str")
-        resolved: dict[str, Field] = {}
-        seen: dict[tuple[str, str], str] = {}
-        for declared in fields:
-            if not isinstance(declared, Field):
-                raise FieldConfigError(f"fields must be Field instances, not {declared!r}")
-            item = declared
-            if item.attribute is None:
-                item = _with(item, attribute=attribute_prefix + item.name)
-            for kind, value in (
-                ("name", item.name),
-                ("baggage key", item.baggage_key if item.propagate else None),
-                ("attribute", item.attribute),
-                ("log key", item.log_key),
-                ("header", item.header),
-            ):
-                if value is None:
-                    continue
-                if (kind, value) in seen:
-                    raise FieldConfigError(
-                        f"field {item.name!r}: {kind} {value!r} is already used by "
-                        f"field {seen[kind, value]!r}"
-                    )
-                seen[kind, value] = item.name
-            resolved[item.name] = item
-        if not resolved:
-            raise FieldConfigError("a ContextBridge needs at least one Field")
+        resolved = resolve_fields(fields, attribute_prefix)
         self.fields: Mapping[str, Field] = MappingProxyType(resolved)
         """The declared fields by name, with attribute names resolved."""
         self.attribute_prefix = attribute_prefix
@@ -256,7 +223,7 @@ class ContextBridge:
             else:
                 target[key] = value
         unsure = bag is not None and (chars < 0 or 12 * chars > MAX_MEMBER_BYTES)
-        if unsure and _may_exceed_limits(bag):  # type: ignore[arg-type] # unsure => bag set
+        if unsure and may_exceed_limits(bag):  # type: ignore[arg-type] # unsure => bag set
             self._check_limits(bag, values)  # type: ignore[arg-type] # unsure => bag set
         new = Context(ctx)
         if bag is not None:
@@ -268,24 +235,12 @@ class ContextBridge:
         return new
 
     def _check_limits(self, bag: Mapping[str, object], values: Mapping[str, Any]) -> None:
-        written = [n for n, v in values.items() if v is not None and self._where[n] is not None]
-        if not written:
-            return
-        if len(bag) > MAX_MEMBERS:
-            raise ContextValueError(written[0], f"baggage would exceed {MAX_MEMBERS} members")
-        bound = 0
-        for key, value in bag.items():
-            text = value if isinstance(value, str) else str(value)
-            bound += len(key) + 2 + len(text) * (3 if text.isascii() else 12)
-        if bound <= MAX_HEADER_BYTES:
-            return
-        for name in written:
-            key = str(self._where[name])
-            if len(key) + 1 + len(encode_value(str(bag[key]))) > MAX_MEMBER_BYTES:
-                raise ContextValueError(name, f"encoded baggage member over {MAX_MEMBER_BYTES} B")
-        exact = len(",".join(f"{k}={encode_value(str(v))}" for k, v in bag.items()))
-        if exact > MAX_HEADER_BYTES:
-            raise ContextValueError(written[0], f"baggage header would exceed {MAX_HEADER_BYTES} B")
+        written = [
+            (name, str(self._where[name]))
+            for name, value in values.items()
+            if value is not None and self._where[name] is not None
+        ]
+        check_baggage_limits(bag, written)
 
     # -- carriers --------------------------------------------------------------------------
 
@@ -310,35 +265,10 @@ class ContextBridge:
         ``trusted`` is True. Invalid values are dropped, counted and logged without the value.
         """
         try:
-            return self._extract(carrier, trusted)
+            return read_fields(self, carrier, trusted)
         except Exception:  # telemetry never throws on the request path
             _logger.exception("otel_ctxbridge: could not read a carrier; no fields taken")
             return {}
-
-    def _extract(self, carrier: Mapping[str, Any], trusted: bool) -> Mapping[str, str]:
-        lowered = {str(k).lower(): v for k, v in carrier.items()}
-        raw_baggage = lowered.get("baggage")
-        members: dict[str, str] = {}
-        if raw_baggage:
-            members, dropped = parse_baggage(_texts(raw_baggage))
-            if dropped:
-                self.count_drop("baggage", f"{dropped} malformed or oversized baggage members")
-        found: dict[str, str] = {}
-        for name, field in self.fields.items():
-            if field.inbound == "never" or (field.inbound == "trusted" and not trusted):
-                continue
-            candidates: list[str] = []
-            if field.header is not None and field.header in lowered:
-                candidates.extend(_texts(lowered[field.header]))
-            if field.propagate and field.baggage_key in members:
-                candidates.append(members[str(field.baggage_key)])
-            for candidate in candidates:
-                problem = field.problem(candidate)
-                if problem is None:
-                    found[name] = candidate
-                    break
-                self.count_drop(name, problem)
-        return found
 
     def count_drop(self, name: str, reason: str) -> None:
         """Count an inbound value of field ``name`` that was refused; log the first one.
@@ -369,31 +299,3 @@ class ContextBridge:
 
     def __repr__(self) -> str:
         return f"ContextBridge(fields={list(self.fields)!r})"
-
-
-def _with(field: Field, **changes: Any) -> Field:
-    import dataclasses  # noqa: PLC0415 - construction-time only
-
-    return dataclasses.replace(field, **changes)
-
-
-def _may_exceed_limits(bag: Mapping[str, object]) -> bool:
-    """False when ``bag`` surely fits OTel's baggage limits (the cheap bound), else True."""
-    if len(bag) > MAX_MEMBERS:
-        return True
-    try:
-        chars = sum(map(len, bag.values()))  # type: ignore[arg-type] # TypeError handled
-    except TypeError:  # a non-str value put in baggage by other code
-        return True
-    # A character encodes to at most 12 bytes (4 UTF-8 bytes, each as %XX).
-    return 12 * chars + sum(map(len, bag)) + 2 * len(bag) > MAX_MEMBER_BYTES
-
-
-def _texts(value: Any) -> list[str]:
-    if isinstance(value, bytes):
-        return [value.decode("latin-1")]
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, (list, tuple)):
-        return [v.decode("latin-1") if isinstance(v, bytes) else str(v) for v in value]
-    return [str(value)]

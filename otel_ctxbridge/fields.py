@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal, TypeAlias
 
@@ -19,6 +20,7 @@ __all__ = [
     "Redaction",
     "Validator",
     "new_request_id",
+    "resolve_fields",
 ]
 
 InboundPolicy: TypeAlias = Literal["always", "trusted", "never"]
@@ -166,3 +168,36 @@ class Field:
     def redacted(self) -> bool:
         """True when spans and logs show this field's values redacted."""
         return self._shown is not None
+
+
+def resolve_fields(fields: Iterable[Field], attribute_prefix: str) -> dict[str, Field]:
+    """The fields by name with attribute names resolved; refuses clashes and an empty list."""
+    if not isinstance(attribute_prefix, str):
+        raise FieldConfigError("attribute_prefix must be a str")
+    resolved: dict[str, Field] = {}
+    seen: dict[tuple[str, str], str] = {}
+    for declared in fields:
+        if not isinstance(declared, Field):
+            raise FieldConfigError(f"fields must be Field instances, not {declared!r}")
+        item = declared
+        if item.attribute is None:
+            item = dataclasses.replace(item, attribute=attribute_prefix + item.name)
+        for kind, value in (
+            ("name", item.name),
+            ("baggage key", item.baggage_key if item.propagate else None),
+            ("attribute", item.attribute),
+            ("log key", item.log_key),
+            ("header", item.header),
+        ):
+            if value is None:
+                continue
+            if (kind, value) in seen:
+                raise FieldConfigError(
+                    f"field {item.name!r}: {kind} {value!r} is already used by "
+                    f"field {seen[kind, value]!r}"
+                )
+            seen[kind, value] = item.name
+        resolved[item.name] = item
+    if not resolved:
+        raise FieldConfigError("a ContextBridge needs at least one Field")
+    return resolved

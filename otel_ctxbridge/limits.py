@@ -10,20 +10,24 @@ Python read them back unchanged.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import NamedTuple
 from urllib.parse import quote, unquote_to_bytes
+
+from .errors import ContextValueError
 
 __all__ = [
     "MAX_HEADER_BYTES",
     "MAX_MEMBERS",
     "MAX_MEMBER_BYTES",
     "BaggageEntry",
+    "check_baggage_limits",
     "encode_value",
     "encoded_member_size",
     "format_baggage",
     "format_baggage_entries",
     "is_valid_key",
+    "may_exceed_limits",
     "parse_baggage",
     "parse_baggage_entries",
 ]
@@ -166,3 +170,39 @@ def _parse_member(member: str) -> BaggageEntry | None:
 def encoded_member_size(key: str, value: str) -> int:
     """Bytes of ``key=value`` once encoded for the ``baggage`` header."""
     return len(key) + 1 + len(encode_value(value))
+
+
+def may_exceed_limits(bag: Mapping[str, object]) -> bool:
+    """False when ``bag`` surely fits OTel's baggage limits (a cheap bound), else True."""
+    if len(bag) > MAX_MEMBERS:
+        return True
+    try:
+        chars = sum(map(len, bag.values()))  # type: ignore[arg-type] # TypeError handled
+    except TypeError:  # a non-str value put in baggage by other code
+        return True
+    # A character encodes to at most 12 bytes (4 UTF-8 bytes, each as %XX).
+    return 12 * chars + sum(map(len, bag)) + 2 * len(bag) > MAX_MEMBER_BYTES
+
+
+def check_baggage_limits(bag: Mapping[str, object], written: Sequence[tuple[str, str]]) -> None:
+    """Raise :class:`ContextValueError` when ``bag`` breaks a limit OTel enforces on inject.
+
+    ``written`` lists the (field name, baggage key) pairs just written: the error names the
+    first one (or the one whose member is too long)."""
+    if not written:
+        return
+    first = written[0][0]
+    if len(bag) > MAX_MEMBERS:
+        raise ContextValueError(first, f"baggage would exceed {MAX_MEMBERS} members")
+    bound = 0
+    for key, value in bag.items():
+        text = value if isinstance(value, str) else str(value)
+        bound += len(key) + 2 + len(text) * (3 if text.isascii() else 12)
+    if bound <= MAX_HEADER_BYTES:
+        return
+    for name, key in written:
+        if encoded_member_size(key, str(bag[key])) > MAX_MEMBER_BYTES:
+            raise ContextValueError(name, f"encoded baggage member over {MAX_MEMBER_BYTES} B")
+    exact = len(",".join(f"{k}={encode_value(str(v))}" for k, v in bag.items()))
+    if exact > MAX_HEADER_BYTES:
+        raise ContextValueError(first, f"baggage header would exceed {MAX_HEADER_BYTES} B")
