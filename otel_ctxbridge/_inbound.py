@@ -157,8 +157,9 @@ class InboundReader:
         self._declared: set[str] = set()
         wanted: set[bytes] = {_BAGGAGE}
         for name, field in bridge.fields.items():
-            if field.propagate:
-                self._declared.add(str(field.baggage_key))
+            # Members named like a declared field (process-local ones too) are never forwarded
+            # as they came: a field's value is whatever this service accepted for it.
+            self._declared.update((name, str(field.baggage_key)))
             if field.inbound == "never":
                 continue
             header = field.header.encode("latin-1") if field.header else None

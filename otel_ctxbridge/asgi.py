@@ -170,6 +170,8 @@ class ContextBridgeMiddleware:
             else:
                 self._log_keys[name] = str(field.log_key)
         self._access = logging.getLogger(ACCESS_LOGGER)
+        if access_log and self._access.level == logging.NOTSET:
+            self._access.setLevel(logging.INFO)  # asked for: on even under a WARNING root
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Run the app inside the request context."""

@@ -1,0 +1,553 @@
+"""instrument_asgi on a real uvicorn server: trace continuity, field policies, request ids,
+access log, update() from FastAPI dependencies, errors, background tasks, streaming."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+from _servers import serve
+from fastapi import BackgroundTasks, Depends, FastAPI, Request, WebSocket
+from fastapi.responses import JSONResponse, StreamingResponse
+from opentelemetry import baggage, trace
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+
+import otel_ctxbridge as cb
+from otel_ctxbridge import _runtime
+from otel_ctxbridge.asgi import ACCESS_LOGGER, ContextBridgeMiddleware, instrument_asgi
+from otel_ctxbridge.trust import TrustPolicy
+
+TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT = "00f067aa0ba902b7"
+TRACEPARENT = f"00-{TRACE}-{PARENT}-01"
+SAFE_ID = re.compile(cb.REQUEST_ID_PATTERN)
+
+
+class Records(logging.Handler):
+    """Collects the records of some loggers during a test."""
+
+    def __init__(self, *names: str) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+        self._loggers = [logging.getLogger(n) for n in names]
+        self._levels = [lg.level for lg in self._loggers]
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not any(r is record for r in self.records[-3:]):  # also on a parent logger
+            self.records.append(record)
+
+    def __enter__(self) -> Records:
+        for lg in self._loggers:
+            lg.addHandler(self)
+            lg.setLevel(logging.DEBUG)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for lg, level in zip(self._loggers, self._levels, strict=True):
+            lg.removeHandler(self)
+            lg.setLevel(level)
+
+    def named(self, name: str) -> list[logging.LogRecord]:
+        return [r for r in self.records if r.name == name]
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 5.0) -> Any:
+    """Poll ``predicate`` until it is truthy (the server finishes spans and logs just after
+    the client has the response)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result or time.monotonic() > deadline:
+            return result
+        time.sleep(0.01)
+
+
+def server_spans(exporter: InMemorySpanExporter, count: int = 1) -> list[ReadableSpan]:
+    """The finished SERVER spans, once ``count`` of them are there."""
+
+    def found() -> list[ReadableSpan]:
+        return [s for s in exporter.get_finished_spans() if s.kind is SpanKind.SERVER]
+
+    wait_until(lambda: len(found()) >= count)
+    return found()
+
+
+def access_lines(records: Records, count: int = 1) -> list[logging.LogRecord]:
+    wait_until(lambda: len(records.named(ACCESS_LOGGER)) >= count)
+    return records.named(ACCESS_LOGGER)
+
+
+def make_api(bridge: cb.ContextBridge, seen: dict[str, Any]) -> FastAPI:
+    """A FastAPI app whose routes report what they see of the context into ``seen``."""
+    api = FastAPI()
+
+    def user_sync() -> None:
+        bridge.update(user_id="u-sync")
+
+    async def user_async() -> None:
+        bridge.update(user_id="u-async")
+
+    class Teapot(Exception):
+        pass
+
+    @api.exception_handler(Teapot)
+    async def teapot(request: Request, exc: Teapot) -> JSONResponse:
+        seen["handler"] = bridge.get("request_id")
+        logging.getLogger("tests.app").error("teapot handled")
+        return JSONResponse({"teapot": True}, status_code=418)
+
+    @api.get("/fields")
+    async def fields() -> dict[str, Any]:
+        return {"fields": dict(bridge.current()), "baggage": dict(baggage.get_all())}
+
+    @api.get("/outbound")
+    async def outbound() -> dict[str, Any]:
+        return {"headers": bridge.inject({})}
+
+    @api.get("/user-sync", dependencies=[Depends(user_sync)])
+    def sync_route() -> dict[str, Any]:
+        return dict(bridge.current())
+
+    @api.get("/user-async", dependencies=[Depends(user_async)])
+    async def async_route() -> dict[str, Any]:
+        return dict(bridge.current())
+
+    @api.get("/boom")
+    async def boom() -> None:
+        logging.getLogger("tests.app").info("about to fail")
+        raise RuntimeError("boom")
+
+    @api.get("/teapot")
+    async def teapot_route() -> None:
+        raise Teapot
+
+    @api.get("/background")
+    async def background(tasks: BackgroundTasks) -> dict[str, str]:
+        def later() -> None:
+            seen["background"] = dict(bridge.current())
+
+        tasks.add_task(later)
+        return {"ok": "yes"}
+
+    @api.get("/stream")
+    async def stream() -> StreamingResponse:
+        async def chunks() -> Any:
+            for index in range(5):
+                await asyncio.sleep(0)
+                yield f"{index}:{bridge.get('request_id')}\n"
+
+        return StreamingResponse(chunks(), media_type="text/plain")
+
+    @api.get("/sse")
+    async def sse(request: Request) -> StreamingResponse:
+        async def events() -> Any:
+            sent = 0
+            tracer = trace.get_tracer("tests")
+            try:
+                while not await request.is_disconnected() and sent < 500:
+                    with tracer.start_as_current_span("event"):
+                        yield f"data: {bridge.get('request_id')}\n\n"
+                    sent += 1
+                    await asyncio.sleep(0.01)
+            finally:
+                seen["sse_end"] = bridge.get("request_id")
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    return api
+
+
+@pytest.fixture
+def seen() -> dict[str, Any]:
+    """What the test app's routes saw."""
+    return {}
+
+
+@pytest.fixture
+def records() -> Iterator[Records]:
+    """Records of the access logger, the middleware's diagnostics and the app's logger."""
+    with Records(ACCESS_LOGGER, "otel_ctxbridge.asgi", "otel_ctxbridge", "tests.app") as rec:
+        yield rec
+
+
+@pytest.fixture
+def url(
+    bridge: cb.ContextBridge, spans: InMemorySpanExporter, seen: dict[str, Any]
+) -> Iterator[str]:
+    """The test app under instrument_asgi with the default (trust nobody) policy."""
+    with serve(instrument_asgi(make_api(bridge, seen), bridge)) as base:
+        yield base
+
+
+def test_inbound_traceparent_is_continued_with_one_server_span(
+    url: str, spans: InMemorySpanExporter
+) -> None:
+    """The server span continues the inbound trace, is the only SERVER span (FastAPI's native
+    telemetry does not add a second one), and carries the request id."""
+    response = httpx.get(url + "/fields", headers={"traceparent": TRACEPARENT})
+    assert response.status_code == 200
+    (server,) = server_spans(spans)
+    assert format(server.context.trace_id, "032x") == TRACE
+    assert server.parent is not None
+    assert format(server.parent.span_id, "016x") == PARENT
+    assert server.attributes["app.request_id"] == response.headers["x-request-id"]
+    time.sleep(0.05)
+    assert [s.name for s in spans.get_finished_spans() if s.kind is SpanKind.SERVER] == [
+        "GET /fields"
+    ]
+
+
+def test_send_and_receive_spans_are_off_by_default(url: str, spans: InMemorySpanExporter) -> None:
+    """Only the server span is recorded: no 'http send' / 'http receive' spans."""
+    httpx.get(url + "/fields")
+    server_spans(spans)
+    time.sleep(0.05)
+    names = [s.name for s in spans.get_finished_spans()]
+    assert not [n for n in names if n.endswith((" send", " receive"))]
+
+
+def test_send_spans_can_be_turned_back_on(
+    bridge: cb.ContextBridge, spans: InMemorySpanExporter, seen: dict[str, Any]
+) -> None:
+    """exclude_spans=[] brings OTel's send/receive spans back."""
+    app = instrument_asgi(make_api(bridge, seen), bridge, exclude_spans=[])
+    with serve(app) as base:
+        httpx.get(base + "/fields")
+        assert wait_until(
+            lambda: [s for s in spans.get_finished_spans() if s.name.endswith("http send")]
+        )
+
+
+@pytest.mark.parametrize(
+    "inbound",
+    [
+        str(uuid.uuid4()),
+        uuid.uuid4().hex,
+        "4bf92f3577b34da6a3ce929d0e0e4736",
+        "req-2024.01_02:abc+def/ghi=@x",
+        "a" * 128,
+    ],
+)
+def test_valid_inbound_request_id_is_kept_and_echoed(
+    url: str, spans: InMemorySpanExporter, records: Records, inbound: str
+) -> None:
+    """UUIDs, 32-hex ids, nginx $request_id and other safe tokens up to 128 characters are
+    used as they are: echoed, on the server span, in the handler and in the access log."""
+    response = httpx.get(url + "/fields", headers={"x-request-id": inbound})
+    assert response.headers["x-request-id"] == inbound
+    assert response.json()["fields"]["request_id"] == inbound
+    assert server_spans(spans)[0].attributes["app.request_id"] == inbound
+    assert access_lines(records)[0].request_id == inbound
+
+
+def test_missing_request_id_is_generated(url: str, spans: InMemorySpanExporter) -> None:
+    """Without X-Request-ID a UUID4 is generated, echoed and used everywhere."""
+    response = httpx.get(url + "/fields")
+    generated = response.headers["x-request-id"]
+    assert uuid.UUID(generated).version == 4
+    assert response.json()["fields"]["request_id"] == generated
+    assert server_spans(spans)[0].attributes["app.request_id"] == generated
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["a" * 129, "has space", "semi;colon", 'quote"d', "tab\there", "ünïcode", "-leading-dash"],
+)
+def test_rejected_request_id_is_replaced_never_echoed_and_logged_without_value(
+    url: str, records: Records, bad: str
+) -> None:
+    """A too long or unsafe id is replaced by a generated one; the warning names the field and
+    the reason but never the raw value."""
+    response = httpx.get(url + "/fields", headers={"x-request-id": bad.encode()})
+    echoed = response.headers["x-request-id"]
+    assert echoed != bad
+    assert uuid.UUID(echoed).version == 4
+    warnings = [r.getMessage() for r in records.named("otel_ctxbridge")]
+    assert any("request_id" in w for w in warnings)
+    assert not any(bad in w for w in warnings)
+
+
+def test_request_id_is_echoed_on_404_500_and_handled_errors(
+    url: str, records: Records, seen: dict[str, Any]
+) -> None:
+    """The id goes back on a 404, on the 500 of an unhandled exception, and on the response
+    of an exception handler, which sees the request's context."""
+    for path, status in (("/missing", 404), ("/boom", 500), ("/teapot", 418)):
+        response = httpx.get(url + path, headers={"x-request-id": f"rid-{status}"})
+        assert response.status_code == status
+        assert response.headers["x-request-id"] == f"rid-{status}"
+    assert seen["handler"] == "rid-418"
+
+
+def test_error_logs_carry_the_request_fields(url: str, records: Records) -> None:
+    """The app's own log lines and the unhandled-exception log line see the request's fields;
+    the exception is logged with its traceback."""
+    httpx.get(url + "/boom", headers={"x-request-id": "rid-boom"})
+    errors = wait_until(lambda: records.named("otel_ctxbridge.asgi"))
+    (error,) = [r for r in errors if r.levelno == logging.ERROR]
+    assert error.request_id == "rid-boom"
+    assert error.exc_info is not None
+    assert error.exc_info[0] is RuntimeError
+    assert error.trace_id
+
+
+def test_access_log_line_has_request_and_fields(url: str, records: Records) -> None:
+    """One line per request, after the response: method, path, status, duration, fields."""
+    httpx.get(url + "/fields", headers={"x-request-id": "rid-a"})
+    httpx.get(url + "/missing", headers={"x-request-id": "rid-b"})
+    first, second = access_lines(records, 2)
+    assert (first.method, first.path, first.status_code, first.request_id) == (
+        "GET",
+        "/fields",
+        200,
+        "rid-a",
+    )
+    assert (second.path, second.status_code, second.request_id) == ("/missing", 404, "rid-b")
+    assert first.duration_ms >= 0
+    assert first.getMessage().startswith("GET /fields 200 ")
+    assert re.fullmatch(r"[0-9a-f]{32}", first.trace_id)
+    assert len(records.named(ACCESS_LOGGER)) == 2
+
+
+@pytest.mark.parametrize(("path", "user"), [("/user-sync", "u-sync"), ("/user-async", "u-async")])
+def test_update_in_a_dependency_reaches_server_span_and_access_log(
+    url: str, spans: InMemorySpanExporter, records: Records, path: str, user: str
+) -> None:
+    """bridge.update() in a FastAPI dependency (sync: run in a worker thread; async) is seen by
+    the handler, the already-started server span and the access-log line."""
+    response = httpx.get(url + path)
+    assert response.json()["user_id"] == user
+    assert server_spans(spans)[0].attributes["app.user_id"] == user
+    assert access_lines(records)[0].user_id == user
+
+
+def test_background_tasks_run_with_the_request_fields(url: str, seen: dict[str, Any]) -> None:
+    """A Starlette/FastAPI background task sees the request's fields."""
+    httpx.get(url + "/background", headers={"x-request-id": "rid-bg"})
+    assert wait_until(lambda: "background" in seen)
+    assert seen["background"]["request_id"] == "rid-bg"
+
+
+def test_streaming_response_keeps_context_to_the_last_chunk(url: str) -> None:
+    """Every chunk of a streaming response is produced inside the request's context."""
+    response = httpx.get(url + "/stream", headers={"x-request-id": "rid-stream"})
+    lines = response.text.splitlines()
+    assert lines == [f"{i}:rid-stream" for i in range(5)]
+    assert response.headers["x-request-id"] == "rid-stream"
+
+
+def test_sse_client_disconnect_mid_stream_leaves_no_detach_errors(
+    url: str, records: Records, seen: dict[str, Any]
+) -> None:
+    """A client leaving a server-sent-event stream mid-way: the stream ends in the request's
+    context, no 'Failed to detach context' anywhere, and the access line is written."""
+    failures = _runtime.detach_failures
+    with Records("opentelemetry.context") as otel_logs:
+        with httpx.stream("GET", url + "/sse", headers={"x-request-id": "rid-sse"}) as response:
+            events = response.iter_lines()
+            assert next(events) == "data: rid-sse"
+        assert wait_until(lambda: "sse_end" in seen)
+        assert seen["sse_end"] == "rid-sse"
+        line = access_lines(records)[0]
+        assert (line.request_id, line.status_code) == ("rid-sse", 200)
+    assert not [r for r in otel_logs.records if "detach" in r.getMessage().lower()]
+    assert _runtime.detach_failures == failures
+
+
+def test_untrusted_peer_cannot_set_trusted_fields_or_forward_baggage(url: str) -> None:
+    """With the default policy (nobody trusted): x-tenant-id and a baggage tenant are ignored,
+    undeclared baggage is dropped, and only accepted fields travel downstream."""
+    headers = {
+        "x-tenant-id": "evil",
+        "baggage": "tenant_id=evil,foo=bar,request_id=rid-bag,user_id=u-evil",
+    }
+    seen_fields = httpx.get(url + "/fields", headers=headers).json()
+    assert seen_fields["fields"] == {"request_id": "rid-bag"}
+    assert seen_fields["baggage"] == {"request_id": "rid-bag"}
+    downstream = httpx.get(url + "/outbound", headers=headers).json()["headers"]
+    assert downstream["baggage"] == "request_id=rid-bag"
+
+
+def test_trusted_network_may_set_tenant_and_forward_baggage(
+    bridge: cb.ContextBridge, spans: InMemorySpanExporter, seen: dict[str, Any]
+) -> None:
+    """A peer inside a trusted network sets x-tenant-id; its undeclared baggage is forwarded;
+    an inbound="never" field still cannot be set from outside."""
+    trust = TrustPolicy(networks=["127.0.0.0/8"])
+    with serve(instrument_asgi(make_api(bridge, seen), bridge, trust=trust)) as base:
+        headers = {"x-tenant-id": "acme", "baggage": "foo=bar%20baz,user_id=u-evil"}
+        body = httpx.get(base + "/fields", headers=headers).json()
+        assert body["fields"]["tenant_id"] == "acme"
+        assert "user_id" not in body["fields"]
+        assert body["baggage"]["foo"] == "bar baz"
+        assert "user_id" not in body["baggage"]
+        assert server_spans(spans)[0].attributes["app.tenant_id"] == "acme"
+
+
+def test_shared_secret_trusts_a_peer_and_is_hidden_from_the_app(
+    bridge: cb.ContextBridge, spans: InMemorySpanExporter
+) -> None:
+    """The right secret header makes a peer trusted; the app never sees the header; a wrong
+    secret leaves the peer untrusted."""
+    api = FastAPI()
+
+    @api.get("/")
+    async def index(request: Request) -> dict[str, Any]:
+        return {"tenant": bridge.get("tenant_id"), "headers": list(request.headers.keys())}
+
+    trust = TrustPolicy(secret="gateway-secret")
+    with serve(instrument_asgi(api, bridge, trust=trust)) as base:
+        good = {"x-ctxbridge-secret": "gateway-secret", "x-tenant-id": "acme"}
+        body = httpx.get(base + "/", headers=good).json()
+        assert body["tenant"] == "acme"
+        assert "x-ctxbridge-secret" not in body["headers"]
+        bad = {"x-ctxbridge-secret": "guess", "x-tenant-id": "acme"}
+        assert httpx.get(base + "/", headers=bad).json()["tenant"] is None
+
+
+def test_uvicorn_access_log_carries_the_request_id_with_the_log_filter(
+    bridge: cb.ContextBridge, spans: InMemorySpanExporter, seen: dict[str, Any]
+) -> None:
+    """uvicorn.access lines are written inside the request context: with ContextLogFilter on
+    the handler they carry the request id of their request."""
+    app = instrument_asgi(make_api(bridge, seen), bridge, access_log=False)
+    with Records("uvicorn.access") as uvicorn_access:
+        uvicorn_access.addFilter(cb.ContextLogFilter(bridge))
+        with serve(app, access_log=True) as base:
+            response = httpx.get(base + "/fields", headers={"x-request-id": "rid-uv"})
+            assert response.status_code == 200
+            assert wait_until(lambda: uvicorn_access.records)
+    assert uvicorn_access.records[0].request_id == "rid-uv"
+
+
+def test_context_bridge_middleware_inside_users_own_otel_middleware(
+    bridge: cb.ContextBridge, spans: InMemorySpanExporter, seen: dict[str, Any]
+) -> None:
+    """Users who wrap with OTel themselves put ContextBridgeMiddleware inside: the server span
+    gets the fields (stamped when the request starts) and untrusted baggage is still dropped."""
+    from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+
+    app = OpenTelemetryMiddleware(ContextBridgeMiddleware(make_api(bridge, seen), bridge))
+    with serve(app) as base:
+        response = httpx.get(
+            base + "/user-async",
+            headers={"x-request-id": "rid-own", "baggage": "foo=bar,tenant_id=evil"},
+        )
+        assert response.json() == {"request_id": "rid-own", "user_id": "u-async"}
+        server = server_spans(spans)[0]
+        assert server.attributes["app.request_id"] == "rid-own"
+        assert server.attributes["app.user_id"] == "u-async"
+        body = httpx.get(base + "/fields", headers={"baggage": "foo=bar"}).json()
+        assert "foo" not in body["baggage"]
+
+
+def test_pure_asgi_app_failing_before_responding_gets_a_500_with_the_id(
+    bridge: cb.ContextBridge, spans: InMemorySpanExporter, records: Records
+) -> None:
+    """An app that raises before sending anything: the middleware answers 500 with the id
+    (the server's own 500 would not carry it) and logs the line."""
+
+    async def broken(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            raise ValueError("broken before the response")
+
+    with serve(instrument_asgi(broken, bridge)) as base:
+        response = httpx.get(base + "/", headers={"x-request-id": "rid-raw"})
+    assert response.status_code == 500
+    assert response.headers["x-request-id"] == "rid-raw"
+    assert server_spans(spans)[0].attributes["http.status_code"] == 500
+    assert access_lines(records)[0].status_code == 500
+
+
+def test_lifespan_passes_through_untouched(
+    bridge: cb.ContextBridge, spans: InMemorySpanExporter
+) -> None:
+    """Startup and shutdown run through instrument_asgi; lifespan state reaches requests."""
+    from contextlib import asynccontextmanager
+
+    events: list[str] = []
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> Any:
+        events.append("startup")
+        yield {"answer": 42}
+        events.append("shutdown")
+
+    api = FastAPI(lifespan=lifespan)
+
+    @api.get("/")
+    async def index(request: Request) -> dict[str, Any]:
+        return {"answer": request.state.answer}
+
+    with serve(instrument_asgi(api, bridge), lifespan="on") as base:
+        assert httpx.get(base + "/").json() == {"answer": 42}
+    assert events == ["startup", "shutdown"]
+
+
+async def _websocket_session(app: Any, headers: list[tuple[bytes, bytes]]) -> list[Any]:
+    """Drive one websocket connection through ``app`` at the ASGI level: connect, send two
+    texts, disconnect; return what the app sent."""
+    inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    sent: list[dict[str, Any]] = []
+    for message in (
+        {"type": "websocket.connect"},
+        {"type": "websocket.receive", "text": "a"},
+        {"type": "websocket.receive", "text": "b"},
+        {"type": "websocket.disconnect", "code": 1000},
+    ):
+        inbox.put_nowait(message)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "websocket",
+        "asgi": {"version": "3.0"},
+        "scheme": "ws",
+        "path": "/ws",
+        "raw_path": b"/ws",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"127.0.0.1"), *headers],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8000),
+        "subprotocols": [],
+        "state": {},
+    }
+    await asyncio.wait_for(app(scope, inbox.get, send), timeout=10)
+    return sent
+
+
+async def test_websocket_connection_gets_the_request_context(
+    bridge: cb.ContextBridge, spans: InMemorySpanExporter
+) -> None:
+    """A websocket connection runs inside its own context for its whole life, and its accept
+    carries the request id header."""
+    api = FastAPI()
+
+    @api.websocket("/ws")
+    async def ws(websocket: WebSocket) -> None:
+        await websocket.accept()
+        for _ in range(2):
+            await websocket.receive_text()
+            await websocket.send_text(str(bridge.get("request_id")))
+        await websocket.receive()
+
+    app = instrument_asgi(api, bridge)
+    sent = await _websocket_session(app, [(b"x-request-id", b"rid-ws")])
+    accept = sent[0]
+    assert accept["type"] == "websocket.accept"
+    assert (b"x-request-id", b"rid-ws") in accept["headers"]
+    assert [m["text"] for m in sent if m["type"] == "websocket.send"] == ["rid-ws", "rid-ws"]
+    sent = await _websocket_session(app, [])
+    assert uuid.UUID(sent[1]["text"]).version == 4
+    assert bridge.get("request_id") is None
