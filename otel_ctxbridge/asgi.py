@@ -26,18 +26,17 @@ field set in the request under its ``log_key``. Diagnostics go to ``otel_ctxbrid
 from __future__ import annotations
 
 import logging
-from time import perf_counter
 from typing import Any
 
 from opentelemetry.context import Context
 from opentelemetry.trace import format_span_id, format_trace_id
 
 from . import _runtime as rt
+from ._exchange import Exchange, echo_value
 from ._inbound import (
     ORIGINAL_HEADERS,
     ASGIApp,
     InboundReader,
-    Message,
     Receive,
     Scope,
     Send,
@@ -61,7 +60,6 @@ _STARLETTE_TELEMETRY = "starlette.opentelemetry"
 _METHODS = frozenset(
     ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "QUERY")
 )
-_500 = [(b"content-type", b"text/plain; charset=utf-8"), (b"connection", b"close")]
 
 
 def instrument_asgi(
@@ -225,7 +223,7 @@ class ContextBridgeMiddleware:
                 values[name] = generate()
         return values, extra
 
-    def _enter(self, scope: Scope, send: Send) -> _Exchange:
+    def _enter(self, scope: Scope, send: Send) -> Exchange:
         bridge = self.bridge
         values: dict[str, Any]
         pending = scope.pop(_INBOUND, None)  # read by span_details: the span has the fields
@@ -264,7 +262,7 @@ class ContextBridgeMiddleware:
             secret = self._secret  # a trust secret is for this middleware only
             if any(name == secret for name, _ in scope.get("headers") or ()):
                 scope["headers"] = [h for h in scope["headers"] if h[0] != secret]
-        return _Exchange(self, scope, send, ctx, frame, _echo(values.get(self._rid)))
+        return Exchange(self, scope, send, ctx, frame, echo_value(values.get(self._rid)))
 
     def _fields_extra(self, ctx: Context) -> dict[str, Any]:
         extra: dict[str, Any] = {}
@@ -280,131 +278,3 @@ class ContextBridgeMiddleware:
                 extra["trace_id"] = format_trace_id(span_context.trace_id)
                 extra["span_id"] = format_span_id(span_context.span_id)
         return extra
-
-
-class _Exchange:
-    """One request on its way out: the echo header, the status, the access-log line."""
-
-    __slots__ = ("ctx", "echo", "frame", "logged", "mw", "scope", "send_next", "start", "status")
-
-    def __init__(  # noqa: PLR0917 - private, called once per request
-        self,
-        mw: ContextBridgeMiddleware,
-        scope: Scope,
-        send_next: Send,
-        ctx: Context,
-        frame: Frame,
-        echo: bytes | None,
-    ) -> None:
-        self.mw = mw
-        self.scope = scope
-        self.send_next = send_next
-        self.ctx = ctx
-        self.frame = frame
-        self.echo = echo
-        self.start = perf_counter()
-        self.logged = False
-        self.status = 0  # 0 until the response starts
-
-    def _add_echo(self, message: Message) -> None:
-        mw = self.mw
-        echo = self.echo
-        if self.frame.updates and mw._rid in self.frame.updates:  # changed with update()
-            echo = _echo(mw.bridge.values_in(self.ctx).get(mw._rid))
-        if echo is None:
-            return
-        name = mw._rid_header
-        headers = message.get("headers") or ()
-        for key, _ in headers:
-            if key.lower() == name:
-                return  # the application set its own
-        message["headers"] = [*headers, (name, echo)]
-
-    async def send(self, message: Message) -> None:
-        """The ``send`` the application sees for an HTTP request."""
-        kind = message["type"]
-        if kind == "http.response.start":
-            self.status = message.get("status", 200)
-            try:
-                self._add_echo(message)
-            except Exception:  # telemetry never throws on the request path
-                _logger.debug("otel_ctxbridge: could not add the request id", exc_info=True)
-        elif kind == "http.response.body" and not message.get("more_body", False):
-            await self.send_next(message)
-            if not self.logged:
-                self.finish()
-            return
-        await self.send_next(message)
-
-    async def send_ws(self, message: Message) -> None:
-        """The ``send`` the application sees for a websocket connection."""
-        if message["type"] == "websocket.accept":
-            try:
-                self._add_echo(message)
-            except Exception:  # telemetry never throws on the request path
-                _logger.debug("otel_ctxbridge: could not add the request id", exc_info=True)
-        await self.send_next(message)
-
-    async def fail(self, exc: Exception) -> None:
-        """The app raised: answer 500 (with the id) if nothing was sent, and log the error
-        with the request's fields."""
-        if not self.status:
-            try:
-                await self.send({"type": "http.response.start", "status": 500, "headers": _500})
-                await self.send({"type": "http.response.body", "body": b"Internal Server Error"})
-            except Exception:
-                _logger.debug("otel_ctxbridge: could not send the 500", exc_info=True)
-        if self.mw.log_errors and not _is_disconnect(exc):
-            method, path = self.scope.get("method"), _printable(self.scope.get("path", ""))
-            extra = self.mw._fields_extra(self.ctx)
-            _logger.error("unhandled exception in %s %s", method, path, exc_info=exc, extra=extra)
-
-    def finish(self) -> None:
-        """Write the access-log line (once), with the fields as they are now."""
-        self.logged = True
-        mw = self.mw
-        if not mw.access_log or not mw._access.isEnabledFor(logging.INFO):
-            return
-        try:
-            scope = self.scope
-            duration = (perf_counter() - self.start) * 1000.0
-            method = scope.get("method", "")
-            path = _printable(scope.get("path", ""))
-            status = self.status or 500  # no response: the server answers 500
-            client = scope.get("client")
-            extra = mw._fields_extra(self.ctx)
-            extra["method"] = method
-            extra["path"] = path
-            extra["status_code"] = status
-            extra["duration_ms"] = round(duration, 3)
-            extra["client_addr"] = f"{client[0]}:{client[1]}" if client else None
-            mw._access.info("%s %s %s %.1fms", method, path, status, duration, extra=extra)
-        except Exception:  # telemetry never throws on the request path
-            _logger.debug("otel_ctxbridge: could not write the access log", exc_info=True)
-
-
-def _echo(value: object) -> bytes | None:
-    """``value`` as a response header value, if it is a visible-ASCII token."""
-    if (
-        isinstance(value, str)
-        and value
-        and value.isascii()
-        and value.isprintable()
-        and " " not in value
-    ):
-        return value.encode("ascii")
-    return None
-
-
-def _printable(path: Any) -> str:
-    text = str(path)[:2048]
-    if text.isprintable():
-        return text
-    return text.encode("unicode_escape").decode("ascii")  # no CR/LF/ESC in log lines
-
-
-def _is_disconnect(exc: BaseException) -> bool:
-    return isinstance(exc, OSError) or type(exc).__name__ in (
-        "ClientDisconnect",
-        "ClientDisconnected",
-    )

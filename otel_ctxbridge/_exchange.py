@@ -1,0 +1,153 @@
+"""One request on its way out: the echoed request id, the status, the access-log line, and the
+500 (with the id) when the application fails before answering. Used by
+:class:`~otel_ctxbridge.asgi.ContextBridgeMiddleware`."""
+
+from __future__ import annotations
+
+import logging
+from time import perf_counter
+from typing import TYPE_CHECKING, Any
+
+from opentelemetry.context import Context
+
+from ._inbound import Message, Scope, Send
+from ._state import Frame
+
+if TYPE_CHECKING:
+    from .asgi import ContextBridgeMiddleware
+
+_logger = logging.getLogger("otel_ctxbridge.asgi")
+_500 = [(b"content-type", b"text/plain; charset=utf-8"), (b"connection", b"close")]
+
+
+class Exchange:
+    """One request on its way out: the echo header, the status, the access-log line.
+
+    ``mw`` is the middleware (its settings), ``send_next`` the ``send`` it wraps, ``ctx`` and
+    ``frame`` the request context, ``echo`` the request id as a header value (or None)."""
+
+    __slots__ = ("ctx", "echo", "frame", "logged", "mw", "scope", "send_next", "start", "status")
+
+    def __init__(  # noqa: PLR0917 - private, called once per request
+        self,
+        mw: ContextBridgeMiddleware,
+        scope: Scope,
+        send_next: Send,
+        ctx: Context,
+        frame: Frame,
+        echo: bytes | None,
+    ) -> None:
+        self.mw = mw
+        self.scope = scope
+        self.send_next = send_next
+        self.ctx = ctx
+        self.frame = frame
+        self.echo = echo
+        self.start = perf_counter()
+        self.logged = False
+        self.status = 0  # 0 until the response starts
+
+    def _add_echo(self, message: Message) -> None:
+        mw = self.mw
+        echo = self.echo
+        if self.frame.updates and mw._rid in self.frame.updates:  # changed with update()
+            echo = echo_value(mw.bridge.values_in(self.ctx).get(mw._rid))
+        if echo is None:
+            return
+        name = mw._rid_header
+        headers = message.get("headers") or ()
+        for key, _ in headers:
+            if key.lower() == name:
+                return  # the application set its own
+        message["headers"] = [*headers, (name, echo)]
+
+    async def send(self, message: Message) -> None:
+        """The ``send`` the application sees for an HTTP request."""
+        kind = message["type"]
+        if kind == "http.response.start":
+            self.status = message.get("status", 200)
+            try:
+                self._add_echo(message)
+            except Exception:  # telemetry never throws on the request path
+                _logger.debug("otel_ctxbridge: could not add the request id", exc_info=True)
+        elif kind == "http.response.body" and not message.get("more_body", False):
+            await self.send_next(message)
+            if not self.logged:
+                self.finish()
+            return
+        await self.send_next(message)
+
+    async def send_ws(self, message: Message) -> None:
+        """The ``send`` the application sees for a websocket connection."""
+        if message["type"] == "websocket.accept":
+            try:
+                self._add_echo(message)
+            except Exception:  # telemetry never throws on the request path
+                _logger.debug("otel_ctxbridge: could not add the request id", exc_info=True)
+        await self.send_next(message)
+
+    async def fail(self, exc: Exception) -> None:
+        """The app raised: answer 500 (with the id) if nothing was sent, and log the error
+        with the request's fields."""
+        if not self.status:
+            try:
+                await self.send({"type": "http.response.start", "status": 500, "headers": _500})
+                await self.send({"type": "http.response.body", "body": b"Internal Server Error"})
+            except Exception:
+                _logger.debug("otel_ctxbridge: could not send the 500", exc_info=True)
+        if self.mw.log_errors and not is_disconnect(exc):
+            method, path = self.scope.get("method"), printable(self.scope.get("path", ""))
+            extra = self.mw._fields_extra(self.ctx)
+            _logger.error("unhandled exception in %s %s", method, path, exc_info=exc, extra=extra)
+
+    def finish(self) -> None:
+        """Write the access-log line (once), with the fields as they are now."""
+        self.logged = True
+        mw = self.mw
+        if not mw.access_log or not mw._access.isEnabledFor(logging.INFO):
+            return
+        try:
+            scope = self.scope
+            duration = (perf_counter() - self.start) * 1000.0
+            method = scope.get("method", "")
+            path = printable(scope.get("path", ""))
+            status = self.status or 500  # no response: the server answers 500
+            client = scope.get("client")
+            extra = mw._fields_extra(self.ctx)
+            extra["method"] = method
+            extra["path"] = path
+            extra["status_code"] = status
+            extra["duration_ms"] = round(duration, 3)
+            extra["client_addr"] = f"{client[0]}:{client[1]}" if client else None
+            mw._access.info("%s %s %s %.1fms", method, path, status, duration, extra=extra)
+        except Exception:  # telemetry never throws on the request path
+            _logger.debug("otel_ctxbridge: could not write the access log", exc_info=True)
+
+
+def echo_value(value: object) -> bytes | None:
+    """``value`` as a response header value, if it is a visible-ASCII token."""
+    if (
+        isinstance(value, str)
+        and value
+        and value.isascii()
+        and value.isprintable()
+        and " " not in value
+    ):
+        return value.encode("ascii")
+    return None
+
+
+def printable(path: Any) -> str:
+    """``path`` for a log line: at most 2048 characters, control characters escaped."""
+    text = str(path)[:2048]
+    if text.isprintable():
+        return text
+    return text.encode("unicode_escape").decode("ascii")  # no CR/LF/ESC in log lines
+
+
+def is_disconnect(exc: BaseException) -> bool:
+    """True for the exceptions servers and Starlette raise when the client went away."""
+    return isinstance(exc, OSError) or type(exc).__name__ in (
+        "ClientDisconnect",
+        "ClientDisconnected",
+    )
