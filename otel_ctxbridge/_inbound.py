@@ -108,8 +108,12 @@ def _trace_pair(parents: list[str], states: list[str], bridge: ContextBridge | N
 
 class TraceHeaderShield:
     """ASGI middleware for *outside* OpenTelemetry's: validates ``traceparent``/``tracestate``
-    per W3C Trace Context Level 1 and hides ``baggage``, the trust secret and undecodable
-    headers from it (see the module documentation). Lifespan and other scopes pass through."""
+    per W3C Trace Context Level 1 and hides ``baggage``, the ``hidden`` headers (the trust
+    secret) and undecodable headers from it (see the module documentation). When it changes
+    the headers, the headers as received travel under :data:`ORIGINAL_HEADERS` for the
+    :class:`~otel_ctxbridge.asgi.ContextBridgeMiddleware` inside, which restores them for the
+    application. ``bridge`` counts refused trace headers. Lifespan and other scopes pass
+    through."""
 
     def __init__(
         self, app: ASGIApp, bridge: ContextBridge | None = None, hidden: Iterable[str] = ()

@@ -4,23 +4,35 @@
 application (FastAPI, Starlette, ...) with, from the outside in:
 
 1. :class:`~otel_ctxbridge._inbound.TraceHeaderShield`: ``traceparent``/``tracestate`` checked as
-   W3C Trace Context Level 1 says, ``baggage`` and undecodable headers hidden from OTel;
+   W3C Trace Context Level 1 says; ``baggage``, the trust secret and headers OTel cannot decode
+   (it would answer 500) hidden from OTel;
 2. ``opentelemetry-instrumentation-asgi``'s ``OpenTelemetryMiddleware``: the server span, a
-   child of a valid inbound ``traceparent`` (send/receive spans off unless ``exclude_spans`` is
-   given);
-3. :class:`ContextBridgeMiddleware`: the fields, inside the server span.
+   child of a valid inbound ``traceparent``, starting with the request's fields as attributes
+   (send/receive spans off unless ``exclude_spans`` is given);
+3. :class:`ContextBridgeMiddleware`: the request context, inside the server span.
 
 The order matters: OTel's middleware attaches a fresh context extracted from the headers (so a
 context attached outside it is lost) and starts the server span before inner middleware runs.
-:class:`ContextBridgeMiddleware` therefore builds the request context on top of OTel's, stamps
-the server span, and keeps a request frame so that ``bridge.update()`` anywhere in the request
-(a FastAPI dependency in a worker thread included) reaches that span and the access log.
-Use :class:`ContextBridgeMiddleware` alone when OTel's middleware is already outside it.
+:class:`ContextBridgeMiddleware` therefore builds the request context on top of OTel's and keeps
+a request frame so that ``bridge.update()`` anywhere in the request (a FastAPI dependency in a
+worker thread included) reaches the server span and the access log. While a server span is
+current it also keeps FastAPI's native telemetry and Starlette's ``OpenTelemetryMiddleware``
+from starting a second server span on a fresh context (FastAPI does the same when OTel's
+middleware is in its own stack). Use :class:`ContextBridgeMiddleware` alone when OTel's
+middleware is already outside it (then OTel parses the trace headers itself).
 
-Access log: one line per request on the ``otel_ctxbridge.access`` logger (INFO), written once
-the response is complete, message ``"GET /path 200 3.1ms"``, with ``extra`` keys ``method``,
-``path``, ``status_code``, ``duration_ms``, ``client_addr``, ``trace_id``, ``span_id`` and each
-field set in the request under its ``log_key``. Diagnostics go to ``otel_ctxbridge.asgi``.
+Request ids: a valid inbound id (the field's validator, or :data:`~otel_ctxbridge.
+REQUEST_ID_PATTERN` when it has none: UUIDs, 32-hex ids, nginx ``$request_id``, safe tokens up
+to 128 characters) is kept; otherwise one is generated. A refused id is never echoed and is
+logged (once, by field) without its value. The id goes back in the field's header on every
+response, 500s and exception-handler responses included, and on ``websocket.accept``.
+
+Access log: one line per HTTP request on the ``otel_ctxbridge.access`` logger (INFO; its level
+is set to INFO when unset), written once the response is complete, message
+``"GET /path 200 3.1ms"``, with ``extra`` keys ``method``, ``path``, ``status_code``,
+``duration_ms``, ``client_addr``, ``trace_id``, ``span_id`` and each field set in the request
+under its ``log_key``, values set with ``update()`` included. Unhandled exceptions are logged
+with the same keys on ``otel_ctxbridge.asgi`` (then re-raised, so the server logs them too).
 """
 
 from __future__ import annotations
