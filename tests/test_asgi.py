@@ -551,3 +551,63 @@ async def test_websocket_connection_gets_the_request_context(
     sent = await _websocket_session(app, [])
     assert uuid.UUID(sent[1]["text"]).version == 4
     assert bridge.get("request_id") is None
+
+
+def test_echo_follows_update_and_leaves_an_app_set_header(
+    bridge: cb.ContextBridge, spans: InMemorySpanExporter
+) -> None:
+    """An id changed with update() before the response starts is the one echoed; a response
+    that sets X-Request-ID itself keeps its own."""
+    api = FastAPI()
+
+    @api.get("/renamed")
+    async def renamed() -> dict[str, str]:
+        bridge.update(request_id="rid-renamed")
+        return {"ok": "yes"}
+
+    @api.get("/own")
+    async def own() -> JSONResponse:
+        return JSONResponse({"ok": "yes"}, headers={"X-Request-ID": "app-own"})
+
+    with serve(instrument_asgi(api, bridge)) as base:
+        renamed_response = httpx.get(base + "/renamed", headers={"x-request-id": "rid-in"})
+        assert renamed_response.headers["x-request-id"] == "rid-renamed"
+        own_response = httpx.get(base + "/own", headers={"x-request-id": "rid-in"})
+        assert own_response.headers.get_list("x-request-id") == ["app-own"]
+
+
+def test_redacted_field_is_redacted_on_span_and_access_log(spans: InMemorySpanExporter) -> None:
+    """A field declared with redact="hash" is hashed on the server span and in the access log,
+    while the handler (and baggage) has the real value."""
+    bridge = cb.ContextBridge(
+        [
+            cb.Field("request_id", header="x-request-id", generate=cb.new_request_id),
+            cb.Field("tenant_id", header="x-tenant-id", inbound="always", redact="hash"),
+        ]
+    )
+    api = FastAPI()
+
+    @api.get("/")
+    async def index() -> dict[str, Any]:
+        return {"tenant": bridge.get("tenant_id")}
+
+    with Records(ACCESS_LOGGER) as records, serve(instrument_asgi(api, bridge)) as base:
+        assert httpx.get(base + "/", headers={"x-tenant-id": "acme"}).json() == {"tenant": "acme"}
+        line = access_lines(records)[0]
+    shown = server_spans(spans)[0].attributes["app.tenant_id"]
+    assert shown != "acme"
+    assert str(shown).startswith("sha256:")
+    assert line.tenant_id == shown
+
+
+def test_log_errors_off_leaves_error_logging_to_the_server(
+    bridge: cb.ContextBridge, spans: InMemorySpanExporter, seen: dict[str, Any]
+) -> None:
+    """log_errors=False: no error line from the middleware; the 500 still carries the id."""
+    with Records("otel_ctxbridge.asgi") as records:
+        app = instrument_asgi(make_api(bridge, seen), bridge, log_errors=False)
+        with serve(app) as base:
+            response = httpx.get(base + "/boom", headers={"x-request-id": "rid-quiet"})
+    assert response.status_code == 500
+    assert response.headers["x-request-id"] == "rid-quiet"
+    assert not [r for r in records.records if r.levelno >= logging.ERROR]
