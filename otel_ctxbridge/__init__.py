@@ -7,6 +7,7 @@ W3C ``baggage``. ``AsyncLocalStorage`` offers Node's simpler store API on the sa
 
 from __future__ import annotations
 
+from .asgi import ContextBridgeMiddleware, instrument_asgi
 from .bridge import ContextBridge
 from .carriers import continue_from
 from .egress import EgressConfigError, EgressPolicy, HttpEgress, instrument_http_clients
@@ -31,6 +32,7 @@ from .sdk import Telemetry, configure
 from .spans import ContextSpanProcessor
 from .storage import AsyncLocalStorage
 from .structlog_processor import ContextStructlogProcessor
+from .trust import TrustPolicy
 
 __all__ = [
     "REQUEST_ID_PATTERN",
@@ -39,6 +41,7 @@ __all__ = [
     "BaggagePropagator",
     "ContextBridge",
     "ContextBridgeError",
+    "ContextBridgeMiddleware",
     "ContextExecutor",
     "ContextLogFilter",
     "ContextLogRecordProcessor",
@@ -53,10 +56,12 @@ __all__ = [
     "HttpEgress",
     "MissingContextError",
     "Telemetry",
+    "TrustPolicy",
     "UnknownFieldError",
     "configure",
     "continue_from",
     "default_propagator",
+    "instrument_asgi",
     "instrument_http_clients",
     "new_request_id",
     "run_in_executor",
