@@ -112,8 +112,9 @@ def parse_baggage(headers: str | Iterable[str]) -> tuple[dict[str, str], int]:
 def parse_baggage_entries(headers: str | Iterable[str]) -> tuple[list[BaggageEntry], int]:
     """Parse one or more ``baggage`` header values as W3C Baggage says. Never raises.
 
-    Optional whitespace is trimmed; values and property values are percent-decoded UTF-8;
-    ``+`` stays a plus. A malformed member is dropped without losing the others; so are members
+    Optional whitespace is trimmed; values and property values are percent-decoded UTF-8
+    (escaped bytes that are not UTF-8 become U+FFFD, as the specification requires); ``+``
+    stays a plus. A malformed member is dropped without losing the others; so are members
     past 180, or past 8192 bytes of header in all. Returns the entries in order and how many
     members were dropped."""
     values = [headers] if isinstance(headers, str) else list(headers)
@@ -140,11 +141,9 @@ def parse_baggage_entries(headers: str | Iterable[str]) -> tuple[list[BaggageEnt
 
 def _decode(value: str) -> str | None:
     if not _VALUE.fullmatch(value) or _BAD_ESCAPE.search(value):
-        return None
-    try:
-        return unquote_to_bytes(value).decode("utf-8")
-    except UnicodeDecodeError:
-        return None
+        return None  # a raw "%" (it MUST be sent as %25): not in the format, dropped
+    # Escapes that are not UTF-8 become U+FFFD, as W3C Baggage requires (the member is kept).
+    return unquote_to_bytes(value).decode("utf-8", "replace")
 
 
 def _parse_member(member: str) -> BaggageEntry | None:

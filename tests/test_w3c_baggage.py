@@ -43,12 +43,58 @@ ODD = "\t \"';=asdf!@#$%^&*()"
             "SomeKey=SomeValue;SomeProp;SecondProp=PropValue",
             [("SomeKey", "SomeValue", (("SomeProp", None), ("SecondProp", "PropValue")))],
         ),
+        (
+            "SomeKey \t = \t SomeValue \t ; \t SomeProp \t ; \t SecondProp \t = \t PropValue",
+            [("SomeKey", "SomeValue", (("SomeProp", None), ("SecondProp", "PropValue")))],
+        ),
+        (
+            "SomeKey \t = \t SomeValue \t ; \t SomePropKey=SomePropValue \t , \t SomeKey2 "
+            "\t = \t SomeValue2 \t ; \t SomePropKey2 \t = \t SomePropValue2",
+            [
+                ("SomeKey", "SomeValue", (("SomePropKey", "SomePropValue"),)),
+                ("SomeKey2", "SomeValue2", (("SomePropKey2", "SomePropValue2"),)),
+            ],
+        ),
+        (f"SomeKey={quote(ODD)}", [("SomeKey", ODD, ())]),
+        (
+            "key1=value1;property1;property2, key2 = value2, "
+            "key3=value3; propertyKey=propertyValue",
+            [
+                ("key1", "value1", (("property1", None), ("property2", None))),
+                ("key2", "value2", ()),
+                ("key3", "value3", (("propertyKey", "propertyValue"),)),
+            ],
+        ),
+        (
+            "userId=Am%C3%A9lie,serverNode=DF%2028,isProduction=false",
+            [("userId", "Amélie", ()), ("serverNode", "DF 28", ()), ("isProduction", "false", ())],
+        ),
+        ("k=", [("k", "", ())]),
     ],
 )
 def test_parse_cases_of_the_w3c_suite(
     header: str, expected: list[tuple[str, str, tuple[tuple[str, str | None], ...]]]
 ) -> None:
     """Keys, values, properties, optional whitespace and percent-encoding as the suite expects."""
+    entries, dropped = parse_baggage_entries(header)
+    assert dropped == 0
+    assert [tuple(e) for e in entries] == expected
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        ("a=%FF", [("a", "\ufffd", ())]),
+        ("a=x%C3,b=2", [("a", "x\ufffd", ()), ("b", "2", ())]),
+        ("a=%E2%82%41", [("a", "\ufffdA", ())]),
+        ("a=1;p=%C0%AF", [("a", "1", (("p", "\ufffd\ufffd"),))]),
+    ],
+)
+def test_escapes_that_are_not_utf8_become_the_replacement_character(
+    header: str, expected: list[tuple[str, str, tuple[tuple[str, str | None], ...]]]
+) -> None:
+    """W3C Baggage: percent-encoded octets that are not UTF-8 MUST be replaced with U+FFFD;
+    the member (and its neighbours) are kept, in values and in property values."""
     entries, dropped = parse_baggage_entries(header)
     assert dropped == 0
     assert [tuple(e) for e in entries] == expected
@@ -97,3 +143,7 @@ def test_the_test_service_answers_the_suites_endpoints() -> None:
         assert client.post("/baggage/serialize", json={"not": "a list"}).status_code == 400
         malformed = client.get("/baggage/parse", headers={"baggage": "good=1,bad key=2,=3,k=%ZZ"})
         assert malformed.json() == [{"key": "good", "value": "1", "properties": []}]
+        not_utf8 = client.get("/baggage/parse", headers={"baggage": "k=%FF;p=%C3"})
+        assert not_utf8.json() == [
+            {"key": "k", "value": "\ufffd", "properties": [{"key": "p", "value": "\ufffd"}]}
+        ]
