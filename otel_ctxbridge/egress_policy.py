@@ -2,13 +2,15 @@
 
 An :class:`EgressPolicy` answers one question, :meth:`EgressPolicy.allows`, for a URL,
 ``httpx.URL``, host or ``host:port``; :mod:`otel_ctxbridge.egress` applies it to the HTTP
-client instrumentations. Host names are compared as written, never resolved; IP literal hosts
-are also matched against the policy's CIDR ranges.
+client instrumentations. Host names are compared as written (case-insensitive, internationalised
+names in their ASCII ``xn--`` form, as sent on the wire), never resolved; IP literal hosts are
+also matched against the policy's CIDR ranges.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
@@ -17,6 +19,10 @@ from .errors import ContextBridgeError
 __all__ = ["EgressConfigError", "EgressPolicy"]
 
 _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+_HOST_NAME = re.compile(
+    r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?)*"
+)
+"""A host name in ASCII form: dot-separated labels (``_`` allowed, as in service records)."""
 
 
 class EgressConfigError(ContextBridgeError, ValueError):
@@ -29,7 +35,9 @@ class EgressPolicy:
     Args:
         hosts: host names (case-insensitive, exact) and suffixes: ``".internal"`` (or
             ``"*.internal"``) matches ``orders.internal`` and ``a.b.internal``.
-            IP literals are allowed as exact entries too.
+            IP literals are allowed as exact entries too. A host only: an entry with a
+            scheme, port, path or user (``"http://orders"``, ``"orders:8080"``) would never
+            match and raises :class:`EgressConfigError`.
         networks: CIDR ranges (``"10.0.0.0/8"``, ``"fd00::/8"``) matched against IP literal
             hosts. Names are not resolved: ``localhost`` matches only a ``hosts`` entry.
         request_id_only_elsewhere: hosts outside the policy still get the request id in its
@@ -60,7 +68,12 @@ class EgressPolicy:
         for entry in hosts:
             if not isinstance(entry, str) or not entry.strip(". *"):
                 raise EgressConfigError(f"invalid egress host entry {entry!r}")
-            name = _normal_host(entry.removeprefix("*"))
+            name = _normal_host(entry.strip().removeprefix("*"))
+            if not _is_host(name.removeprefix(".")):
+                raise EgressConfigError(
+                    f"invalid egress host entry {entry!r}: give a host name, a '.suffix' or an "
+                    "IP address, without scheme, port or path"
+                )
             if name.startswith("."):
                 suffixes.append(name)
             else:
@@ -105,15 +118,45 @@ class EgressPolicy:
 
 
 def _normal_host(host: str) -> str:
+    """Lower case, no trailing dot or IPv6 brackets, internationalised labels in ASCII."""
     host = host.strip().lower().rstrip(".")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
+    if not host.isascii():
+        dot = "." if host.startswith(".") else ""
+        host = dot + _idna(host.removeprefix("."))
     return host
+
+
+def _idna(name: str) -> str:
+    """``name`` in the ASCII form HTTP clients send (IDNA 2008 as httpx and requests do, with
+    the standard library's IDNA 2003 as the fallback); unchanged when it has none."""
+    try:
+        import idna  # noqa: PLC0415 - a dependency of httpx and requests, needed rarely
+
+        return str(idna.encode(name, uts46=True).decode("ascii"))
+    except Exception:  # not installed, or not a valid IDNA 2008 name
+        pass
+    try:
+        return name.encode("idna").decode("ascii")
+    except UnicodeError:
+        return name
+
+
+def _is_host(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return _HOST_NAME.fullmatch(name) is not None
 
 
 def _host_of(destination: object) -> str:
     try:
-        host = getattr(destination, "host", None)  # httpx.URL
+        raw_host = getattr(destination, "raw_host", None)  # httpx.URL: the host as sent
+        if isinstance(raw_host, bytes):
+            return _normal_host(raw_host.decode("ascii"))
+        host = getattr(destination, "host", None)
         if isinstance(host, str):
             return _normal_host(host)
         if isinstance(destination, tuple) and len(destination) >= 2:  # raw (scheme, host, ..)

@@ -129,12 +129,36 @@ def test_policy_matches_exact_names_suffixes_and_networks() -> None:
         ({"hosts": ["*."]}, "invalid egress host"),
         ({"networks": ["10.0.0.0/33"]}, "invalid egress network"),
         ({"networks": ["orders"]}, "invalid egress network"),
+        ({"hosts": ["http://orders"]}, "without scheme, port or path"),
+        ({"hosts": ["orders:8002"]}, "without scheme, port or path"),
+        ({"hosts": ["localhost:8002"]}, "without scheme, port or path"),
+        ({"hosts": ["orders/api"]}, "without scheme, port or path"),
+        ({"hosts": ["user@orders"]}, "without scheme, port or path"),
+        ({"hosts": ["orders..internal"]}, "without scheme, port or path"),
     ],
 )
 def test_policy_refuses_bad_configuration(kwargs: dict[str, Any], message: str) -> None:
     """A misconfigured policy raises EgressConfigError (a ValueError) at construction."""
     with pytest.raises(EgressConfigError, match=message):
         EgressPolicy(**kwargs)
+
+
+def test_internationalised_names_match_as_the_clients_send_them() -> None:
+    """An IDN entry matches however it is written (Unicode or ``xn--``), and as httpx and
+    requests send it (IDNA 2008: ``faß`` is ``xn--fa-hia``, not ``fass``)."""
+    policy = EgressPolicy(hosts=["bücher.example", ".xn--fa-hia.de"])
+    url = "http://bücher.example/x"
+    allowed = [
+        url,
+        "http://xn--bcher-kva.example/x",
+        httpx.URL(url),
+        requests.Request("GET", url).prepare().url,
+        httpx.URL("http://shop.faß.de/"),
+        requests.Request("GET", "http://shop.faß.de/").prepare().url,
+    ]
+    assert [u for u in allowed if not policy.allows(u)] == []
+    assert not policy.allows("http://shop.fass.de/")
+    assert not policy.allows("http://evil.example/bücher.example")
 
 
 def test_request_id_only_elsewhere_needs_a_request_id_header(bridge: cb.ContextBridge) -> None:
@@ -295,6 +319,94 @@ def test_manual_headers_follow_the_policy(bridge: cb.ContextBridge) -> None:
         outside = egress.headers("https://example.com/", {"baggage": "leak=1"})
     assert inside == {"baggage": "request_id=r-7,tenant_id=t"}
     assert outside == {"x-request-id": "r-7"}
+
+
+# -- every client, every kind of policy entry ---------------------------------------------
+
+MATRIX_POLICY = {"hosts": ["orders", ".internal"], "networks": ["10.0.0.0/8", "fd00::/8"]}
+MATRIX = [
+    ("http://orders/x", True),  # exact name
+    ("http://ORDERS.:8080/x", True),  # exact, any case, trailing dot, port
+    ("http://billing.internal/x", True),  # suffix
+    ("http://a.b.internal/x", True),  # suffix, deeper
+    ("http://10.1.2.3:8000/x", True),  # CIDR
+    ("http://[fd00::5]/x", True),  # IPv6 CIDR
+    ("http://internal/x", False),  # a suffix matches subdomains only
+    ("http://orders.evil.example/x", False),
+    ("http://ordersinternal/x", False),
+    ("http://11.0.0.1/x", False),
+    ("http://[fe80::1]/x", False),
+    ("https://api.partner.example/x", False),
+]
+
+
+class RecordingAdapter(requests.adapters.BaseAdapter):
+    """A requests transport answering 200 without a network, keeping each request's headers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[str, dict[str, str]]] = []
+
+    def send(self, request: requests.PreparedRequest, *args: Any, **kwargs: Any) -> Any:
+        self.seen.append((str(request.url), {k.lower(): v for k, v in request.headers.items()}))
+        response = requests.Response()
+        response.status_code, response.url, response.request = 200, str(request.url), request
+        response._content = b"ok"
+        return response
+
+    def close(self) -> None:
+        pass
+
+
+def _assert_policy_held(seen: list[Any], client: str) -> None:
+    """``seen``: the headers each destination of MATRIX received from ``client``, in order."""
+    assert len(seen) == len(MATRIX), client
+    for headers, (url, inside) in zip(seen, MATRIX, strict=True):
+        assert ("baggage" in headers) is inside, (client, url)
+        if inside:
+            assert headers["baggage"] == "request_id=r-m,tenant_id=acme%20corp", (client, url)
+        assert len(headers["traceparent"].split(",")) == 1, (client, url)
+        assert all("u-secret" not in value for value in headers.values()), (client, url)
+
+
+async def test_every_client_applies_exact_suffix_and_cidr_entries(
+    bridge: cb.ContextBridge, spans: InMemorySpanExporter
+) -> None:
+    """httpx (sync and async) and requests, one policy with exact names, suffixes and CIDR
+    ranges: baggage exactly to the destinations it allows, one traceparent to all, and the
+    process-local user to none."""
+    egress = instrument_http_clients(bridge, EgressPolicy(**MATRIX_POLICY), httpx=False)
+    seen: dict[str, list[tuple[str, Any]]] = {"httpx": [], "httpx-async": [], "requests": []}
+
+    def record(client: str) -> httpx.MockTransport:
+        def handler(request: httpx.Request) -> httpx.Response:
+            seen[client].append((str(request.url), request.headers))
+            return httpx.Response(200)
+
+        return httpx.MockTransport(handler)
+
+    sync_client = httpx.Client(transport=record("httpx"))
+    async_client = httpx.AsyncClient(transport=record("httpx-async"))
+    egress.instrument_client(sync_client)
+    egress.instrument_client(async_client)
+    adapter = RecordingAdapter()
+    session = requests.Session()
+    for scheme in ("http://", "https://"):
+        session.mount(scheme, adapter)
+    try:
+        with bridge.scope(request_id="r-m", tenant_id="acme corp", user_id="u-secret"):
+            for url, _ in MATRIX:
+                sync_client.get(url)
+                await async_client.get(url)
+                session.get(url, timeout=5)
+    finally:
+        sync_client.close()
+        await async_client.aclose()
+        session.close()
+        egress.uninstrument()
+    seen["requests"] = adapter.seen
+    for client, sent in seen.items():
+        _assert_policy_held([headers for _, headers in sent], client)
 
 
 # -- real servers, global instrumentation ------------------------------------------------
