@@ -43,6 +43,10 @@ PLAN: list[tuple[str, dict[str, str]]] = [
 ]
 """The demo's requests: (path, headers). ``x-user`` stands in for authentication: the gateway
 keeps it process-local, so it must never reach the downstream."""
+LOCAL_FIELDS = ("user_id",)
+"""The gateway's process-local fields: never a baggage key downstream."""
+WAIT = 15.0
+"""Seconds to wait for the collector to forward everything before reporting what is missing."""
 
 
 @dataclass
@@ -81,13 +85,32 @@ class Sent:
                 want.append(f"{service} log record")
         if len({r["trace_id"] for r in (*self.spans, *self.logs)}) > 1:
             want.append("a single trace id")
+        tenant = self.headers.get("x-tenant-id")
+        if tenant is not None and self.downstream_read().get("tenant_id") != tenant:
+            want.append("the tenant in the downstream's baggage")
         if self.leaked_user():
             want.append("the user id kept in the gateway (it reached orders-downstream)")
         return want
 
+    def baggage_keys(self) -> list[str]:
+        """The baggage keys the downstream's server span says arrived."""
+        for s in self.spans:
+            if s["service"] == ORDERS and s["kind"] == "SERVER":
+                return list(s["attributes"].get("orders.baggage_keys") or ())
+        return []
+
+    def downstream_read(self) -> dict[str, Any]:
+        """What the downstream logged having read with ``get_baggage`` (empty: no record)."""
+        for r in self.logs:
+            if r["service"] == ORDERS and "requested" in str(r["body"]):
+                return dict(r["attributes"])
+        return {}
+
     def leaked_user(self) -> bool:
-        """True when the user id (process-local in the gateway) shows up in any record of the
-        downstream service for this request."""
+        """True when the process-local user id reached the downstream: as a baggage entry
+        (whatever its value), or its value in any downstream record of this request."""
+        if any(key in LOCAL_FIELDS for key in self.baggage_keys()):
+            return True
         user = self.headers.get("x-user")
         if not user:
             return False
@@ -125,19 +148,16 @@ def send_requests(gateway_url: str, plan: list[tuple[str, dict[str, str]]] = PLA
 def _read_downstream(sent: Sent) -> list[str]:
     """What the downstream logged having read with ``get_baggage``, and the baggage keys its
     server span says arrived."""
-    logged = [
-        r["attributes"]
-        for r in sent.logs
-        if r["service"] == ORDERS and "requested" in str(r["body"])
-    ]
-    keys = [
-        s["attributes"].get("orders.baggage_keys")
-        for s in sent.spans
-        if s["service"] == ORDERS and s["kind"] == "SERVER"
-    ]
-    read = " ".join(f"{k}={logged[0].get(k)!r}" for k in ("request_id", "tenant_id"))
-    arrived = ", ".join(keys[0] or ()) if keys else ""
+    logged = sent.downstream_read()
+    read = " ".join(f"{k}={logged.get(k)!r}" for k in ("request_id", "tenant_id"))
+    arrived = ", ".join(sent.baggage_keys())
     return [read if logged else "(no log record)", f"(baggage keys it got: {arrived or 'none'})"]
+
+
+def _cut(text: str, width: int) -> str:
+    """``text`` on one line, at most ``width`` characters (``…`` marks a cut)."""
+    text = text.replace("\n", " ")
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def report(sent: Sent) -> str:
@@ -153,35 +173,38 @@ def report(sent: Sent) -> str:
     traces = sorted({r["trace_id"] for r in (*sent.spans, *sent.logs) if r["trace_id"]})
     out.append(f"  trace id {', '.join(traces) or '(none)'}")
     mark = {True: "yes", False: "NO"}
-    out.append(f"  {'spans':<7}{'service':<19}{'kind':<9}{'name':<24}{'trace id':<34}has id")
+    out.append(f"  {'spans':<7}{'service':<19}{'kind':<9}{'name':<27}{'trace id':<34}has id")
     order = {"SERVER": 0, "CLIENT": 1}
     for s in sorted(sent.spans, key=lambda s: (s["service"] != GATEWAY, order.get(s["kind"], 2))):
         out.append(
-            f"  {'':<7}{s['service']:<19}{s['kind']:<9}{s['name'][:23]:<24}"
+            f"  {'':<7}{s['service']:<19}{s['kind']:<9}{_cut(s['name'], 26):<27}"
             f"{s['trace_id']:<34}{mark[_rid(s) == sent.request_id]}"
         )
-    out.append(f"  {'logs':<7}{'service':<19}{'level':<9}{'message':<58}has id")
+    out.append(f"  {'logs':<7}{'service':<19}{'level':<9}{'message':<61}has id")
     for r in sorted(sent.logs, key=lambda r: r["service"] != GATEWAY):
-        body = str(r["body"]).split(": request_id=")[0].replace("\n", " ")[:57]
+        body = _cut(str(r["body"]).split(": request_id=")[0], 60)
         out.append(
-            f"  {'':<7}{r['service']:<19}{r['severity']:<9}{body:<58}"
+            f"  {'':<7}{r['service']:<19}{r['severity']:<9}{body:<61}"
             f"{mark[_rid(r) == sent.request_id]}"
         )
     read, arrived = _read_downstream(sent)
     out.append(f"  downstream read from baggage: {read}\n{'':<32}{arrived}")
+    where = "LEAKED to the downstream" if sent.leaked_user() else "never left the gateway"
     if "x-user" in sent.headers:
         records = (*sent.spans, *sent.logs)
         on = sorted({r["service"] for r in records if r["attributes"].get("app.user_id")})
-        where = "LEAKED to the downstream" if sent.leaked_user() else "never left the gateway"
         out.append(f"  user_id (process-local): in {', '.join(on) or 'no'} records; {where}")
+    else:
+        out.append(f"  user_id (process-local): not set (no x-user); {where}")
     missing = sent.missing()
     out.append(f"  MISSING: {', '.join(missing)}" if missing else "  complete")
     return "\n".join(out)
 
 
-def run(workdir: Path) -> int:
-    """The whole demo in ``workdir``; returns the exit code."""
-    with Stack(workdir) as stack:
+def run(workdir: Path, env: Mapping[str, str] | None = None, wait: float = WAIT) -> int:
+    """The whole demo in ``workdir``; returns the exit code. ``env`` adds variables for both
+    services; ``wait`` bounds the wait for the collector's data, in seconds."""
+    with Stack(workdir, env=env) as stack:
         col = stack.collector
         print("otel_ctxbridge demo: gateway (otel_ctxbridge) -> orders-downstream (plain OTel)")
         print(
@@ -199,7 +222,7 @@ def run(workdir: Path) -> int:
                 s.collect(sink)
             return not any(s.missing() for s in sent)
 
-        stack.sink.wait_for(complete, timeout=15)
+        stack.sink.wait_for(complete, timeout=wait)
         complete(stack.sink)
         print(
             f"received {len(stack.sink.spans())} spans and {len(stack.sink.logs())} log records"

@@ -29,6 +29,9 @@ __all__ = ["GATEWAY", "ORDERS", "DemoError", "Stack"]
 EXAMPLES = Path(__file__).resolve().parent
 GATEWAY, ORDERS = "gateway", "orders-downstream"
 """The services' names (``service.name``)."""
+_INHERITED_NOT = ("OTEL_", "GATEWAY_", "DOWNSTREAM_", "ORDERS_URL", "PARTNER_URL")
+"""Prefixes of variables the services do not inherit: OpenTelemetry's and the examples' own
+settings, which would redirect the demo's telemetry or change what the services do."""
 
 
 class DemoError(RuntimeError):
@@ -78,7 +81,8 @@ class Stack:
     """The collector (with its recording sink) and the two services, as child processes.
 
     ``env`` adds variables for both services (say ``OTEL_BSP_MAX_QUEUE_SIZE``); inherited
-    ``OTEL_*`` variables are dropped so that nothing redirects the demo's telemetry.
+    ``OTEL_*`` variables and the examples' settings (``GATEWAY_*``, ``PARTNER_URL``...) are
+    dropped so that nothing in the caller's environment changes what the demo shows.
     """
 
     def __init__(self, workdir: Path, env: Mapping[str, str] | None = None) -> None:
@@ -120,7 +124,7 @@ class Stack:
         return self
 
     def _spawn(self, name: str, script: str, **env: str) -> None:
-        base = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+        base = {k: v for k, v in os.environ.items() if not k.startswith(_INHERITED_NOT)}
         base.update(
             OTEL_EXPORTER_OTLP_ENDPOINT=self.collector.otlp_http_endpoint,
             OTEL_SERVICE_NAME=name,

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -34,6 +35,15 @@ run ignores SIGINT (a background job does, and its children inherit that)."""
 
 def _env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+
+
+def _demo_module() -> Any:
+    sys.path.insert(0, str(DEMO.parent))
+    try:
+        import demo
+    finally:
+        sys.path.remove(str(DEMO.parent))
+    return demo
 
 
 def _skip_without_collector(stderr: str) -> None:
@@ -85,12 +95,15 @@ def test_demo_exits_zero_reports_every_request_id_and_leaves_no_process() -> Non
     """``examples/demo.py`` (what ``make demo`` runs) exits 0, reports every one of its six
     request ids as complete (the three sent by the client by name, three generated), including
     the failing request's 500, and the collector and both services it started are gone after."""
+    # The examples' own settings in the caller's environment would change what the demo shows
+    # (no baggage downstream, a dead partner): the demo must not inherit them.
+    stray = {"GATEWAY_EGRESS_HOSTS": "nowhere.invalid", "PARTNER_URL": "http://127.0.0.1:9/"}
     proc = subprocess.run(
         [sys.executable, str(DEMO)],
         capture_output=True,
         text=True,
         timeout=TIMEOUT,
-        env=_env(),
+        env={**_env(), **stray},
         check=False,
     )
     _skip_without_collector(proc.stderr)
@@ -107,6 +120,7 @@ def test_demo_exits_zero_reports_every_request_id_and_leaves_no_process() -> Non
     assert "OK: all 6 request ids" in out
     assert "LEAKED" not in out
     assert "MISSING" not in out
+    assert out.count("never left the gateway") == 6
 
     header = re.findall(r"^  (\S+)\s+(?:rotel-agent )?pid (\d+)", out, flags=re.MULTILINE)
     started = {int(pid): MARKERS[name] for name, pid in header}
@@ -146,3 +160,96 @@ def test_interrupted_demo_stops_every_process_it_started(signum: int) -> None:
     assert any("gateway_service.py" in cmd for cmd in children.values()), children
     started = {pid: m for pid, cmd in children.items() for m in MARKERS.values() if m in cmd}
     assert not _gone_within(started)
+
+
+def test_demo_exits_one_naming_what_is_missing_when_the_downstream_gets_no_ids() -> None:
+    """Propagation broken on purpose (the gateway's egress policy allows no host, so the
+    downstream gets no baggage): the demo reports each request's missing downstream span and
+    log record, exits 1, and still leaves no process behind."""
+    script = (
+        "import sys, tempfile, pathlib; sys.path.insert(0, sys.argv[1]); import demo; "
+        "d = tempfile.mkdtemp(); "
+        "sys.exit(demo.run(pathlib.Path(d), env={'GATEWAY_EGRESS_HOSTS': 'nowhere.invalid'},"
+        " wait=2))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(DEMO.parent)],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env=_env(),
+        check=False,
+    )
+    if "CollectorStartError" in proc.stderr:
+        _skip_without_collector("could not start the collector")
+    out = proc.stdout
+    assert proc.returncode == 1, f"{out}\n{proc.stderr}"
+    missing = "MISSING: orders-downstream server span, orders-downstream log record"
+    assert out.count(missing) == 6, out
+    assert "FAILED: 6 of 6 request ids incomplete" in out
+    assert "OK:" not in out
+    header = re.findall(r"^  (\S+)\s+(?:rotel-agent )?pid (\d+)", out, flags=re.MULTILINE)
+    started = {int(pid): MARKERS[name] for name, pid in header}
+    assert sorted(started.values()) == sorted(MARKERS.values()), out
+    assert not _gone_within(started)
+
+
+def _records(user_keys: tuple[str, ...] = (), tenant: str = "acme") -> tuple[list[Any], list[Any]]:
+    """What the collector forwards for one complete request ``r-1`` of tenant ``tenant``."""
+    trace_id = "ab" * 16
+    keys = ["request_id", "tenant_id", *user_keys]
+
+    def record(service: str, **fields: Any) -> dict[str, Any]:
+        return {"service": service, "trace_id": trace_id, **fields}
+
+    gateway_ids = {"app.request_id": "r-1", "app.tenant_id": "acme", "app.user_id": "alice"}
+    spans = [
+        record("gateway", kind="SERVER", name="GET /checkout/1", attributes=gateway_ids),
+        record("gateway", kind="CLIENT", name="GET", attributes=gateway_ids),
+        record(
+            "orders-downstream",
+            kind="SERVER",
+            name="GET /orders/1",
+            attributes={"request_id": "r-1", "tenant_id": tenant, "orders.baggage_keys": keys},
+        ),
+    ]
+    logs = [
+        record("gateway", body="checkout of order 1", severity="INFO", attributes=gateway_ids),
+        record(
+            "orders-downstream",
+            body="order 1 requested: request_id=r-1",
+            severity="INFO",
+            attributes={"request_id": "r-1", "tenant_id": tenant},
+        ),
+    ]
+    return spans, logs
+
+
+@pytest.mark.parametrize(
+    ("user_keys", "tenant", "problem"),
+    [
+        ((), "acme", None),
+        (("user_id",), "acme", "the user id kept in the gateway"),
+        ((), "globex", "the tenant in the downstream's baggage"),
+    ],
+    ids=["complete", "user-id-in-downstream-baggage", "wrong-tenant-downstream"],
+)
+def test_demo_verdict_catches_a_leaked_user_id_and_a_wrong_tenant(
+    user_keys: tuple[str, ...], tenant: str, problem: str | None
+) -> None:
+    """The demo's verdict on one request: complete when every record carries the id, the
+    downstream read the tenant sent and got no process-local field; a ``user_id`` baggage entry
+    reaching the downstream (even without its value in any record) is reported as a leak, and
+    a tenant other than the one sent as missing."""
+    demo = _demo_module()
+    headers = {"x-request-id": "r-1", "x-tenant-id": "acme", "x-user": "alice"}
+    sent = demo.Sent("/checkout/1", headers, 200, "r-1")
+    sent.spans, sent.logs = _records(user_keys, tenant)
+    missing = sent.missing()
+    if problem is None:
+        assert missing == []
+        assert "never left the gateway" in demo.report(sent)
+    else:
+        assert any(problem in m for m in missing), missing
+        assert "MISSING" in demo.report(sent)
+    assert ("LEAKED" in demo.report(sent)) is bool(user_keys)
