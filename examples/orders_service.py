@@ -15,7 +15,9 @@ Run it (SQLite files per tenant by default, in ``$ORDERS_DATA_DIR`` or a tempora
 
     python examples/orders_service.py
     curl -s localhost:8000/products -H 'x-tenant-id: acme'          # localhost is trusted
-    curl -s localhost:8000/orders -H 'x-tenant-id: acme' -d '{"sku": "book", "quantity": 2}'
+    curl -s localhost:8000/orders -H 'x-tenant-id: acme' -H 'content-type: application/json' \\
+        -d '{"sku": "book", "quantity": 2}'                         # 201, the order
+    curl -s localhost:8000/orders -H 'x-tenant-id: acme'            # the tenant's orders
 
 On PostgreSQL, give a DSN template with ``{tenant}`` (a database or a schema per tenant; a
 ``search_path`` schema is created at startup)::

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
 import logging
 import os
+import shlex
+import shutil
+import subprocess
 import uuid
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
@@ -259,3 +263,55 @@ async def test_the_example_runs_on_sqlite_by_default(tmp_path: Path) -> None:
             unknown = await client.get("/orders", headers=_gateway("initech", "s-5"))
             assert unknown.status_code == 404
     assert sorted(p.name for p in tmp_path.glob("*.db")) == ["acme.db", "globex.db"]
+
+
+def _documented_curl_commands() -> list[list[str]]:
+    """The ``curl`` commands of the example's docstring (its SQLite "Run it" block), as argv."""
+    text = (example.__doc__ or "").split("On PostgreSQL")[0]
+    commands, pending = [], ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if pending or line.startswith("curl "):
+            pending += " " + line
+            if pending.endswith("\\"):
+                pending = pending[:-1]
+                continue
+            commands.append(shlex.split(pending, comments=True))
+            pending = ""
+    return commands
+
+
+def test_the_documented_curl_commands_work_as_written(tmp_path: Path) -> None:
+    """Each ``curl`` command of the example's docstring, run with the real curl against the
+    example as ``main()`` configures it (localhost trusted): none is refused (a POST sent as
+    curl's default form encoding would get 422), and the order it creates is listed."""
+    curl = shutil.which("curl")
+    if curl is None:
+        pytest.skip("curl is not installed")
+    commands = _documented_curl_commands()
+    assert len(commands) == 3, commands
+    app = example.create_app(
+        data_dir=tmp_path, trust=TrustPolicy(networks=["127.0.0.1/32", "::1/128"])
+    )
+    outputs = []
+    with serve(app) as url:
+        for documented in commands:
+            argv = [curl] + [
+                url + a.removeprefix("localhost:8000") if a.startswith("localhost:") else a
+                for a in documented[1:]
+            ]
+            done = subprocess.run(
+                [*argv, "-w", "\n%{http_code}"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
+            body, _, status = done.stdout.rpartition("\n")
+            assert done.returncode == 0, done.stderr
+            assert int(status) < 400, (argv, status, body)
+            outputs.append(json.loads(body))
+    products, created, listed = outputs
+    assert {p["sku"] for p in products} == set(example.STOCK)
+    assert (created["sku"], created["quantity"]) == ("book", 2)
+    assert [(o["id"], o["sku"]) for o in listed] == [(created["id"], "book")]
