@@ -6,8 +6,9 @@ Needs a broker: RabbitMQ (default ``amqp://guest:guest@127.0.0.1:5672//``) or an
     celery -A celery_tasks worker --pool=threads -Q ctxbridge-orders --loglevel=INFO
     python celery_tasks.py          # publishes three tasks from three "requests"
 
-Each worker log line is one JSON object carrying ``request_id``, ``tenant_id`` and
-``trace_id`` of the publishing request; ``user_id`` is process-local and stays behind (null).
+Each "processing order" line of the worker is one JSON object carrying the ``request_id``,
+``tenant_id`` and ``trace_id`` that the publisher printed for that order; ``user_id`` is
+process-local and stays behind (null).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import os
 from typing import Any
 
 from celery import Celery, signals
+from opentelemetry import trace
 
 import otel_ctxbridge as cb
 from otel_ctxbridge.integrations.celery import instrument_celery
@@ -93,13 +95,24 @@ def process_order(order_id: str) -> None:
     log.info("processing order %s", order_id)
 
 
-def main() -> None:
-    """Publish three tasks, each from its own request scope."""
+def main(queue: str | None = None) -> dict[str, str]:
+    """Publish three tasks, each from its own "request" (a span and a scope), to ``queue``
+    (default: ``CELERY_QUEUE``); returns each order's trace id."""
+    tracer = trace.get_tracer("celery_tasks")
+    published = {}
     for n, tenant in enumerate(("acme", "globex", "initech")):
-        with bridge.scope(request_id=f"req-{n}", tenant_id=tenant, user_id="u-secret"):
-            process_order.delay(f"order-{n}")
-            print(f"published order-{n} for request req-{n} (tenant {tenant})")
+        with (
+            tracer.start_as_current_span(f"request {n}") as span,
+            bridge.scope(request_id=f"req-{n}", tenant_id=tenant, user_id="u-secret"),
+        ):
+            process_order.apply_async((f"order-{n}",), queue=queue)
+            published[f"order-{n}"] = trace_id = f"{span.get_span_context().trace_id:032x}"
+        print(f"published order-{n} for request req-{n} (tenant {tenant}, trace {trace_id})")
+    return published
 
 
 if __name__ == "__main__":
+    from opentelemetry.sdk.trace import TracerProvider
+
+    trace.set_tracer_provider(TracerProvider())  # spans (not exported): their ids travel
     main()

@@ -261,6 +261,25 @@ def test_worker_logs_each_publishing_requests_id_tenant_and_trace(
         )
 
 
+def test_the_examples_publisher_sends_its_ids_and_traces_to_the_worker(
+    example: Any, worker: tuple[str, WorkerLog], spans: InMemorySpanExporter
+) -> None:
+    """``python celery_tasks.py`` (its ``main()``): each order's worker line carries the request
+    id, tenant and trace id the publisher printed for it, never the process-local user."""
+    queue, log = worker
+    published = example.main(queue)
+    assert len(set(published.values())) == 3
+    assert "0" * 32 not in published.values()
+    lines = log.wait_for(lambda lines: len(_task_lines(lines, "order-")) == 3)
+    seen = _task_lines(lines, "order-")
+    for n, tenant in enumerate(("acme", "globex", "initech")):
+        line = seen[f"order-{n}"]
+        expected = (f"req-{n}", tenant, None, published[f"order-{n}"])
+        assert (line["request_id"], line["tenant_id"], line["user_id"], line["trace_id"]) == (
+            expected
+        )
+
+
 def test_worker_drops_hostile_header_values_and_runs_the_task(
     example: Any, worker: tuple[str, WorkerLog]
 ) -> None:
