@@ -116,6 +116,9 @@ def instrument_asgi(
         # Read the request's fields just before OTel starts the server span, so that the span
         # starts with them (samplers and span processors see them too).
         otel_kwargs["default_span_details"] = inner.span_details
+    # OTel's middleware is outside for every request: even when it records nothing (an unsampled
+    # request, an excluded URL) no inner telemetry may start a span on a fresh context.
+    inner.traced_outside = True
     traced = OpenTelemetryMiddleware(inner, **otel_kwargs)
     return TraceHeaderShield(traced, bridge=bridge, hidden=(trust.secret_header,))
 
@@ -161,6 +164,10 @@ class ContextBridgeMiddleware:
         self.trust = trust if trust is not None else TrustPolicy()
         self.access_log = access_log
         self.log_errors = log_errors
+        self.traced_outside = False
+        """True when OTel's middleware wraps this one for every request (``instrument_asgi``
+        sets it): FastAPI's native telemetry and Starlette's ``OpenTelemetryMiddleware`` are
+        then kept off even for requests OTel does not record (unsampled, excluded URLs)."""
         self._reader = InboundReader(bridge, self.trust, request_id_field)
         secret = self.trust.secret_header if self.trust.has_secret else None
         self._secret = secret.encode("latin-1") if secret else None
@@ -259,14 +266,9 @@ class ContextBridgeMiddleware:
                     values.pop(exc.field, None)
         else:  # pragma: no cover - every value dropped above
             ctx = bridge.derive(base, {}, frame=frame)
-        if frame.spans:
-            if pending is None and values:
-                span.set_attributes(self._span_attributes(values, {}))
-            # A server span is current: keep FastAPI's native telemetry and Starlette's
-            # OpenTelemetryMiddleware from starting a second one on a fresh context (FastAPI
-            # does the same when OTel's ASGI middleware is in its own stack).
-            scope.setdefault(_FASTAPI_TELEMETRY, None)
-            scope.setdefault(_STARLETTE_TELEMETRY, True)
+        if frame.spans and pending is None and values:
+            span.set_attributes(self._span_attributes(values, {}))
+        self._guard_native_telemetry(scope, span)
         original = scope.pop(ORIGINAL_HEADERS, None)
         if original is not None:
             scope["headers"] = original  # the app sees the headers as they came
@@ -275,6 +277,16 @@ class ContextBridgeMiddleware:
             if any(name == secret for name, _ in scope.get("headers") or ()):
                 scope["headers"] = [h for h in scope["headers"] if h[0] != secret]
         return Exchange(self, scope, send, ctx, frame, echo_value(values.get(self._rid)))
+
+    def _guard_native_telemetry(self, scope: Scope, span: Any) -> None:
+        if self.traced_outside or (span is not None and span.get_span_context().is_valid):
+            # A server span is current (recording or not), or OTel chose not to trace this URL:
+            # keep FastAPI's native telemetry and Starlette's OpenTelemetryMiddleware from
+            # starting another on a context extracted afresh from the headers, which would
+            # drop the request context and adopt untrusted baggage (FastAPI does the same when
+            # OTel's ASGI middleware is in its own stack).
+            scope.setdefault(_FASTAPI_TELEMETRY, None)
+            scope.setdefault(_STARLETTE_TELEMETRY, True)
 
     def _fields_extra(self, ctx: Context) -> dict[str, Any]:
         extra: dict[str, Any] = {}

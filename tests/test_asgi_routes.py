@@ -1,0 +1,114 @@
+"""instrument_asgi with FastAPI as a user runs it, on a real uvicorn server: the request context
+survives requests OTel does not record (unsampled, excluded URLs) without FastAPI's native
+telemetry replacing it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from _servers import serve
+from fastapi import FastAPI
+from opentelemetry import baggage
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from test_asgi import server_spans
+
+import otel_ctxbridge as cb
+from otel_ctxbridge.asgi import instrument_asgi
+
+TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+UNSAMPLED = f"00-{TRACE}-00f067aa0ba902b7-00"
+SAMPLED = f"00-{TRACE}-00f067aa0ba902b7-01"
+HOSTILE_BAGGAGE = "tenant_id=evil,is_admin=true"
+
+
+def make_api(bridge: cb.ContextBridge) -> FastAPI:
+    """Routes that answer with what they see of the context; a path parameter; a mounted app."""
+    api = FastAPI()
+
+    @api.get("/seen")
+    async def seen() -> dict[str, Any]:
+        return {
+            "fields": dict(bridge.current()),
+            "baggage": dict(baggage.get_all()),
+            "outbound": bridge.inject({}),
+        }
+
+    @api.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"fields": dict(bridge.current()), "baggage": dict(baggage.get_all())}
+
+    @api.get("/items/{item_id}")
+    async def item(item_id: int) -> dict[str, int]:
+        return {"item": item_id}
+
+    sub = FastAPI()
+
+    @sub.get("/hello/{name}")
+    async def hello(name: str) -> dict[str, str]:
+        return {"hello": name}
+
+    api.mount("/sub", sub)
+
+    async def plain(request: Request) -> JSONResponse:
+        return JSONResponse({"user": request.path_params["user"]})
+
+    api.mount("/plain", Starlette(routes=[Route("/users/{user}", plain)]))
+    return api
+
+
+@pytest.fixture
+def url(bridge: cb.ContextBridge, spans: InMemorySpanExporter) -> Iterator[str]:
+    """The app under instrument_asgi (trust nobody), /health excluded from tracing."""
+    with serve(instrument_asgi(make_api(bridge), bridge, excluded_urls="health")) as base:
+        yield base
+
+
+def test_unsampled_request_keeps_its_context_and_refuses_untrusted_baggage(
+    url: str, spans: InMemorySpanExporter
+) -> None:
+    """An inbound traceparent with sampled=0 makes OTel's server span non-recording; FastAPI's
+    native telemetry must still not start its own span on a context extracted afresh from the
+    headers: the handler sees the request id, untrusted baggage never becomes the tenant nor
+    goes downstream, the trace id and the unsampled flag go on, and no span is recorded."""
+    response = httpx.get(
+        url + "/seen",
+        headers={"traceparent": UNSAMPLED, "x-request-id": "rid-1", "baggage": HOSTILE_BAGGAGE},
+    )
+    assert response.status_code == 200
+    body = response.json()
+    assert body["fields"] == {"request_id": "rid-1"}
+    assert body["baggage"] == {"request_id": "rid-1"}
+    assert body["outbound"]["baggage"] == "request_id=rid-1"
+    _, trace_id, _, flags = body["outbound"]["traceparent"].split("-")
+    assert (trace_id, flags) == (TRACE, "00")
+    assert response.headers["x-request-id"] == "rid-1"
+    httpx.get(url + "/seen", headers={"traceparent": SAMPLED})  # a recorded one, as a marker
+    (server,) = server_spans(spans)
+    assert server.name == "GET /seen"
+    assert [s.name for s in spans.get_finished_spans()] == ["GET /seen"]
+
+
+def test_excluded_url_keeps_its_context_and_records_nothing(
+    url: str, spans: InMemorySpanExporter
+) -> None:
+    """A URL excluded from OTel's middleware still gets the request context, and FastAPI's
+    native telemetry records nothing for it nor adopts the inbound baggage."""
+    response = httpx.get(
+        url + "/health",
+        headers={"traceparent": SAMPLED, "x-request-id": "rid-h", "baggage": HOSTILE_BAGGAGE},
+    )
+    assert response.json() == {
+        "fields": {"request_id": "rid-h"},
+        "baggage": {"request_id": "rid-h"},
+    }
+    assert response.headers["x-request-id"] == "rid-h"
+    httpx.get(url + "/seen")  # a recorded one, as a marker
+    server_spans(spans)
+    assert [s.name for s in spans.get_finished_spans()] == ["GET /seen"]
