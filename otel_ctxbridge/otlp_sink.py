@@ -76,14 +76,36 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def _body(self) -> bytes:
-        length = int(self.headers.get("Content-Length") or 0)
-        if not 0 <= length <= _MAX_BODY:
-            raise ValueError("bad Content-Length")
-        data = self.rfile.read(length)
+        coding = self.headers.get("Transfer-Encoding", "").strip().lower()
+        if coding == "chunked":
+            data = self._chunked()
+        elif coding not in ("", "identity"):
+            raise ValueError(f"unsupported Transfer-Encoding {coding!r}")
+        else:
+            length = int(self.headers.get("Content-Length") or 0)
+            if not 0 <= length <= _MAX_BODY:
+                raise ValueError("bad Content-Length")
+            data = self.rfile.read(length)
         encoding = self.headers.get("Content-Encoding", "").strip().lower()
         if encoding not in ("gzip", "identity", ""):
             raise ValueError(f"unsupported Content-Encoding {encoding!r}")
         return gzip.decompress(data) if encoding == "gzip" else data
+
+    def _chunked(self) -> bytes:
+        """A ``Transfer-Encoding: chunked`` body (sent by exporters streaming their payload),
+        at most ``_MAX_BODY`` bytes."""
+        data = bytearray()
+        while True:
+            size = int(self.rfile.readline(1024).split(b";", 1)[0].strip() or b"x", 16)
+            if size < 0 or len(data) + size > _MAX_BODY:
+                raise ValueError("bad chunk size")
+            if size == 0:
+                while self.rfile.readline(1024).strip():  # trailer fields, then a blank line
+                    pass
+                return bytes(data)
+            data += self.rfile.read(size)
+            if self.rfile.read(2) != b"\r\n":
+                raise ValueError("bad chunk")
 
     def do_POST(self) -> None:
         sink, path = self.sink, self.path.split("?", 1)[0]
