@@ -1,6 +1,6 @@
-"""One request on its way out: the echoed request id, the status, the access-log line, and the
-500 (with the id) when the application fails before answering. Used by
-:class:`~otel_ctxbridge.asgi.ContextBridgeMiddleware`."""
+"""One request on its way out: the echoed request id, the status, the server span named after
+the matched route, the access-log line, and the 500 (with the id) when the application fails
+before answering. Used by :class:`~otel_ctxbridge.asgi.ContextBridgeMiddleware`."""
 
 from __future__ import annotations
 
@@ -17,6 +17,9 @@ if TYPE_CHECKING:
     from .asgi import ContextBridgeMiddleware
 
 _logger = logging.getLogger("otel_ctxbridge.asgi")
+_METHODS = frozenset(
+    ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "QUERY")
+)
 _500 = [(b"content-type", b"text/plain; charset=utf-8"), (b"connection", b"close")]
 
 
@@ -24,9 +27,21 @@ class Exchange:
     """One request on its way out: the echo header, the status, the access-log line.
 
     ``mw`` is the middleware (its settings), ``send_next`` the ``send`` it wraps, ``ctx`` and
-    ``frame`` the request context, ``echo`` the request id as a header value (or None)."""
+    ``frame`` the request context, ``echo`` the request id as a header value (or None),
+    ``named`` the name the server span was started with (None: not named by the middleware)."""
 
-    __slots__ = ("ctx", "echo", "frame", "logged", "mw", "scope", "send_next", "start", "status")
+    __slots__ = (
+        "ctx",
+        "echo",
+        "frame",
+        "logged",
+        "mw",
+        "named",
+        "scope",
+        "send_next",
+        "start",
+        "status",
+    )
 
     def __init__(  # noqa: PLR0917 - private, called once per request
         self,
@@ -36,6 +51,7 @@ class Exchange:
         ctx: Context,
         frame: Frame,
         echo: bytes | None,
+        named: str | None = None,
     ) -> None:
         self.mw = mw
         self.scope = scope
@@ -46,6 +62,7 @@ class Exchange:
         self.start = perf_counter()
         self.logged = False
         self.status = 0  # 0 until the response starts
+        self.named = named  # the server span's name, when the middleware's hook gave it
 
     def _add_echo(self, message: Message) -> None:
         mw = self.mw
@@ -68,6 +85,8 @@ class Exchange:
             self.status = message.get("status", 200)
             try:
                 self._add_echo(message)
+                if self.named is not None and self.frame.spans:  # routed by now
+                    name_after_route(self.frame.spans[0], self.named, self.scope)
             except Exception:  # telemetry never throws on the request path
                 _logger.debug("otel_ctxbridge: could not add the request id", exc_info=True)
         elif kind == "http.response.body" and not message.get("more_body", False):
@@ -122,6 +141,42 @@ class Exchange:
             mw._access.info("%s %s %s %.1fms", method, path, status, duration, extra=extra)
         except Exception:  # telemetry never throws on the request path
             _logger.debug("otel_ctxbridge: could not write the access log", exc_info=True)
+
+
+def default_span_name(scope: Scope) -> str:
+    """OTel's default server span name (``"GET /path"``; the path for websockets), without
+    its per-request environment lookup for the common methods."""
+    path = str(scope.get("path", "")).strip()
+    method = str(scope.get("method", "")).strip()
+    if method not in _METHODS:
+        from opentelemetry.util.http import sanitize_method  # noqa: PLC0415 - rare methods only
+
+        method = sanitize_method(method)
+        method = "HTTP" if method == "_OTHER" else method
+    if method and path:
+        return f"{method} {path}"
+    return path or method
+
+
+def route_template(scope: Scope) -> str | None:
+    """The route template the router matched (``/items/{item_id}``, mount prefix included),
+    as Starlette and FastAPI leave it in ``scope["route"]``; None without a matched route."""
+    template = getattr(scope.get("route"), "path_format", None)
+    if not isinstance(template, str) or not template:
+        return None
+    return f"{scope.get('root_path') or ''}{template}"
+
+
+def name_after_route(span: Any, named: str, scope: Scope) -> None:
+    """Rename ``span`` from ``named`` (``"GET /items/42"``) to ``"GET /items/{item_id}"`` and
+    set ``http.route``, as FastAPI's instrumentation does, once the router has matched a route.
+    A span renamed since (by the application or a hook) keeps its name."""
+    route = route_template(scope)
+    method, sep, _ = named.partition(" ")
+    if route is None or not sep or getattr(span, "name", None) != named:
+        return
+    span.set_attribute("http.route", route)
+    span.update_name(f"{method} {route}")
 
 
 def echo_value(value: object) -> bytes | None:

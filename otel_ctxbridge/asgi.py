@@ -8,18 +8,22 @@ application (FastAPI, Starlette, ...) with, from the outside in:
    (it would answer 500) hidden from OTel;
 2. ``opentelemetry-instrumentation-asgi``'s ``OpenTelemetryMiddleware``: the server span, a
    child of a valid inbound ``traceparent``, starting with the request's fields as attributes
-   (send/receive spans off unless ``exclude_spans`` is given);
+   (send/receive spans off unless ``exclude_spans`` is given) and, once the router has matched
+   a route, named after its template (``GET /items/{item_id}``, with ``http.route``) as
+   FastAPI's own instrumentation names it, rather than after the raw path;
 3. :class:`ContextBridgeMiddleware`: the request context, inside the server span.
 
 The order matters: OTel's middleware attaches a fresh context extracted from the headers (so a
 context attached outside it is lost) and starts the server span before inner middleware runs.
 :class:`ContextBridgeMiddleware` therefore builds the request context on top of OTel's and keeps
 a request frame so that ``bridge.update()`` anywhere in the request (a FastAPI dependency in a
-worker thread included) reaches the server span and the access log. While a server span is
-current it also keeps FastAPI's native telemetry and Starlette's ``OpenTelemetryMiddleware``
-from starting a second server span on a fresh context (FastAPI does the same when OTel's
-middleware is in its own stack). Use :class:`ContextBridgeMiddleware` alone when OTel's
-middleware is already outside it (then OTel parses the trace headers itself).
+worker thread included) reaches the server span and the access log. Under
+``instrument_asgi``, or while a span is current, it also keeps FastAPI's native telemetry and
+Starlette's ``OpenTelemetryMiddleware`` from starting another server span on a context
+extracted afresh from the headers (FastAPI does the same when OTel's middleware is in its own
+stack): that holds for requests OTel does not record too (unsampled, excluded URLs). Use
+:class:`ContextBridgeMiddleware` alone when OTel's middleware is already outside it (then OTel
+parses the trace headers itself).
 
 Request ids: a valid inbound id (the field's validator, or :data:`~otel_ctxbridge.
 REQUEST_ID_PATTERN` when it has none: UUIDs, 32-hex ids, nginx ``$request_id``, safe tokens up
@@ -44,7 +48,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import format_span_id, format_trace_id
 
 from . import _runtime as rt
-from ._exchange import Exchange, echo_value
+from ._exchange import Exchange, default_span_name, echo_value
 from ._inbound import (
     ORIGINAL_HEADERS,
     ASGIApp,
@@ -69,9 +73,6 @@ _REQUEST_KEYS = ("method", "path", "status_code", "duration_ms", "client_addr")
 _INBOUND = "otel_ctxbridge.inbound"
 _FASTAPI_TELEMETRY = "fastapi.telemetry"
 _STARLETTE_TELEMETRY = "starlette.opentelemetry"
-_METHODS = frozenset(
-    ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "QUERY")
-)
 
 
 def instrument_asgi(
@@ -121,21 +122,6 @@ def instrument_asgi(
     inner.traced_outside = True
     traced = OpenTelemetryMiddleware(inner, **otel_kwargs)
     return TraceHeaderShield(traced, bridge=bridge, hidden=(trust.secret_header,))
-
-
-def _span_details(scope: Scope) -> tuple[str, dict[str, Any]]:
-    """OTel's default server span name (``"GET /path"``; the path for websockets), without
-    its per-request environment lookup for the common methods."""
-    path = str(scope.get("path", "")).strip()
-    method = str(scope.get("method", "")).strip()
-    if method not in _METHODS:
-        from opentelemetry.util.http import sanitize_method  # noqa: PLC0415 - rare methods only
-
-        method = sanitize_method(method)
-        method = "HTTP" if method == "_OTHER" else method
-    if method and path:
-        return f"{method} {path}", {}
-    return (path or method), {}
 
 
 class ContextBridgeMiddleware:
@@ -219,11 +205,12 @@ class ContextBridgeMiddleware:
     def span_details(self, scope: Scope) -> tuple[str, dict[str, Any]]:
         """OTel's ``default_span_details`` hook: the default span name, and the request's
         fields as attributes the server span starts with (kept for the request context)."""
-        name, attributes = _span_details(scope)
+        name = default_span_name(scope)
+        attributes: dict[str, Any] = {}
         try:
             values, extra = self._inbound(scope)
             self._span_attributes(values, attributes)
-            scope[_INBOUND] = (values, extra)
+            scope[_INBOUND] = (values, extra, name)
         except Exception:  # telemetry never throws on the request path
             _logger.exception("otel_ctxbridge: could not read the request's fields")
         return name, attributes
@@ -246,7 +233,11 @@ class ContextBridgeMiddleware:
         bridge = self.bridge
         values: dict[str, Any]
         pending = scope.pop(_INBOUND, None)  # read by span_details: the span has the fields
-        values, extra = self._inbound(scope) if pending is None else pending
+        named: str | None = None
+        if pending is None:
+            values, extra = self._inbound(scope)
+        else:
+            values, extra, named = pending
         base = rt.get_current()
         if extra or base.get(rt.BAGGAGE_KEY) is not None:
             # Only accepted fields (and a trusted peer's members) become the request's baggage.
@@ -276,7 +267,8 @@ class ContextBridgeMiddleware:
             secret = self._secret  # a trust secret is for this middleware only
             if any(name == secret for name, _ in scope.get("headers") or ()):
                 scope["headers"] = [h for h in scope["headers"] if h[0] != secret]
-        return Exchange(self, scope, send, ctx, frame, echo_value(values.get(self._rid)))
+        echo = echo_value(values.get(self._rid))
+        return Exchange(self, scope, send, ctx, frame, echo, named)
 
     def _guard_native_telemetry(self, scope: Scope, span: Any) -> None:
         if self.traced_outside or (span is not None and span.get_span_context().is_valid):

@@ -1,6 +1,6 @@
 """instrument_asgi with FastAPI as a user runs it, on a real uvicorn server: the request context
 survives requests OTel does not record (unsampled, excluded URLs) without FastAPI's native
-telemetry replacing it."""
+telemetry replacing it, and the server span is named after the matched route."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from _servers import serve
 from fastapi import FastAPI
 from opentelemetry import baggage
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -112,3 +113,50 @@ def test_excluded_url_keeps_its_context_and_records_nothing(
     httpx.get(url + "/seen")  # a recorded one, as a marker
     server_spans(spans)
     assert [s.name for s in spans.get_finished_spans()] == ["GET /seen"]
+
+
+@pytest.mark.parametrize(
+    ("path", "name"),
+    [
+        ("/items/42", "GET /items/{item_id}"),
+        ("/sub/hello/bob", "GET /sub/hello/{name}"),
+        ("/plain/users/u-1", "GET /plain/users/{user}"),
+    ],
+)
+def test_server_span_is_named_after_the_matched_route(
+    url: str, spans: InMemorySpanExporter, path: str, name: str
+) -> None:
+    """Like FastAPI's own instrumentation, the server span is named ``METHOD route-template``
+    (not the raw path, whose ids would make a span name per request) and has ``http.route``."""
+    assert httpx.get(url + path).status_code == 200
+    (server,) = server_spans(spans)
+    assert server.name == name
+    assert server.attributes is not None
+    assert server.attributes["http.route"] == name.split(" ", 1)[1]
+
+
+def test_unmatched_request_keeps_the_default_span_name(
+    url: str, spans: InMemorySpanExporter
+) -> None:
+    """Without a matched route (a 404) the span keeps OTel's default name and no route."""
+    assert httpx.get(url + "/nowhere/1").status_code == 404
+    (server,) = server_spans(spans)
+    assert server.name == "GET /nowhere/1"
+    assert server.attributes is not None
+    assert "http.route" not in server.attributes
+
+
+def test_span_name_of_a_custom_span_details_hook_is_kept(
+    bridge: cb.ContextBridge, spans: InMemorySpanExporter
+) -> None:
+    """A span name chosen by the user's own ``default_span_details`` is never replaced."""
+
+    def details(scope: Any) -> tuple[str, dict[str, Any]]:
+        return "custom", {}
+
+    app = instrument_asgi(make_api(bridge), bridge, default_span_details=details)
+    with serve(app) as base:
+        assert httpx.get(base + "/items/7").status_code == 200
+        (server,) = server_spans(spans)
+    assert server.name == "custom"
+    assert server.kind is SpanKind.SERVER
