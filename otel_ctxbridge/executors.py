@@ -118,17 +118,20 @@ def run_in_executor(
     /,
     *args: Any,
     loop: asyncio.AbstractEventLoop | None = None,
+    bridge: ContextBridge | None = None,
 ) -> asyncio.Future[R]:
     """``loop.run_in_executor(executor, fn, *args)`` in the current context.
 
     ``loop.run_in_executor`` does not copy the context (``asyncio.to_thread`` does); this
-    does, for the default executor (``None``), thread pools and process pools alike.
+    does, for the default executor (``None``), thread pools and process pools alike. Pass
+    ``bridge`` to send a plain process pool the request's late ``update()`` values too (a
+    thread sees them anyway).
     """
     running = asyncio.get_running_loop() if loop is None else loop
     if isinstance(executor, ProcessPoolExecutor) and not isinstance(
         executor, ContextProcessExecutor
     ):
-        call = functools.partial(call_with_headers, context_headers(), fn, *args)
+        call = functools.partial(call_with_headers, context_headers(bridge), fn, *args)
         return running.run_in_executor(executor, call)
     if isinstance(executor, (ContextExecutor, ContextProcessExecutor)):
         return running.run_in_executor(executor, fn, *args)

@@ -126,6 +126,27 @@ async def test_plain_process_pool_through_the_helpers(bridge: cb.ContextBridge) 
     assert (via_submit["request_id"], via_submit["tenant_id"]) == ("r-loop", "acme")
 
 
+async def test_late_updates_reach_a_plain_process_pool_when_the_bridge_is_passed(
+    bridge: cb.ContextBridge,
+) -> None:
+    """In a request frame, a tenant set by ``update()`` in a worker thread (a FastAPI sync
+    dependency) is not in the current context's baggage; ``run_in_executor(..., bridge=)``
+    still sends it to a plain process pool, as ``submit_with_context(..., bridge=)`` does."""
+    frame = bridge.new_frame(())
+    token = _runtime.attach(bridge.derive(_runtime.get_current(), {"request_id": "r-l"}, frame))
+    try:
+        await asyncio.to_thread(bridge.update, tenant_id="late")
+        assert bridge.get("tenant_id") == "late"
+        context = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(max_workers=1, mp_context=context) as plain:
+            via_loop = await run_in_executor(plain, child_task, 1, bridge=bridge)
+            via_submit = submit_with_context(plain, child_task, 2, bridge=bridge).result(60)
+    finally:
+        _runtime.detach(token)
+    assert (via_loop["request_id"], via_loop["tenant_id"]) == ("r-l", "late")
+    assert (via_submit["request_id"], via_submit["tenant_id"]) == ("r-l", "late")
+
+
 def test_call_with_headers_restores_trace_and_baggage_on_an_empty_context(
     bridge: cb.ContextBridge, spans: InMemorySpanExporter
 ) -> None:
