@@ -110,16 +110,17 @@ class TrustPolicy:
         return ok
 
     def trusts(self, scope: Mapping[str, Any]) -> bool:
-        """True when the peer of an ASGI connection ``scope`` is trusted. Never raises."""
+        """True when the peer of an ASGI connection ``scope`` is trusted: its address is in a
+        trusted network, or it sends exactly one secret header holding a configured secret
+        (as :class:`~otel_ctxbridge.ContextBridgeMiddleware` decides). Never raises."""
         try:
             client = scope.get("client")
             if client and self.trusts_address(client[0]):
                 return True
             if self._secrets:
                 wanted = self.secret_header.encode("latin-1")
-                for name, value in scope.get("headers") or ():
-                    if name.lower() == wanted:
-                        return self.trusts_secret(value)
+                sent = [v for n, v in scope.get("headers") or () if n.lower() == wanted]
+                return len(sent) == 1 and self.trusts_secret(sent[0])
         except Exception:  # a malformed scope trusts nobody
             return False
         return False

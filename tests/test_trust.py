@@ -66,6 +66,16 @@ def test_shared_secret_header_trusts_the_peer() -> None:
     assert not policy.trusts(_scope(("198.51.100.7", 1)))
 
 
+def test_duplicated_secret_header_is_not_trusted() -> None:
+    """Two secret headers make the peer untrusted, whatever they hold and in any order, as the
+    middleware decides (one of them is not the configured secret, or it was sent twice)."""
+    policy = TrustPolicy(secret="s3cret-value")
+    right, wrong = (b"x-ctxbridge-secret", b"s3cret-value"), (b"x-ctxbridge-secret", b"wrong")
+    assert not policy.trusts(_scope(("198.51.100.7", 1), [right, wrong]))
+    assert not policy.trusts(_scope(("198.51.100.7", 1), [wrong, right]))
+    assert not policy.trusts(_scope(("198.51.100.7", 1), [right, right]))
+
+
 def test_secret_rotation_and_custom_header() -> None:
     """Several secrets may be valid at once (rotation); the header name is configurable."""
     policy = TrustPolicy(secret=["old", b"new"], secret_header="X-Internal-Auth")
