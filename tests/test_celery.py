@@ -49,6 +49,7 @@ def local_app(bridge: cb.ContextBridge) -> Iterator[tuple[Celery, Any]]:
     def report(fail: bool = False) -> None:
         span = trace.get_current_span().get_span_context()
         seen.append({**bridge.current(), "trace_id": span.trace_id if span.is_valid else None})
+        bridge.update(user_id="u-task")  # attached without a token, like any mid-task update
         if fail:
             raise RuntimeError("task failed")
 
@@ -66,8 +67,8 @@ def test_worker_takes_fields_by_policy_and_restores_its_context(
     bridge: cb.ContextBridge, local_app: tuple[Celery, Any]
 ) -> None:
     """With ``trusted=False`` the worker takes the request id (``inbound="always"``) but not
-    the tenant (``"trusted"``); after the task the worker thread's context is as before, also
-    when the task raised."""
+    the tenant (``"trusted"``); after the task (which calls ``update()``) the worker thread's
+    context is as before, also when the task raised."""
     app, seen = local_app
     with bridge.scope(request_id="r-1", tenant_id="acme", user_id="u-1"):
         headers = bridge.inject({"traceparent": "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01"})
@@ -78,6 +79,53 @@ def test_worker_takes_fields_by_policy_and_restores_its_context(
     assert _runtime.get_current() is before
     assert seen[0] == {"request_id": "r-1", "trace_id": int("ab" * 16, 16)}
     assert seen[1] == seen[0]
+
+
+def test_an_instrumentation_connected_first_keeps_its_span_and_the_thread_is_restored(
+    bridge: cb.ContextBridge,
+) -> None:
+    """Another instrumentation whose handlers run before ours (as OpenTelemetry's Celery
+    instrumentation's do when it is set up first) attaches its task span in ``task_prerun`` and
+    detaches it in ``task_postrun``: the task runs under that span with our validated fields,
+    and afterwards the worker thread holds exactly what it held before (neither our context
+    nor the other instrumentation's span is left behind). Signal handlers run in connection
+    order, so both postruns run in the same order as the prerun ones, not nested."""
+    from celery import signals
+
+    app = Celery(f"foreign-{uuid.uuid4()}", set_as_current=False)
+    seen: list[dict[str, Any]] = []
+    consumer = trace.NonRecordingSpan(
+        trace.SpanContext(int("12" * 16, 16), int("34" * 8, 16), is_remote=False)
+    )
+    tokens: list[Any] = []
+
+    def foreign_prerun(**_: Any) -> None:
+        tokens.append(_runtime.attach(trace.set_span_in_context(consumer)))
+
+    def foreign_postrun(**_: Any) -> None:
+        _runtime.detach(tokens.pop())
+
+    @app.task(name="foreign.report", shared=False)
+    def report() -> None:
+        span = trace.get_current_span().get_span_context()
+        seen.append({**bridge.current(), "trace_id": span.trace_id})
+
+    uid = f"foreign-{uuid.uuid4()}"
+    signals.task_prerun.connect(foreign_prerun, weak=False, dispatch_uid=uid)
+    signals.task_postrun.connect(foreign_postrun, weak=False, dispatch_uid=uid)
+    handle = instrument_celery(bridge, app)
+    try:
+        with bridge.scope(request_id="r-f", tenant_id="acme"):
+            headers = bridge.inject({})
+        before = _runtime.get_current()
+        trace_task(report, "t", (), {}, request={"id": "t", **headers}, app=app)
+        after = _runtime.get_current()
+    finally:
+        handle.uninstrument()
+        signals.task_prerun.disconnect(foreign_prerun, dispatch_uid=uid)
+        signals.task_postrun.disconnect(foreign_postrun, dispatch_uid=uid)
+    assert seen == [{"request_id": "r-f", "trace_id": int("12" * 16, 16)}]
+    assert after is before
 
 
 def test_task_without_headers_gets_a_fresh_request_id_and_nothing_stale(

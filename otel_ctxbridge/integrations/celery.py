@@ -16,8 +16,10 @@ context, for every pool (solo, prefork, threads). The worker takes each field on
 values are dropped, counted and logged without the value, and the task runs anyway; with
 ``generate`` (the default) a task that arrives without a request id gets a fresh one.
 
-Composes with ``opentelemetry-instrumentation-celery``: when its task span is already current,
-that span stays the parent of the task's spans and gets the fields as attributes.
+Composes with other instrumentations that attach a context around tasks, such as
+``opentelemetry-instrumentation-celery``: when their handlers run first (set them up before
+this one), their task span stays the parent of the task's spans and gets the fields as
+attributes, and the worker thread's context is restored whichever postrun handler runs last.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import Any
 
 from celery import Celery, signals  # type: ignore[import-untyped] # celery ships no types
 from opentelemetry import trace
-from opentelemetry.context import Context
+from opentelemetry.context import Context, create_key
 
 from otel_ctxbridge import _runtime as rt
 from otel_ctxbridge._scope import stamp
@@ -40,6 +42,9 @@ __all__ = ["CeleryInstrumentation", "instrument_celery"]
 
 _logger = logging.getLogger("otel_ctxbridge")
 _TOKEN = "_otel_ctxbridge_token"
+_MARK = create_key("otel_ctxbridge.celery_task")
+"""Context entry telling the context this module attached for a task (and those derived from
+it, by ``update()`` or spans in the task) from one another instrumentation put back."""
 _CARRIED = ("traceparent", "tracestate", "baggage")
 
 
@@ -101,7 +106,8 @@ class CeleryInstrumentation:
                 generate=self.generate,
                 base=base,
             )
-            setattr(request, _TOKEN, rt.attach(ctx))
+            mark = object()
+            setattr(request, _TOKEN, (rt.attach(rt.with_entry(ctx, _MARK, mark)), mark))
             if span.get_span_context().is_valid:
                 stamp(self.bridge, span, self.bridge.values_in(ctx))
         except Exception:  # a task never fails because of telemetry
@@ -122,14 +128,18 @@ class CeleryInstrumentation:
 
     def _postrun(self, sender: Any = None, task: Any = None, **_: Any) -> None:
         request = getattr(task, "request", None)
-        token: Token[Context] | None = getattr(request, _TOKEN, None)
-        if token is None:
+        held: tuple[Token[Context], object] | None = getattr(request, _TOKEN, None)
+        if held is None:
             return
         try:
             delattr(request, _TOKEN)
         except AttributeError:  # pragma: no cover - removed concurrently; nothing to restore
             return
-        rt.detach(token)
+        token, mark = held
+        if rt.get_current().get(_MARK) is mark:
+            rt.detach(token)
+        # else an instrumentation whose prerun ran before ours has already put back what the
+        # thread held before the task; resetting to what it attached would leak its context.
 
 
 def instrument_celery(
