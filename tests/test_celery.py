@@ -46,10 +46,11 @@ def local_app(bridge: cb.ContextBridge) -> Iterator[tuple[Celery, Any]]:
     seen: list[dict[str, Any]] = []
 
     @app.task(name="local.report", shared=False)
-    def report(fail: bool = False) -> None:
+    def report(fail: bool = False, update: bool = False) -> None:
         span = trace.get_current_span().get_span_context()
         seen.append({**bridge.current(), "trace_id": span.trace_id if span.is_valid else None})
-        bridge.update(user_id="u-task")  # attached without a token, like any mid-task update
+        if update:
+            bridge.update(user_id="u-task")  # attached without a token, like any mid-task update
         if fail:
             raise RuntimeError("task failed")
 
@@ -73,9 +74,9 @@ def test_worker_takes_fields_by_policy_and_restores_its_context(
     with bridge.scope(request_id="r-1", tenant_id="acme", user_id="u-1"):
         headers = bridge.inject({"traceparent": "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01"})
     before = _runtime.get_current()
-    _run_like_a_worker(app, headers)
+    _run_like_a_worker(app, headers, update=True)
     assert _runtime.get_current() is before
-    _run_like_a_worker(app, headers, fail=True)
+    _run_like_a_worker(app, headers, fail=True, update=True)
     assert _runtime.get_current() is before
     assert seen[0] == {"request_id": "r-1", "trace_id": int("ab" * 16, 16)}
     assert seen[1] == seen[0]
