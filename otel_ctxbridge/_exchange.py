@@ -9,8 +9,10 @@ from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry.context import Context
+from opentelemetry.trace import format_span_id, format_trace_id
 
 from ._inbound import Message, Scope, Send
+from ._runtime import SPAN_KEY
 from ._state import Frame
 
 if TYPE_CHECKING:
@@ -116,8 +118,25 @@ class Exchange:
                 _logger.debug("otel_ctxbridge: could not send the 500", exc_info=True)
         if self.mw.log_errors and not is_disconnect(exc):
             method, path = self.scope.get("method"), printable(self.scope.get("path", ""))
-            extra = self.mw._fields_extra(self.ctx)
+            extra = self.fields_extra()
             _logger.error("unhandled exception in %s %s", method, path, exc_info=exc, extra=extra)
+
+    def fields_extra(self) -> dict[str, Any]:
+        """The log ``extra`` of this request: each field set now under its log key (redacted
+        as configured), and ``trace_id``/``span_id`` of its span."""
+        extra: dict[str, Any] = {}
+        bridge, log_keys = self.mw.bridge, self.mw._log_keys
+        for name, value in bridge.values_in(self.ctx).items():
+            key = log_keys.get(name)
+            if key is not None:
+                extra[key] = bridge.fields[name].shown(value)
+        span: Any = self.ctx.get(SPAN_KEY)
+        if span is not None:
+            span_context = span.get_span_context()
+            if span_context.is_valid:
+                extra["trace_id"] = format_trace_id(span_context.trace_id)
+                extra["span_id"] = format_span_id(span_context.span_id)
+        return extra
 
     def finish(self) -> None:
         """Write the access-log line (once), with the fields as they are now."""
@@ -132,7 +151,7 @@ class Exchange:
             path = printable(scope.get("path", ""))
             status = self.status or 500  # no response: the server answers 500
             client = scope.get("client")
-            extra = mw._fields_extra(self.ctx)
+            extra = self.fields_extra()
             extra["method"] = method
             extra["path"] = path
             extra["status_code"] = status

@@ -44,9 +44,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from opentelemetry.context import Context
-from opentelemetry.trace import format_span_id, format_trace_id
-
 from . import _runtime as rt
 from ._exchange import Exchange, default_span_name, echo_value
 from ._inbound import (
@@ -175,6 +172,7 @@ class ContextBridgeMiddleware:
         self._access = logging.getLogger(ACCESS_LOGGER)
         if access_log and self._access.level == logging.NOTSET:
             self._access.setLevel(logging.INFO)  # asked for: on even under a WARNING root
+        self._stack_checked = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Run the app inside the request context."""
@@ -279,18 +277,27 @@ class ContextBridgeMiddleware:
             # OTel's ASGI middleware is in its own stack).
             scope.setdefault(_FASTAPI_TELEMETRY, None)
             scope.setdefault(_STARLETTE_TELEMETRY, True)
+        elif not self._stack_checked:  # no span outside: is OTel's middleware inside?
+            self._stack_checked = True
+            if _otel_middleware_inside(self.app):
+                _logger.warning(
+                    "otel_ctxbridge: ContextBridgeMiddleware is outside OpenTelemetry's ASGI "
+                    "middleware, which attaches a fresh context under it: the application does "
+                    "not see the request context. Add ContextBridgeMiddleware before "
+                    "OpenTelemetry's (app.add_middleware puts the last one added outermost), "
+                    "or use instrument_asgi"
+                )
 
-    def _fields_extra(self, ctx: Context) -> dict[str, Any]:
-        extra: dict[str, Any] = {}
-        fields = self.bridge.fields
-        for name, value in self.bridge.values_in(ctx).items():
-            key = self._log_keys.get(name)
-            if key is not None:
-                extra[key] = fields[name].shown(value)
-        span: Any = ctx.get(rt.SPAN_KEY)
-        if span is not None:
-            span_context = span.get_span_context()
-            if span_context.is_valid:
-                extra["trace_id"] = format_trace_id(span_context.trace_id)
-                extra["span_id"] = format_span_id(span_context.span_id)
-        return extra
+
+def _otel_middleware_inside(app: object) -> bool:
+    """True when OTel's ASGI ``OpenTelemetryMiddleware`` is in the chain of ``.app`` below."""
+    seen: set[int] = set()
+    while app is not None and id(app) not in seen and len(seen) < 64:
+        seen.add(id(app))
+        kind = type(app)
+        if kind.__name__ == "OpenTelemetryMiddleware" and kind.__module__.startswith(
+            "opentelemetry.instrumentation.asgi"
+        ):
+            return True
+        app = getattr(app, "app", None)
+    return False

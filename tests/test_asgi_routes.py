@@ -4,6 +4,7 @@ telemetry replacing it, and the server span is named after the matched route."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -160,3 +161,33 @@ def test_span_name_of_a_custom_span_details_hook_is_kept(
         (server,) = server_spans(spans)
     assert server.name == "custom"
     assert server.kind is SpanKind.SERVER
+
+
+def test_middleware_added_outside_otels_warns_and_inside_does_not(
+    bridge: cb.ContextBridge, spans: InMemorySpanExporter, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``app.add_middleware(ContextBridgeMiddleware)`` after OTel's ``OpenTelemetryMiddleware``
+    puts the bridge outside OTel's, which attaches a fresh context under it: the application
+    silently sees no request context, so the first request logs a warning saying how to order
+    them. The right order (and instrument_asgi) log nothing and keep the context."""
+    from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+
+    right, wrong = make_api(bridge), make_api(bridge)
+    right.add_middleware(cb.ContextBridgeMiddleware, bridge=bridge)
+    right.add_middleware(OpenTelemetryMiddleware)
+    wrong.add_middleware(OpenTelemetryMiddleware)
+    wrong.add_middleware(cb.ContextBridgeMiddleware, bridge=bridge)
+    headers = {"x-request-id": "rid-order"}
+    with caplog.at_level(logging.WARNING, logger="otel_ctxbridge.asgi"):
+        with serve(right) as base:
+            body = httpx.get(base + "/seen", headers=headers).json()
+            assert body["fields"] == {"request_id": "rid-order"}
+        with serve(instrument_asgi(make_api(bridge), bridge)) as base:
+            httpx.get(base + "/seen", headers=headers)
+        assert not caplog.records
+        with serve(wrong) as base:
+            assert httpx.get(base + "/seen", headers=headers).json()["fields"] == {}
+            httpx.get(base + "/seen", headers=headers)
+    (record,) = caplog.records
+    assert "outside OpenTelemetry" in record.getMessage()
+    assert "instrument_asgi" in record.getMessage()
