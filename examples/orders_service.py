@@ -271,13 +271,13 @@ def main() -> None:
         AsyncPGInstrumentor().instrument()  # type: ignore[no-untyped-call] # unannotated package
     networks = os.environ.get("ORDERS_TRUSTED_NETWORKS", "127.0.0.1/32,::1/128")
     trust = TrustPolicy(
-        networks=[n for n in networks.split(",") if n.strip()],
+        networks=_items(networks),
         secret=os.environ.get("ORDERS_GATEWAY_SECRET") or None,
     )
     data_dir = os.environ.get("ORDERS_DATA_DIR")
     app = create_app(
         database_url=database_url,
-        tenants=[t for t in os.environ.get("ORDERS_TENANTS", "acme,globex").split(",") if t],
+        tenants=_items(os.environ.get("ORDERS_TENANTS", "acme,globex")),
         data_dir=Path(data_dir) if data_dir else None,
         trust=trust,
     )
@@ -286,6 +286,11 @@ def main() -> None:
         uvicorn.run(app, host="127.0.0.1", port=port, log_config=None, access_log=False)
     finally:
         telemetry.shutdown()
+
+
+def _items(setting: str) -> list[str]:
+    """A comma-separated setting as a list: ``"acme, globex"`` is ``["acme", "globex"]``."""
+    return [item.strip() for item in setting.split(",") if item.strip()]
 
 
 def _telemetry() -> Any:

@@ -315,3 +315,13 @@ def test_the_documented_curl_commands_work_as_written(tmp_path: Path) -> None:
     assert {p["sku"] for p in products} == set(example.STOCK)
     assert (created["sku"], created["quantity"]) == ("book", 2)
     assert [(o["id"], o["sku"]) for o in listed] == [(created["id"], "book")]
+
+
+def test_comma_separated_settings_allow_spaces() -> None:
+    """``ORDERS_TRUSTED_NETWORKS="127.0.0.1/32, ::1/128"`` (a space after the comma) used to
+    stop the service at startup, and ``ORDERS_TENANTS="acme, globex"`` made a tenant
+    ``" globex"``."""
+    networks = example._items("127.0.0.1/32, ::1/128 ,")
+    assert networks == ["127.0.0.1/32", "::1/128"]
+    TrustPolicy(networks=networks)
+    assert example._items("acme, globex") == ["acme", "globex"]
