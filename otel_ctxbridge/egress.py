@@ -237,8 +237,9 @@ def instrument_http_clients(
 def _instrument(egress: HttpEgress, instrumentor: Any, **kwargs: Any) -> None:
     if instrumentor.is_instrumented_by_opentelemetry:
         raise EgressConfigError(
-            f"{type(instrumentor).__name__} is already instrumented without the egress policy; "
-            "let instrument_http_clients() instrument it"
+            f"{type(instrumentor).__name__} is already instrumented without the egress policy "
+            "(so every host gets baggage); let instrument_http_clients() instrument it: under "
+            "opentelemetry-instrument, set OTEL_PYTHON_DISABLED_INSTRUMENTATIONS=httpx,requests"
         )
     instrumentor.instrument(**kwargs)
     egress._undo.append(instrumentor.uninstrument)

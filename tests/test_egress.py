@@ -482,15 +482,16 @@ def test_manual_headers_plus_instrumentation_inject_once(
 def test_instrumenting_an_already_instrumented_library_is_refused(
     bridge: cb.ContextBridge, spans: InMemorySpanExporter
 ) -> None:
-    """httpx already instrumented without the policy would silently skip it: refused, and
-    nothing is left instrumented by the failed call."""
+    """httpx already instrumented without the policy would silently skip it: refused, saying
+    how to fix it under ``opentelemetry-instrument``, and nothing is left instrumented."""
     from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
     from opentelemetry.instrumentation.requests import RequestsInstrumentor
 
     HTTPXClientInstrumentor().instrument()
     try:
-        with pytest.raises(EgressConfigError, match="HTTPXClientInstrumentor"):
+        with pytest.raises(EgressConfigError, match="HTTPXClientInstrumentor") as raised:
             instrument_http_clients(bridge, EgressPolicy(hosts=["orders"]))
+        assert "OTEL_PYTHON_DISABLED_INSTRUMENTATIONS=httpx,requests" in str(raised.value)
         assert not RequestsInstrumentor().is_instrumented_by_opentelemetry
     finally:
         HTTPXClientInstrumentor().uninstrument()
