@@ -13,14 +13,20 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from _servers import serve
+from fastapi import FastAPI
+from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
+import otel_ctxbridge as cb
+from otel_ctxbridge.asgi import instrument_asgi
 from otel_ctxbridge.tracecontext import parse_traceparent, parse_tracestate
 
 TRACE = "12345678901234567890123456789012"
@@ -413,3 +419,39 @@ def test_w3c_multiple_callbacks_without_or_with_illegal_traceparent(
         pairs = [_traceparent(c) for c in _run(suite, headers, count=3)]
         assert len({t for t, _ in pairs}) == 1
         assert len({p for _, p in pairs}) == 3
+
+
+def test_unsampled_trace_through_a_fastapi_service(
+    bridge: cb.ContextBridge, spans: InMemorySpanExporter
+) -> None:
+    """An inbound ``traceparent`` with sampled=0 (as most of the suite's tracestate cases send)
+    through a FastAPI service, with FastAPI's native telemetry enabled by a global SDK provider:
+    the callback continues the trace, unsampled, with the tracestate, and the request keeps its
+    context (the native telemetry does not replace it with one extracted from the headers, which
+    would also adopt the untrusted baggage); nothing is recorded."""
+    harness = Harness()
+    client = httpx.AsyncClient(timeout=5.0)
+    HTTPXClientInstrumentor.instrument_client(client)
+    api = FastAPI()
+
+    @api.post("/test")
+    async def test(request: Request) -> dict[str, Any]:
+        for call in await request.json():
+            await client.post(call["url"], json=[])
+        return {"fields": dict(bridge.current())}
+
+    headers = [
+        ("traceparent", f"00-{TRACE}-{PARENT}-00"),
+        ("tracestate", "foo=1,bar=2"),
+        ("x-request-id", "rid-w3c"),
+        ("baggage", "tenant_id=evil"),
+    ]
+    with serve(harness.app()) as harness_url, serve(instrument_asgi(api, bridge)) as url:
+        harness.url = harness_url
+        (callback,) = _run((url + "/test", harness), headers)
+    values = dict(callback)
+    assert values["traceparent"].startswith(f"00-{TRACE}-")
+    assert values["traceparent"].endswith("-00")
+    assert _tracestate(callback) == {"foo": "1", "bar": "2"}
+    assert values["baggage"] == "request_id=rid-w3c"
+    assert spans.get_finished_spans() == ()
