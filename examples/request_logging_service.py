@@ -105,7 +105,7 @@ def build_app(trust: TrustPolicy | None = None, **otel_kwargs: Any) -> Any:
 
     if trust is None:
         networks = os.environ.get("REQUEST_LOGGING_TRUSTED_NETWORKS", "127.0.0.1/32,::1/128")
-        trust = TrustPolicy(networks=[n for n in networks.split(",") if n])
+        trust = TrustPolicy(networks=[n.strip() for n in networks.split(",") if n.strip()])
     return instrument_asgi(api, bridge, trust=trust, **otel_kwargs)
 
 
