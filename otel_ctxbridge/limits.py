@@ -193,15 +193,19 @@ def check_baggage_limits(bag: Mapping[str, object], written: Sequence[tuple[str,
     first = written[0][0]
     if len(bag) > MAX_MEMBERS:
         raise ContextValueError(first, f"baggage would exceed {MAX_MEMBERS} members")
+    for name, key in written:
+        text = str(bag[key])
+        # An upper bound first (an ASCII character encodes to at most 3 bytes, any to 12).
+        if len(key) + 1 + len(text) * (3 if text.isascii() else 12) <= MAX_MEMBER_BYTES:
+            continue
+        if encoded_member_size(key, text) > MAX_MEMBER_BYTES:
+            raise ContextValueError(name, f"encoded baggage member over {MAX_MEMBER_BYTES} B")
     bound = 0
     for key, value in bag.items():
         text = value if isinstance(value, str) else str(value)
         bound += len(key) + 2 + len(text) * (3 if text.isascii() else 12)
     if bound <= MAX_HEADER_BYTES:
         return
-    for name, key in written:
-        if encoded_member_size(key, str(bag[key])) > MAX_MEMBER_BYTES:
-            raise ContextValueError(name, f"encoded baggage member over {MAX_MEMBER_BYTES} B")
     exact = len(",".join(f"{k}={encode_value(str(v))}" for k, v in bag.items()))
     if exact > MAX_HEADER_BYTES:
         raise ContextValueError(first, f"baggage header would exceed {MAX_HEADER_BYTES} B")

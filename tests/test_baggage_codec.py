@@ -107,6 +107,20 @@ def test_writes_over_the_baggage_limits_raise_naming_the_field() -> None:
         detach(token)
 
 
+def test_an_ascii_value_that_grows_past_the_member_limit_when_encoded_is_refused() -> None:
+    """Printable ASCII that percent-encoding triples (spaces, quotes) is held to the 4096-byte
+    member limit too, even when the whole header would stay under 8192 bytes; a value that
+    fits once encoded is accepted and read back unchanged by OTel."""
+    bridge = cb.ContextBridge([cb.Field("note", max_length=4096, validator=r"[ -~]*")])
+    with pytest.raises(cb.ContextValueError, match=r"note.*4096"), bridge.scope(note=" " * 2000):
+        pass
+    fits = "x" + " " * 1358 + "x"  # note= + 2 + 1358 * 3 = 4081 bytes
+    with bridge.scope(note=fits):
+        header = bridge.inject({})["baggage"]
+    assert len(header) <= 4096
+    assert baggage.get_all(W3CBaggagePropagator().extract({"baggage": header})) == {"note": fits}
+
+
 def test_baggage_propagator_is_w3c_correct_and_interoperable() -> None:
     """cb.BaggagePropagator injects %20 and extracts properties as metadata."""
     propagator = cb.BaggagePropagator()
