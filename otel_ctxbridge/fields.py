@@ -19,6 +19,7 @@ __all__ = [
     "InboundPolicy",
     "Redaction",
     "Validator",
+    "attribute_value",
     "new_request_id",
     "resolve_fields",
 ]
@@ -36,6 +37,7 @@ REQUEST_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._:+/=@-]{0,127}"
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
 _HEADER = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-z]+")
 _POLICIES = ("always", "trusted", "never")
+_INT64 = (-(2**63), 2**63 - 1)
 
 
 def new_request_id() -> str:
@@ -46,6 +48,19 @@ def new_request_id() -> str:
     raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 4122 variant
     h = raw.hex()
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def attribute_value(value: object) -> str | bool | int | float | None:
+    """``value`` as an OTel span/log attribute value, or None when it cannot be one.
+
+    str, bool, int and float are kept (an int beyond 64 bits, which OTLP cannot encode and
+    which would fail a whole export batch, as its decimal text); any other object (a
+    connection, a dict) is not an attribute value: None."""
+    if isinstance(value, (str, bool, float)):
+        return value
+    if isinstance(value, int):
+        return value if _INT64[0] <= value <= _INT64[1] else str(value)
+    return None
 
 
 def _hash(value: str) -> str:
@@ -67,12 +82,18 @@ class Field:
         propagate: True carries it downstream as baggage; False keeps it in this process.
         baggage_key: key in W3C baggage (default: ``name``).
         attribute: span and OTel-log attribute (default: the bridge's prefix + ``name``).
-        log_key: attribute of stdlib log records and structlog events (default: ``name``).
+        log_key: attribute of stdlib log records and structlog events (default: ``name``);
+            like a name, letters, digits, ``_``, ``.`` and ``-``.
         validator: a regex (full match) or predicate; replaces the default printable-text check.
         max_length: most characters a string value may have.
         generate: makes a value when an inbound request carries none (e.g. ``new_request_id``).
         redact: show the value in spans and logs hashed (True or ``"hash"``), masked, or through
-            a callable; baggage still carries the real value.
+            a callable (given the value's text, also for a non-str value); baggage still
+            carries the real value.
+
+    Values of propagated fields must be str (they travel as baggage); process-local fields
+    also hold any object (a connection, a transaction): spans get only str, bool, int and
+    float values, logs get the object.
     """
 
     name: str
@@ -101,13 +122,27 @@ class Field:
             object.__setattr__(self, "header", self.header.lower())
         if self.inbound not in _POLICIES:
             raise fail(f"inbound must be one of {_POLICIES}, not {self.inbound!r}")
+        if not isinstance(self.propagate, bool):
+            raise fail("propagate must be True or False")
         if self.baggage_key is None:
             object.__setattr__(self, "baggage_key", self.name)
-        if not is_valid_key(str(self.baggage_key)):
+        if not isinstance(self.baggage_key, str) or not is_valid_key(self.baggage_key):
             raise fail("baggage_key must be a W3C baggage key (an RFC 7230 token)")
+        if self.attribute is not None and (
+            not isinstance(self.attribute, str)
+            or not self.attribute.isprintable()
+            or not self.attribute
+        ):
+            raise fail("attribute must be a non-empty printable str")
         if self.log_key is None:
             object.__setattr__(self, "log_key", self.name)
-        if not isinstance(self.max_length, int) or not 1 <= self.max_length <= MAX_MEMBER_BYTES:
+        if type(self.log_key) is not str or not _NAME.fullmatch(self.log_key):
+            raise fail("log_key must start with a letter or _ and hold only [A-Za-z0-9_.-]")
+        if (
+            not isinstance(self.max_length, int)
+            or isinstance(self.max_length, bool)
+            or not 1 <= self.max_length <= MAX_MEMBER_BYTES
+        ):
             raise fail(f"max_length must be an int from 1 to {MAX_MEMBER_BYTES}")
         if self.generate is not None and not callable(self.generate):
             raise fail("generate must be callable")
@@ -152,6 +187,11 @@ class Field:
             return None
         if len(value) > self.max_length:
             return f"longer than max_length={self.max_length}"
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:  # lone surrogates: no carrier nor exporter can encode them
+                return "not encodable as UTF-8"
         try:
             ok = self._check(value)
         except Exception as exc:  # a user validator failing counts as "invalid", not a crash
@@ -159,10 +199,11 @@ class Field:
         return None if ok else "rejected by the validator"
 
     def shown(self, value: object) -> object:
-        """The value as spans and logs show it (redacted when the field says so)."""
-        if self._shown is None or not isinstance(value, str):
+        """The value as spans and logs show it: redacted when the field says so (a non-str
+        value through its text, so that no value of a redacted field shows in clear)."""
+        if self._shown is None:
             return value
-        return self._shown(value)
+        return self._shown(value if isinstance(value, str) else str(value))
 
     @property
     def redacted(self) -> bool:
@@ -172,8 +213,8 @@ class Field:
 
 def resolve_fields(fields: Iterable[Field], attribute_prefix: str) -> dict[str, Field]:
     """The fields by name with attribute names resolved; refuses clashes and an empty list."""
-    if not isinstance(attribute_prefix, str):
-        raise FieldConfigError("attribute_prefix must be a str")
+    if not isinstance(attribute_prefix, str) or not attribute_prefix.isprintable():
+        raise FieldConfigError("attribute_prefix must be a printable str")
     resolved: dict[str, Field] = {}
     seen: dict[tuple[str, str], str] = {}
     for declared in fields:

@@ -51,6 +51,15 @@ def test_header_names_are_lowercased() -> None:
         ({"name": "ok", "validator": 42}, "validator"),
         ({"name": "ok", "redact": "shout"}, "redact"),
         ({"name": "ok", "generate": "not callable"}, "generate"),
+        ({"name": "ok", "propagate": "no"}, "propagate"),
+        ({"name": "ok", "baggage_key": 5}, "baggage_key"),
+        ({"name": "ok", "attribute": ""}, "attribute"),
+        ({"name": "ok", "attribute": "app.x\n"}, "attribute"),
+        ({"name": "ok", "log_key": "a b"}, "log_key"),
+        ({"name": "ok", "log_key": "x'); import os; ('"}, "log_key"),
+        ({"name": "ok", "log_key": "ﬁeld"}, "log_key"),
+        ({"name": "ok", "log_key": 5}, "log_key"),
+        ({"name": "ok", "max_length": True}, "max_length"),
     ],
 )
 def test_bad_configuration_raises_naming_the_field(kwargs: dict[str, object], message: str) -> None:
@@ -127,3 +136,42 @@ def test_new_request_id_is_unique_uuid_text() -> None:
     ids = {cb.new_request_id() for _ in range(1000)}
     assert len(ids) == 1000
     assert all(re.fullmatch(r"[0-9a-f-]{36}", i) for i in ids)
+
+
+def test_attribute_prefix_must_be_printable_text() -> None:
+    """A prefix that would make attribute names with control characters is refused."""
+    with pytest.raises(cb.FieldConfigError, match="attribute_prefix"):
+        cb.ContextBridge([cb.Field("a")], attribute_prefix="app.\n")
+
+
+def test_text_no_carrier_or_exporter_can_encode_is_refused() -> None:
+    """A lone surrogate passes a permissive validator but not the field: it could be neither
+    injected as baggage nor exported, so it is refused at write time, naming the field."""
+    field = cb.Field("note", validator=r".*")
+    assert field.problem("\ud800") is not None
+    assert field.problem("caf\u00e9 \U0001f600") is None
+    bridge = cb.ContextBridge([field])
+    with pytest.raises(cb.ContextValueError, match="note"), bridge.scope(note="a\udc80b"):
+        pass
+
+
+def test_redaction_covers_values_that_are_not_strings() -> None:
+    """A redacted process-local field holding a number (or any object) is shown through its
+    text, redacted: never in clear."""
+    field = cb.Field("user_id", propagate=False, redact=True)
+    shown = field.shown(42)
+    assert shown == field.shown("42")
+    assert isinstance(shown, str)
+    assert shown.startswith("sha256:")
+    assert cb.Field("user_id", propagate=False, redact="mask").shown(object()) == "****"
+    assert cb.Field("user_id", propagate=False).shown(42) == 42
+
+
+def test_attribute_values() -> None:
+    """Spans get str, bool, int and float; an int OTLP cannot carry becomes text; other
+    objects are not attribute values."""
+    assert [cb.fields.attribute_value(v) for v in ("a", True, 7, 1.5)] == ["a", True, 7, 1.5]
+    assert cb.fields.attribute_value(2**64) == str(2**64)
+    assert cb.fields.attribute_value(-(2**63)) == -(2**63)
+    assert cb.fields.attribute_value({"a": 1}) is None
+    assert cb.fields.attribute_value(None) is None
