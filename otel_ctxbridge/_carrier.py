@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from .limits import parse_baggage
@@ -11,16 +11,17 @@ if TYPE_CHECKING:
     from .bridge import ContextBridge
 
 
-def read_fields(bridge: ContextBridge, carrier: Mapping[str, Any], trusted: bool) -> dict[str, str]:
+def read_fields(
+    bridge: ContextBridge, carrier: Mapping[Any, Any] | Iterable[tuple[Any, Any]], trusted: bool
+) -> dict[str, str]:
     """Validated field values from ``carrier``: each field's header first, then ``baggage``.
 
     A field is read when its ``inbound`` policy is ``"always"``, or ``"trusted"`` and
     ``trusted`` is True. Refused values are counted with ``bridge.count_drop``."""
-    lowered = {str(k).lower(): v for k, v in carrier.items()}
-    raw_baggage = lowered.get("baggage")
+    headers = header_lists(carrier)
     members: dict[str, str] = {}
-    if raw_baggage:
-        members, dropped = parse_baggage(texts(raw_baggage))
+    if "baggage" in headers:
+        members, dropped = parse_baggage(headers["baggage"])
         if dropped:
             bridge.count_drop("baggage", f"{dropped} malformed or oversized baggage members")
     found: dict[str, str] = {}
@@ -28,8 +29,8 @@ def read_fields(bridge: ContextBridge, carrier: Mapping[str, Any], trusted: bool
         if field.inbound == "never" or (field.inbound == "trusted" and not trusted):
             continue
         candidates: list[str] = []
-        if field.header is not None and field.header in lowered:
-            candidates.extend(texts(lowered[field.header]))
+        if field.header is not None and field.header in headers:
+            candidates.extend(headers[field.header])
         if field.propagate and field.baggage_key in members:
             candidates.append(members[str(field.baggage_key)])
         for candidate in candidates:
@@ -41,12 +42,38 @@ def read_fields(bridge: ContextBridge, carrier: Mapping[str, Any], trusted: bool
     return found
 
 
+def header_lists(carrier: Mapping[Any, Any] | Iterable[tuple[Any, Any]]) -> dict[str, list[str]]:
+    """Lower-cased header name -> its values, from a mapping or ``(name, value)`` pairs.
+
+    Names and values may be str or bytes (latin-1, as HTTP carries them); a value may be a
+    list or tuple of them (a repeated header). None values and names of other types are
+    skipped."""
+    items = getattr(carrier, "items", None)
+    pairs: Iterable[tuple[Any, Any]] = items() if callable(items) else carrier
+    headers: dict[str, list[str]] = {}
+    for raw_name, value in pairs:
+        if isinstance(raw_name, bytes):
+            name = raw_name.decode("latin-1")
+        elif isinstance(raw_name, str):
+            name = raw_name
+        else:
+            continue
+        values = texts(value)
+        if values:
+            headers.setdefault(name.lower(), []).extend(values)
+    return headers
+
+
 def texts(value: Any) -> list[str]:
-    """A header value (str, bytes, or a list of them) as a list of str."""
-    if isinstance(value, bytes):
-        return [value.decode("latin-1")]
+    """A header value (str, bytes, or a list of them) as a list of str; None gives none."""
     if isinstance(value, str):
         return [value]
+    if isinstance(value, bytes):
+        return [value.decode("latin-1")]
+    if value is None:
+        return []
     if isinstance(value, (list, tuple)):
-        return [v.decode("latin-1") if isinstance(v, bytes) else str(v) for v in value]
+        return [
+            v.decode("latin-1") if isinstance(v, bytes) else str(v) for v in value if v is not None
+        ]
     return [str(value)]

@@ -30,6 +30,7 @@ __all__ = [
     "bind_context",
     "detach",
     "get_current",
+    "is_coroutine",
     "run_coroutine_in",
     "run_in_snapshot",
     "with_entry",
@@ -88,6 +89,19 @@ def detach_failed() -> None:
     )
 
 
+PLAIN_TYPES: frozenset[type] = frozenset(
+    {type(None), bool, int, float, str, bytes, dict, list, tuple, set, frozenset}
+)
+"""Result types that are surely not coroutines: they skip the slower ABC check."""
+
+
+def is_coroutine(obj: object) -> bool:
+    """True for a coroutine: a native one, or any other ``collections.abc.Coroutine`` (made
+    by Cython or mypyc, say), whose body runs only when it is awaited."""
+    cls = obj.__class__
+    return cls is CoroutineType or (cls not in PLAIN_TYPES and isinstance(obj, Coroutine))
+
+
 def with_entry(ctx: Context, key: str, value: object) -> Context:
     """A copy of ``ctx`` with ``key`` set: one copy instead of ``set_value``'s two."""
     new = Context(ctx)
@@ -98,8 +112,9 @@ def with_entry(ctx: Context, key: str, value: object) -> Context:
 def call_in(ctx: Context, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
     """Call ``fn`` with ``ctx`` attached and return its result.
 
-    A coroutine result (``fn`` is a coroutine function) is wrapped so that the whole
-    coroutine runs inside ``ctx`` when awaited, not just its creation."""
+    A coroutine result (``fn`` is a coroutine function, or returns a coroutine) is wrapped
+    so that the whole coroutine runs inside ``ctx`` when awaited, not just its creation.
+    Other awaitables (futures, tasks, objects with ``__await__``) are returned as they are."""
     token = attach(ctx)
     try:
         result = fn(*args, **kwargs)
@@ -108,7 +123,7 @@ def call_in(ctx: Context, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
             reset(token)
         except (ValueError, RuntimeError):
             detach_failed()
-    if result.__class__ is CoroutineType:
+    if result.__class__ is CoroutineType or is_coroutine(result):
         return cast(R, await_in(ctx, cast(Awaitable[R], result)))
     return result
 
@@ -126,7 +141,9 @@ def bind_context(fn: Callable[P, R]) -> Callable[P, R]:
     """Wrap ``fn`` so that it runs in a copy of the ``contextvars`` context current now.
 
     That carries OTel's context (baggage, the current span), every ``AsyncLocalStorage``
-    and any other context variable. A coroutine function's whole body runs in the copy."""
+    and any other context variable. Each call runs in a fresh copy, so concurrent calls (from
+    many threads) never share changes. A coroutine function's whole body runs in the copy;
+    so does a coroutine that a plain function returns (``lambda: fetch()``)."""
     captured = contextvars.copy_context()
     if inspect.iscoroutinefunction(fn):
 
@@ -139,8 +156,7 @@ def bind_context(fn: Callable[P, R]) -> Callable[P, R]:
 
     @functools.wraps(fn)
     def bound(*args: P.args, **kwargs: P.kwargs) -> R:
-        result = captured.copy().run(fn, *args, **kwargs)
-        return result
+        return run_in_snapshot(captured, fn, *args, **kwargs)
 
     return bound
 
@@ -151,7 +167,7 @@ def run_in_snapshot(
     """Call ``fn`` in a copy of ``captured``; a coroutine result runs wholly in that copy."""
     ctx = captured.copy()
     result = ctx.run(fn, *args, **kwargs)
-    if result.__class__ is CoroutineType:
+    if result.__class__ is CoroutineType or is_coroutine(result):
         return cast(R, run_coroutine_in(ctx, cast(Coroutine[Any, Any, Any], result)))
     return result
 

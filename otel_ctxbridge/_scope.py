@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 from opentelemetry.context import Context
 
 from . import _runtime as rt
+from .fields import attribute_value
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -21,7 +22,10 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def stamp(bridge: ContextBridge, span: object, values: Mapping[str, Any]) -> None:
-    """Set the attributes of ``values`` on ``span`` when it is recording. Never raises."""
+    """Set the attributes of ``values`` on ``span`` when it is recording. Never raises.
+
+    Values are shown as the fields say (redacted); objects that are not attribute values
+    (a connection, a dict) are left out, and an unset (None) value leaves the span as it is."""
     if span is None:
         return
     try:
@@ -29,13 +33,24 @@ def stamp(bridge: ContextBridge, span: object, values: Mapping[str, Any]) -> Non
             return
         attributes: dict[str, Any] = {}
         for name, value in values.items():
-            if isinstance(value, (str, bool, int, float)):
-                field = bridge.fields[name]
-                attributes[str(field.attribute)] = field.shown(value)
+            if value is None:
+                continue
+            field = bridge.fields[name]
+            shown = attribute_value(field.shown(value))
+            if shown is not None:
+                attributes[str(field.attribute)] = shown
         if attributes:
             span.set_attributes(attributes)  # type: ignore[attr-defined] # any Span-like
     except Exception:  # telemetry never throws on the request path
         rt._logger.debug("otel_ctxbridge: could not stamp a span", exc_info=True)
+
+
+def entered(bridge: ContextBridge, ctx: Context, values: Mapping[str, Any]) -> Context:
+    """The context of a new scope of ``values`` on top of ``ctx`` (validated; see
+    ``bridge.derive``), after stamping the current recording span with the values."""
+    new = bridge.derive(ctx, values)
+    stamp(bridge, ctx.get(rt.SPAN_KEY), values)
+    return new
 
 
 class Scope:
@@ -43,8 +58,10 @@ class Scope:
 
     Entering attaches a context holding the values on top of the current one and stamps the
     current recording span; leaving restores the context from before, also when the body
-    raises. One ``Scope`` object is entered once at a time; as a decorator each call gets its
-    own scope.
+    raises, and with it every ``update()`` made inside. A ``Scope`` object is entered once;
+    as a decorator each call gets its own scope. Leave it in the task or thread that entered
+    it: leaving it elsewhere cannot restore that context (the failure is logged and counted
+    in ``otel_ctxbridge._runtime.detach_failures``, which the pytest leak detector checks).
     """
 
     __slots__ = ("_bridge", "_token", "_values")

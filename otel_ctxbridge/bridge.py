@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from opentelemetry.context import Context, create_key
-from opentelemetry.propagators.textmap import CarrierT
+from opentelemetry.propagators.textmap import CarrierT, Setter, default_setter
 from opentelemetry.trace import Span
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -17,8 +17,8 @@ from . import _runtime as rt
 from ._carrier import read_fields
 from ._runtime import BAGGAGE_KEY as _BAGGAGE
 from ._runtime import get_current as _get_current
-from ._scope import Scope, stamp
-from ._state import EMPTY, MISSING, Frame, State, next_generation
+from ._scope import Scope, entered, stamp
+from ._state import CHANGES, EMPTY, MISSING, Frame, State, child_state, frame_of
 from .errors import ContextValueError, MissingContextError, UnknownFieldError
 from .fields import Field, resolve_fields
 from .limits import MAX_MEMBER_BYTES, check_baggage_limits, format_baggage, may_exceed_limits
@@ -56,7 +56,7 @@ class ContextBridge:
             f.name: (self._where[f.name], f.max_length, f.validator is None)
             for f in resolved.values()
         }
-        # current(): the last answer and the (baggage, state) it was computed from.
+        # current(): the last context asked about, CHANGES[0] then, and the answer.
         self._last: tuple[object, object, Mapping[str, Any]] = (MISSING, MISSING, EMPTY)
         self._drops: dict[str, int] = {}
         self._drop_lock = threading.Lock()
@@ -67,23 +67,23 @@ class ContextBridge:
         """The value of field ``name`` in the current context, or ``default`` when unset."""
         key = self._where.get(name, MISSING)
         ctx = _get_current()
-        state: State | None = ctx.get(self._key)  # type: ignore[assignment] # our own key
-        if state is None:
-            if key is None:
+        state: State | None
+        if key is None:  # a process-local field
+            state = ctx.get(self._key)  # type: ignore[assignment] # our own key
+            if state is None:
                 return default
-            if key is MISSING:
-                raise UnknownFieldError(f"no field named {name!r}")
-            bag: Any = ctx.get(_BAGGAGE)
-            return bag.get(key, default) if bag else default
-        if key is MISSING:
-            raise UnknownFieldError(f"no field named {name!r}")
-        if key is None:
             value = state.local.get(name, MISSING)
+        elif key is MISSING:
+            raise UnknownFieldError(f"no field named {name!r}")
         else:
-            bag = ctx.get(_BAGGAGE)
+            bag: Any = ctx.get(_BAGGAGE)
             value = bag.get(key, MISSING) if bag else MISSING
-        if state.frame is not None and state.frame.updates:
-            update = state.frame.updates.get(name)
+            state = ctx.get(self._key)  # type: ignore[assignment] # our own key
+            if state is None:
+                return default if value is MISSING else value
+        frame = state.frame
+        if frame is not None:
+            update = frame.updates.get(name)
             if update is not None and update[1] > state.generation:
                 value = update[0]
         return default if value is MISSING else value
@@ -91,16 +91,15 @@ class ContextBridge:
     def current(self) -> Mapping[str, Any]:
         """A read-only mapping of the declared fields set in the current context."""
         ctx = _get_current()
-        bag = ctx.get(_BAGGAGE)
-        state = ctx.get(self._key)
         last = self._last
-        if last[0] is bag and last[1] is state:
+        if last[0] is ctx and last[1] is CHANGES[0]:
             return last[2]
+        # Contexts are immutable and only a frame's update changes what one holds, so the
+        # answer for a context stands until CHANGES moves; holding the context and the
+        # marker keeps their identities from being reused.
+        changes = CHANGES[0]
         view = MappingProxyType(self.values_in(ctx))
-        if state is None or state.frame is None:  # type: ignore[attr-defined] # our State
-            # Contexts are immutable, so the same (baggage, state) pair gives the same answer;
-            # holding them keeps their identities from being reused.
-            self._last = (bag, state, view)
+        self._last = (ctx, changes, view)
         return view
 
     def values_in(self, ctx: Context) -> dict[str, Any]:
@@ -114,7 +113,7 @@ class ContextBridge:
             if value is not MISSING:
                 values[name] = value
         if state is not None and state.frame is not None and state.frame.updates:
-            for name, (value, generation) in list(state.frame.updates.items()):
+            for name, (value, generation) in state.frame.updates.items():
                 if generation > state.generation:
                     if value is MISSING:
                         values.pop(name, None)
@@ -140,32 +139,55 @@ class ContextBridge:
         return Scope(self, values)
 
     def update(self, **values: Any) -> None:
-        """Change fields for the rest of the current request or scope.
+        """Change fields (``None`` unsets) for the rest of the current request or scope.
 
-        The values reach the current span and, inside a request handled by the ASGI
-        middleware, its server span, its access-log line and the rest of the handler, even
-        when ``update`` runs in a worker thread or under a nested span.
+        Inside a request handled by the ASGI middleware the change reaches the whole request:
+        the rest of the handler (also after a nested span, scope or ``async with`` block
+        ends), its server span and access-log line, and everything running in its context (a
+        FastAPI dependency in a worker thread, ``bind``, tasks). Outside a request it reaches
+        the rest of the innermost scope the same way, and ends with that scope. The current
+        span is stamped too. Between concurrent updates the newest write wins.
+
+        The bridge's readers (``get``, ``current``, ``inject``, the span and log processors,
+        the egress hook of instrumented HTTP clients) all see the change. Raw OTel baggage
+        (``opentelemetry.baggage.get_baggage``) shows it in the context where ``update``
+        ran, but no longer once a nested span or ``attach`` that was open then is closed.
+
+        Raises:
+            MissingContextError: there is no enclosing scope or request. Outside one the
+                values would stay in the thread's context for whatever runs there next (the
+                next job of a worker thread); use ``bridge.scope(...)``, ``bridge.run(...)``,
+                or, to set them for the rest of the current context on purpose,
+                ``bridge.storage().enter_with(...)``.
+            ContextValueError, UnknownFieldError: a value is refused; nothing is changed.
         """
         ctx = rt.get_current()
-        new = self.derive(ctx, values)
-        state: State | None = new.get(self._key)  # type: ignore[assignment] # our own key
-        rt.attach(new)  # no token: the change lasts until the enclosing scope restores
-        if state is not None and state.frame is not None:
-            state.frame.record(
-                {k: MISSING if v is None else v for k, v in values.items()}, state.generation
+        state: State | None = ctx.get(self._key)  # type: ignore[assignment] # our own key
+        if state is None:
+            raise MissingContextError(
+                "update() outside any scope or request: use bridge.scope(...) or "
+                "bridge.run(...) around the work (or storage().enter_with(...) on purpose)"
             )
-            for span in state.frame.spans:
-                stamp(self, span, values)
-        stamp(self, new.get(rt.SPAN_KEY), values)
+        if not values:
+            return
+        frame = frame_of(state)  # a scope's frame is made by its first update
+        new = self.derive(ctx, values, frame)  # folds in the frame's earlier updates
+        generation: int = new[self._key].generation  # type: ignore[attr-defined] # our State
+        rt.attach(new)  # no token: the frame carries the change until the scope restores
+        frame.record({k: MISSING if v is None else v for k, v in values.items()}, generation)
+        for span in frame.spans:
+            stamp(self, span, values)
+        current = new.get(rt.SPAN_KEY)
+        if current is not None and current not in frame.spans:
+            stamp(self, current, values)
 
     def run(self, values: Mapping[str, Any], fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
         """Call ``fn(*args, **kwargs)`` inside a scope of ``values`` and return its result.
 
-        With an async function the result is an awaitable that runs the whole coroutine
-        inside the scope."""
-        ctx = self.derive(rt.get_current(), values)
-        stamp(self, ctx.get(rt.SPAN_KEY), values)
-        return rt.call_in(ctx, fn, *args, **kwargs)
+        When ``fn`` returns a coroutine (an async ``fn``), the result is an awaitable that
+        runs the whole coroutine inside the scope. Other awaitables (a future, a task, an
+        object with ``__await__``) are returned as they are and run outside it."""
+        return rt.call_in(entered(self, rt.get_current(), values), fn, *args, **kwargs)
 
     def bind(self, fn: Callable[..., R]) -> Callable[..., R]:
         """Capture the current context now; the returned callable runs ``fn`` inside it
@@ -178,13 +200,18 @@ class ContextBridge:
 
         return BridgedStorage(self)
 
-    def derive(  # noqa: PLR0912 - the hot path of scope entry, kept as one inlined loop
+    def derive(  # noqa: PLR0912, PLR0915 - the hot path of scope entry, kept inlined
         self, ctx: Context, values: Mapping[str, Any], frame: Frame | None = None
     ) -> Context:
         """A copy of ``ctx`` with ``values`` written (``None`` unsets); validates them.
 
-        ``frame`` starts a request frame (used by the ASGI middleware)."""
+        ``frame`` starts a request frame (the ASGI middleware passes one per request). By
+        default the copy keeps ``ctx``'s request frame, if any (scopes inside a request share
+        it), else it is a scope of its own. Updates that ``ctx``'s frame recorded after
+        ``ctx`` was made are carried into the copy."""
         state: State | None = ctx.get(self._key)  # type: ignore[assignment] # our own key
+        if state is not None and state.frame is not None and state.frame.updates:
+            values = self._with_pending(state, values)
         bag: dict[str, object] | None = None
         local: dict[str, object] | None = None
         plans = self._plans
@@ -228,11 +255,27 @@ class ContextBridge:
         new = Context(ctx)
         if bag is not None:
             dict.__setitem__(new, _BAGGAGE, bag)
-        frame = frame if frame is not None else (state.frame if state is not None else None)
-        if local is not None or frame is not None:
+        if frame is None and (state is None or state.frame is None):  # child_state, inlined
             own = local if local is not None else (state.local if state is not None else EMPTY)
-            dict.__setitem__(new, self._key, State(own, frame, next_generation()))
+            dict.__setitem__(new, self._key, State(own, None, 0))
+        else:
+            dict.__setitem__(new, self._key, child_state(state, local, frame))
         return new
+
+    @staticmethod
+    def _with_pending(state: State, values: Mapping[str, Any]) -> Mapping[str, Any]:
+        """``values`` over the frame updates that ``state`` does not hold yet."""
+        frame = state.frame
+        assert frame is not None  # checked by the caller
+        pending = {
+            name: None if value is MISSING else value
+            for name, (value, generation) in frame.updates.items()
+            if generation > state.generation
+        }
+        if not pending:
+            return values
+        pending.update(values)
+        return pending
 
     def _check_limits(self, bag: Mapping[str, object], values: Mapping[str, Any]) -> None:
         written = [
@@ -244,36 +287,51 @@ class ContextBridge:
 
     # -- carriers --------------------------------------------------------------------------
 
-    def inject(self, carrier: CarrierT) -> CarrierT:
-        """Write ``traceparent``/``tracestate`` and ``baggage`` into a dict-like carrier."""
+    def inject(self, carrier: CarrierT, setter: Setter[CarrierT] = default_setter) -> CarrierT:
+        """Write ``traceparent``/``tracestate`` and ``baggage`` into ``carrier`` and return it.
+
+        ``setter`` writes a header (default: ``carrier[name] = value``, for a dict, message
+        headers or any object with item assignment); pass an OTel ``Setter`` for others.
+        Process-local fields are never written."""
         ctx = rt.get_current()
-        _TRACE.inject(carrier, context=ctx)
+        _TRACE.inject(carrier, context=ctx, setter=setter)
         bag: dict[str, object] = dict(ctx.get(rt.BAGGAGE_KEY) or EMPTY)  # type: ignore[call-overload]
-        for name, value in self.values_in(ctx).items():
-            key = self._where[name]
+        values = self.values_in(ctx)  # with the frame's late updates, removals included
+        for name, key in self._where.items():
             if key is not None:
-                bag[key] = value
+                if name in values:
+                    bag[key] = values[name]
+                else:
+                    bag.pop(key, None)
         header = format_baggage(bag)
-        if header and isinstance(carrier, MutableMapping):
-            carrier["baggage"] = header
+        if header:
+            setter.set(carrier, "baggage", header)
         return carrier
 
-    def extract(self, carrier: Mapping[str, Any], trusted: bool = False) -> Mapping[str, str]:
+    def extract(
+        self, carrier: Mapping[Any, Any] | Iterable[tuple[Any, Any]], trusted: bool = False
+    ) -> Mapping[str, str]:
         """Validated field values from a carrier's field headers and ``baggage``. Never raises.
 
-        A field is read when its ``inbound`` policy is ``"always"``, or ``"trusted"`` and
-        ``trusted`` is True. Invalid values are dropped, counted and logged without the value.
+        The carrier is a mapping or an iterable of ``(name, value)`` pairs (ASGI's
+        ``scope["headers"]``); names and values may be str or bytes, a value also a list of
+        them (a repeated header); None values and other names are skipped. A field is read
+        when its ``inbound`` policy is ``"always"``, or ``"trusted"`` and ``trusted`` is True.
+        Invalid values are dropped, counted and logged once without the value; an unreadable
+        carrier gives no fields and is counted under ``"carrier"``.
         """
         try:
             return read_fields(self, carrier, trusted)
-        except Exception:  # telemetry never throws on the request path
-            _logger.exception("otel_ctxbridge: could not read a carrier; no fields taken")
+        except Exception as exc:  # telemetry never throws on the request path
+            self.count_drop("carrier", f"unreadable carrier ({type(exc).__name__})")
+            _logger.debug("otel_ctxbridge: unreadable carrier", exc_info=True)
             return {}
 
     def count_drop(self, name: str, reason: str) -> None:
         """Count an inbound value of field ``name`` that was refused; log the first one.
 
-        Malformed or oversized ``baggage`` members are counted under ``"baggage"``."""
+        Malformed or oversized ``baggage`` members are counted under ``"baggage"``, carriers
+        that could not be read at all under ``"carrier"``."""
         with self._drop_lock:
             count = self._drops.get(name, 0) + 1
             self._drops[name] = count

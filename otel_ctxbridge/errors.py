@@ -1,13 +1,30 @@
 """Exceptions raised by otel_ctxbridge.
 
-The hierarchy::
+The hierarchy (each class is also the standard exception named beside it, so ``except
+ValueError`` and the like keep working)::
 
-    ContextBridgeError              base of everything this library raises
-    ├── FieldConfigError            bad configuration, raised at construction (also a ValueError)
-    ├── ContextValueError           a value refused at write time (also a ValueError)
-    ├── UnknownFieldError           a name that no Field declares (also a KeyError)
-    ├── MissingContextError         ``require()`` of a field that is unset (also a LookupError)
-    └── AlreadyConfiguredError      ``configure()`` called twice without ``shutdown()``
+    ContextBridgeError              base of everything this library raises on purpose
+    ├── FieldConfigError            ValueError: a Field, bridge or log filter misconfigured,
+    │                               raised at construction
+    ├── ContextValueError           ValueError: a value refused at write time (type, length,
+    │                               validator, UTF-8, baggage limits); names the field
+    ├── UnknownFieldError           KeyError: a name that no Field declares
+    ├── MissingContextError         LookupError: ``require()`` of an unset field, or
+    │                               ``update()`` outside any scope or request
+    ├── AlreadyConfiguredError      RuntimeError: ``configure()`` while one is installed, or
+    │                               once OTel's global providers are set (also after shutdown)
+    ├── EgressConfigError           ValueError: an EgressPolicy or HTTP client
+    │                               instrumentation misconfigured (otel_ctxbridge.egress)
+    ├── UnknownTenantError          LookupError: no database for the context's tenant
+    │                               (otel_ctxbridge.integrations.tenants)
+    ├── TenantPoolError             RuntimeError: the tenant registry is closed or full
+    │                               (otel_ctxbridge.integrations.tenants)
+    └── TransactionScopeError       RuntimeError: the context's transaction may not be used
+                                    here (otel_ctxbridge.integrations.transactions)
+
+Outside the tree: ``otel_ctxbridge.collector.CollectorStartError`` (a RuntimeError: the
+embedded collector did not start) and ``otel_ctxbridge.testing.LeakError`` (an
+AssertionError failing a test that leaked a context).
 
 Bad *data* that arrives from outside (inbound headers, carriers) never raises: it is dropped,
 counted and logged without echoing the raw value.
@@ -30,7 +47,8 @@ class ContextBridgeError(Exception):
 
 
 class FieldConfigError(ContextBridgeError, ValueError):
-    """A :class:`~otel_ctxbridge.Field` or bridge is misconfigured; the message names the field."""
+    """A :class:`~otel_ctxbridge.Field`, bridge or log filter is misconfigured; the message
+    names the field."""
 
 
 class ContextValueError(ContextBridgeError, ValueError):
@@ -53,8 +71,11 @@ class UnknownFieldError(ContextBridgeError, KeyError):
 
 
 class MissingContextError(ContextBridgeError, LookupError):
-    """``require()`` found no value for a field in the current context."""
+    """``require()`` found no value for a field in the current context, or ``update()``
+    found no scope or request to change."""
 
 
 class AlreadyConfiguredError(ContextBridgeError, RuntimeError):
-    """``configure()`` was called while an earlier configuration is still installed."""
+    """``configure()`` was called while an earlier configuration is installed, or after OTel's
+    global providers were set (by another library, or by an earlier ``configure()``: OTel
+    sets them once per process, so ``shutdown()`` does not allow a second one)."""

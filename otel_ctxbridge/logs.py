@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import keyword
 import logging
+import re
 import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -55,8 +56,9 @@ from opentelemetry.sdk._logs import LoggerProvider, LogRecordProcessor, ReadWrit
 from opentelemetry.trace import SpanContext
 
 from . import _runtime as rt
-from ._state import MISSING
-from .spans import _SCALARS, FieldReader
+from ._state import CHANGES, MISSING
+from .errors import FieldConfigError
+from .spans import FieldReader, attributes_of
 
 _get_current = rt.get_current
 
@@ -67,6 +69,11 @@ __all__ = ["ContextLogFilter", "ContextLogRecordProcessor", "OTelLoggingBridge",
 
 TRACE_ID = "trace_id"
 SPAN_ID = "span_id"
+RESERVED_LOG_KEYS = frozenset(
+    {*vars(logging.makeLogRecord({})), *dir(logging.LogRecord), "message", "asctime"}
+)
+"""Names a ``LogRecord`` has already (its attributes and methods, plus the formatter's
+``message`` and ``asctime``): no field's ``log_key`` may be one of them."""
 
 
 def trace_ids(ctx: Context) -> tuple[str, str] | None:
@@ -81,28 +88,53 @@ def trace_ids(ctx: Context) -> tuple[str, str] | None:
     return format(sc.trace_id, "032x"), format(sc.span_id, "016x")
 
 
+_PLAIN_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")  # no leading _: never a dunder
+
+
 def _assigner(keys: tuple[str, ...]) -> Callable[[logging.LogRecord, tuple[Any, ...]], bool]:
     """A function setting ``keys`` on a record to the matching values, unless the record
     has any of them already (an ``extra=`` value, a filter that ran before): then it returns
     False and sets nothing.
 
-    Generated once per filter with the keys as literals: plain attribute stores keep CPython
-    on its fastest path, a loop of ``setattr`` calls costs three times as much per record.
-    Keys are written with ``repr()`` or, when they are identifiers, as attribute names.
+    Generated once per filter: plain attribute stores keep CPython on its fastest path, a
+    loop of ``setattr`` calls costs three times as much per record. The only configured text
+    that enters the source is a key matching ``[A-Za-z][A-Za-z0-9_]*`` (not a keyword),
+    written as an attribute name and as a constant; every other key (``app.tenant``, or a
+    non-ASCII identifier, which Python would normalise into another name) is passed in as an
+    argument of the factory (a closure variable of ``assign``) and set with ``setattr``. For
+    the keys ``("request_id", "app.tenant")`` the source is::
+
+        def make(k0, k1):
+            def assign(record, values):
+                v0, v1, = values
+                if hasattr(record, 'request_id') or hasattr(record, k1):
+                    return False
+                record.request_id = v0
+                setattr(record, k1, v1)
+                return True
+            return assign
     """
-    names = [f"v{i}" for i in range(len(keys))]
-    probe = " or ".join(f"hasattr(record, {key!r})" for key in keys)
-    lines = ["def assign(record, values):", f"    {', '.join(names)}, = values"]
-    lines += [f"    if {probe}:", "        return False"]
-    for key, name in zip(keys, names, strict=True):
-        if key.isidentifier() and not keyword.iskeyword(key):
-            lines.append(f"    record.{key} = {name}")
+    if any(type(key) is not str for key in keys):
+        raise TypeError("log keys must be str")
+    n = len(keys)
+    plain = [_PLAIN_NAME.fullmatch(key) is not None and not keyword.iskeyword(key) for key in keys]
+    # a plain key as a constant (no quote nor backslash can be in it), others by variable
+    names = [f"'{key}'" if plain[i] else f"k{i}" for i, key in enumerate(keys)]
+    lines = [f"def make({', '.join(f'k{i}' for i in range(n))}):"]
+    lines.append("    def assign(record, values):")
+    lines.append(f"        {', '.join(f'v{i}' for i in range(n))}, = values")
+    lines.append(f"        if {' or '.join(f'hasattr(record, {name})' for name in names)}:")
+    lines.append("            return False")
+    for i, key in enumerate(keys):
+        if plain[i]:
+            lines.append(f"        record.{key} = v{i}")
         else:
-            lines.append(f"    setattr(record, {key!r}, {name})")
-    lines.append("    return True")
+            lines.append(f"        setattr(record, k{i}, v{i})")
+    lines.append("        return True")
+    lines.append("    return assign")
     namespace: dict[str, Any] = {}
-    exec("\n".join(lines), namespace)
-    return namespace["assign"]  # type: ignore[no-any-return] # the function defined above
+    exec("\n".join(lines), namespace)  # the source is built above from validated parts
+    return namespace["make"](*keys)  # type: ignore[no-any-return] # the function defined above
 
 
 def _share_keys(keys: tuple[str, ...]) -> None:
@@ -127,6 +159,11 @@ class ContextLogFilter(logging.Filter):
     (an ``extra=`` value) is kept. Always returns True: it annotates, never drops.
     Usable from ``logging.config.dictConfig``:
     ``{"()": "otel_ctxbridge.ContextLogFilter", "bridge": "ext://myapp.bridge"}``.
+
+    Raises:
+        FieldConfigError: a field's ``log_key`` is a name log records have already (such as
+            ``name``, ``msg``, ``process``; see :data:`RESERVED_LOG_KEYS`) or ``trace_id`` /
+            ``span_id``: its value could never be set. Give the field another ``log_key``.
     """
 
     def __init__(self, bridge: ContextBridge, default: Any = "-", name: str = "") -> None:
@@ -134,6 +171,12 @@ class ContextLogFilter(logging.Filter):
         self.bridge = bridge
         self.default = default
         self._reader = FieldReader(bridge, self._values_of)
+        for entry in self._reader.entries:
+            if entry.log_key in RESERVED_LOG_KEYS or entry.log_key in (TRACE_ID, SPAN_ID):
+                raise FieldConfigError(
+                    f"field {entry.name!r}: log_key {entry.log_key!r} is taken by log records; "
+                    "declare the field with another log_key"
+                )
         self._names = (*(e.log_key for e in self._reader.entries), TRACE_ID, SPAN_ID)
         self._keys = frozenset(self._names)
         self._assign = _assigner(self._names)
@@ -151,7 +194,8 @@ class ContextLogFilter(logging.Filter):
         try:
             ctx = _get_current()
             last = self._reader.last  # the reader's cache, inlined
-            values = last[3] if last[0] is ctx and last[1] is None else self._reader.get(ctx)
+            fresh = last[0] is ctx and last[1] is CHANGES[0]
+            values = last[2] if fresh else self._reader.get(ctx)
             if not self._assign(record, values):  # the record has one of the keys already
                 for key, value in zip(self._names, values, strict=True):
                     if not hasattr(record, key):
@@ -175,11 +219,7 @@ class ContextLogRecordProcessor(LogRecordProcessor):
         self._reader = FieldReader(bridge, self._attributes, uses_context=False)
 
     def _attributes(self, values: tuple[Any, ...], ctx: Context) -> dict[str, Any]:
-        return {
-            entry.attribute: value
-            for entry, value in zip(self._reader.entries, values, strict=True)
-            if value is not MISSING and isinstance(value, _SCALARS)
-        }
+        return attributes_of(self._reader.entries, values)
 
     def on_emit(self, log_record: ReadWriteLogRecord) -> None:
         """Set the fields on ``log_record``'s attributes."""

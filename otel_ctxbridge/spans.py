@@ -23,7 +23,8 @@ from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 
 from . import _runtime as rt
-from ._state import EMPTY, MISSING, Frame
+from ._state import CHANGES, EMPTY, MISSING
+from .fields import attribute_value
 
 if TYPE_CHECKING:
     from .bridge import ContextBridge
@@ -52,11 +53,6 @@ class _Entry:
         self.problem = field.problem
 
 
-def _mark(frame: Frame) -> object:
-    # Frame.record stores a new (value, generation) tuple on every update.
-    return tuple(frame.updates.values()) if frame.updates else None
-
-
 class FieldReader(Generic[T]):
     """Reads every declared field of a bridge from an OTel context in one pass, and caches
     what a consumer builds from them (attributes, log keys) per context.
@@ -68,8 +64,9 @@ class FieldReader(Generic[T]):
     extract, ``baggage.set_baggage``) are validated like inbound data: an invalid one, or one
     whose validator raises, is dropped and counted (``bridge.count_drop``, logged once,
     without the value). The product is cached for the last context seen: contexts
-    are immutable, so the same context gives the same product until its request frame
-    records an update, which the cache key includes.
+    are immutable, so the same context gives the same product until a frame records an
+    update (``CHANGES[0]`` moves); and per (baggage, state, frame updates) objects, which
+    the contexts of one request's spans share.
     """
 
     def __init__(
@@ -86,10 +83,10 @@ class FieldReader(Generic[T]):
         self._build = build
         self._uses_context = uses_context  # False: the product depends on the values only
         self._redacted = tuple(i for i, e in enumerate(self.entries) if e.redact is not None)
-        self.last: tuple[object, Frame | None, object, Any] = (MISSING, None, None, None)
-        """``(context, its request frame, the frame's updates then, product)``: a context
-        without a frame always gives the same product (consumers may check that inline)."""
-        # id(baggage or State) -> (baggage, State, frame mark, values, product). The contexts
+        self.last: tuple[object, object, Any] = (MISSING, MISSING, None)
+        """``(context, CHANGES[0] then, product)``: the product is current while
+        ``last[0] is ctx and last[1] is CHANGES[0]`` (consumers may check that inline)."""
+        # id(baggage or State) -> (baggage, State, frame updates, values, product). The contexts
         # of one request's spans share both objects; a few slots serve concurrent requests.
         self._memo: dict[int, tuple[object, object, object, tuple[Any, ...], Any]] = {}
         self._warned: set[str] = set()
@@ -98,17 +95,16 @@ class FieldReader(Generic[T]):
     def get(self, ctx: Context) -> T:
         """What ``build`` makes of the fields in ``ctx`` (cached for the last context)."""
         last = self.last
-        if last[0] is ctx:
-            frame = last[1]
-            if frame is None or _mark(frame) == last[2]:
-                return last[3]  # type: ignore[no-any-return] # built by self._build
+        if last[0] is ctx and last[1] is CHANGES[0]:
+            return last[2]  # type: ignore[no-any-return] # built by self._build
+        changes = CHANGES[0]
         bag = ctx.get(rt.BAGGAGE_KEY)
         state: Any = ctx.get(self.key)
         frame = state.frame if state is not None else None
-        mark = _mark(frame) if frame is not None else None
+        mark = frame.updates if frame is not None else None
         slot = id(bag if bag is not None else state)
         hit = self._memo.get(slot)
-        if hit is not None and hit[0] is bag and hit[1] is state and hit[2] == mark:
+        if hit is not None and hit[0] is bag and hit[1] is state and hit[2] is mark:
             product = self._build(hit[3], ctx) if self._uses_context else hit[4]
         else:
             values = self._read(bag, state)
@@ -116,7 +112,7 @@ class FieldReader(Generic[T]):
             if len(self._memo) >= _MEMO_SLOTS:
                 self._memo.clear()
             self._memo[slot] = (bag, state, mark, values, product)
-        self.last = (ctx, frame, mark, product)  # one tuple swap: thread-safe
+        self.last = (ctx, changes, product)  # one tuple swap: thread-safe
         return product
 
     def read(self, ctx: Context) -> tuple[Any, ...]:
@@ -141,7 +137,7 @@ class FieldReader(Generic[T]):
                     value = MISSING
             values.append(value)
         if state is not None and state.frame is not None and state.frame.updates:
-            for name, (value, generation) in list(state.frame.updates.items()):
+            for name, (value, generation) in state.frame.updates.items():
                 if generation > state.generation and name in self._index:
                     values[self._index[name]] = value
         for i in self._redacted:
@@ -171,13 +167,27 @@ class FieldReader(Generic[T]):
         _logger.warning("otel_ctxbridge: " + message, *args)
 
 
+def attributes_of(entries: tuple[_Entry, ...], values: tuple[Any, ...]) -> dict[str, Any]:
+    """The set values as ``attribute -> value``, only those that are attribute values (str,
+    bool, int, float; an int beyond 64 bits as its text)."""
+    attributes: dict[str, Any] = {}
+    for entry, value in zip(entries, values, strict=True):
+        if value is not MISSING:
+            shown = value if value.__class__ is str else attribute_value(value)
+            if shown is not None:
+                attributes[entry.attribute] = shown
+    return attributes
+
+
 class ContextSpanProcessor(SpanProcessor):
     """Copies the bridge's declared fields onto every span as attributes when it starts.
 
     Values come from the parent context given to ``on_start`` (the current context when the
     span was started without one). Attribute names are the fields' ``attribute`` (the bridge's
     ``attribute_prefix`` + name by default); an attribute the span already has is never
-    overwritten; redacted fields are set redacted. Never raises into the caller.
+    overwritten; redacted fields are set redacted; values that are not attribute values (a
+    connection held in a process-local field) are left out, and an int beyond 64 bits is
+    set as its text. Never raises into the caller.
     """
 
     def __init__(self, bridge: ContextBridge) -> None:
@@ -185,11 +195,7 @@ class ContextSpanProcessor(SpanProcessor):
         self._reader = FieldReader(bridge, self._attributes, uses_context=False)
 
     def _attributes(self, values: tuple[Any, ...], ctx: Context) -> dict[str, Any]:
-        return {
-            entry.attribute: value
-            for entry, value in zip(self._reader.entries, values, strict=True)
-            if value is not MISSING and isinstance(value, _SCALARS)
-        }
+        return attributes_of(self._reader.entries, values)
 
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
         """Set the fields of ``parent_context`` on ``span`` (never overwriting)."""
@@ -199,24 +205,29 @@ class ContextSpanProcessor(SpanProcessor):
             )
             if not attributes:
                 return
-            # Fast path. In on_start the span is not yet visible to any other code, and the
-            # values were validated when written (scalars, at most max_length characters), so
-            # they go straight into the SDK's attribute store when it has the expected shape
-            # and no limit could apply; anything else takes the public, validating path.
+            # Fast path (the public set_attributes costs 4x as much). The keys are validated
+            # field attributes and the values plain attribute values (see attributes_of), so
+            # when the span's store is the SDK's BoundedAttributes and no limit could apply,
+            # they go straight into it, under its lock like its own writes. Anything else, a
+            # length limit or a store of another shape, takes the public, validating path.
             store: Any = getattr(span, "_attributes", None)
             if (
                 type(store) is BoundedAttributes
                 and store.max_value_len is None
                 and (store.maxlen is None or len(store) + len(attributes) <= store.maxlen)
             ):
-                existing = store._dict
-                if existing:
-                    for key, value in attributes.items():
-                        if key not in existing:
-                            existing[key] = value
-                else:
-                    existing.update(attributes)
-                return
+                try:
+                    with store._lock:
+                        existing = store._dict
+                        if existing:
+                            for key, value in attributes.items():
+                                if key not in existing:
+                                    existing[key] = value
+                        else:
+                            existing.update(attributes)
+                    return
+                except AttributeError:  # the SDK changed BoundedAttributes: the public path
+                    pass
             present = span.attributes
             if present:
                 attributes = {k: v for k, v in attributes.items() if k not in present}

@@ -27,6 +27,8 @@ from types import CoroutineType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from . import _runtime as rt
+from ._runtime import PLAIN_TYPES
+from ._scope import entered
 
 if TYPE_CHECKING:
     from .bridge import ContextBridge
@@ -51,8 +53,8 @@ class AsyncLocalStorage(Generic[T]):
     def run(self, store: T, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
         """Call ``fn(*args, **kwargs)`` with ``store`` as the store and return its result.
 
-        With a coroutine function the result is an awaitable running the whole coroutine
-        with the store."""
+        When ``fn`` returns a coroutine (an async ``fn``) the result is an awaitable running
+        the whole coroutine with the store."""
         if not self._enabled:
             self._enabled = True
         var = self._var
@@ -61,7 +63,8 @@ class AsyncLocalStorage(Generic[T]):
             result = fn(*args, **kwargs)
         finally:
             var.reset(token)
-        if result.__class__ is CoroutineType:  # an async fn: run its whole body with the store
+        cls = result.__class__  # rt.is_coroutine, inlined
+        if cls is CoroutineType or (cls not in PLAIN_TYPES and isinstance(result, Coroutine)):
             return cast(R, _with_store(var, store, cast(Coroutine[Any, Any, R], result)))
         return result
 
@@ -113,8 +116,11 @@ class BridgedStorage(AsyncLocalStorage[dict[str, Any]]):
     """An :class:`AsyncLocalStorage` whose store is a dict of a bridge's declared fields.
 
     The values go where the bridge puts them (baggage or the process-local slot), so spans,
-    logs and downstream calls see them. ``get_store()`` returns a fresh dict each time:
-    change values with ``run``, ``enter_with`` or the bridge's ``update``.
+    logs and downstream calls see them; ``run`` and ``enter_with`` start a scope of their own
+    (like ``bridge.scope``: the current span is stamped, ``bridge.update`` works inside).
+    ``get_store()`` returns a fresh dict each time, so changing it changes nothing: change
+    values with ``run``, ``enter_with`` or the bridge's ``update``. ``disable()`` only makes
+    ``get_store()`` answer None; the fields still reach spans, logs and carriers.
     """
 
     def __init__(self, bridge: ContextBridge) -> None:
@@ -141,9 +147,9 @@ class BridgedStorage(AsyncLocalStorage[dict[str, Any]]):
     def enter_with(self, store: Mapping[str, Any]) -> None:
         """Set exactly the fields of ``store`` for the rest of the current context."""
         self._enabled = True
-        rt.attach(self._bridge.derive(rt.get_current(), self._cleared(store)))
+        rt.attach(entered(self._bridge, rt.get_current(), self._cleared(store)))
 
     def exit(self, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
         """Call ``fn`` with every declared field unset."""
-        ctx = self._bridge.derive(rt.get_current(), self._cleared({}))
+        ctx = entered(self._bridge, rt.get_current(), self._cleared({}))
         return rt.call_in(ctx, fn, *args, **kwargs)

@@ -411,3 +411,45 @@ def test_otel_log_records_carry_the_fields_without_overwriting(
     assert attributes["app.tenant_id"] == "explicit"
     assert inside.log_record.trace_id == span.get_span_context().trace_id
     assert not any(k.startswith("app.") for k in outside.log_record.attributes or {})
+
+
+@pytest.mark.parametrize("log_key", ["name", "msg", "process", "getMessage", "trace_id"])
+def test_a_log_key_that_records_have_already_is_refused(log_key: str) -> None:
+    """A log key a LogRecord already has (its attributes, methods, the ids the filter sets)
+    could never be set: the filter refuses it when built, naming the field."""
+    taken = cb.ContextBridge([cb.Field("who", log_key=log_key)])
+    with pytest.raises(cb.FieldConfigError, match=rf"'who'.*{log_key}"):
+        ContextLogFilter(taken)
+    with pytest.raises(cb.FieldConfigError, match="'name'"):
+        ContextLogFilter(cb.ContextBridge([cb.Field("name")]))
+
+
+def test_keyword_and_dashed_log_keys_are_set_as_given() -> None:
+    """Log keys that are Python keywords or hold dashes are set under exactly that name."""
+    odd = cb.ContextBridge([cb.Field("a", log_key="class"), cb.Field("b", log_key="req-id")])
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "m", (), None)
+    with odd.scope(a="1", b="2"):
+        ContextLogFilter(odd).filter(record)
+    assert (record.__dict__["class"], record.__dict__["req-id"]) == ("1", "2")
+
+
+def test_a_redacted_number_never_reaches_a_log_line_in_clear() -> None:
+    """A redacted process-local field holding a number is hashed in stdlib records, structlog
+    events and OTel log records."""
+    secret = cb.ContextBridge([cb.Field("account", propagate=False, redact=True)])
+    hashed = secret.fields["account"].shown("123456789")
+    exporter = InMemoryLogRecordExporter()
+    provider = LoggerProvider()
+    provider.add_log_record_processor(ContextLogRecordProcessor(secret))
+    provider.add_log_record_processor(SimpleLogRecordProcessor(exporter))
+    handler = LoggingHandler(logger_provider=provider)
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "m", (), None)
+    with secret.scope(account=123456789):
+        ContextLogFilter(secret).filter(record)
+        event = ContextStructlogProcessor(secret)(None, "info", {})
+        handler.emit(logging.LogRecord("x", logging.INFO, __file__, 1, "m", (), None))
+    provider.shutdown()
+    (exported,) = exporter.get_finished_logs()
+    assert record.__dict__["account"] == hashed
+    assert event["account"] == hashed
+    assert (exported.log_record.attributes or {})["app.account"] == hashed

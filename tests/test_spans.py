@@ -309,3 +309,29 @@ def test_processor_lifecycle_methods(bridge: cb.ContextBridge) -> None:
     processor = ContextSpanProcessor(bridge)
     assert processor.force_flush() is True
     processor.shutdown()
+
+
+def test_numbers_in_process_local_fields_are_exportable_and_redacted(
+    traced: InMemorySpanExporter,
+) -> None:
+    """An int beyond 64 bits (which OTLP cannot carry, failing the whole batch) is set as
+    its text; a redacted field holding a number is hashed, at span start and on scope entry,
+    never shown in clear; the spans encode to OTLP."""
+    provider = trace.get_tracer_provider()
+    assert isinstance(provider, TracerProvider)
+    local = cb.ContextBridge(
+        [
+            cb.Field("big", propagate=False),
+            cb.Field("account", propagate=False, redact=True),
+        ],
+        attribute_prefix="my.",
+    )
+    provider.add_span_processor(ContextSpanProcessor(local))
+    tracer = trace.get_tracer("test")
+    with tracer.start_as_current_span("entry"), local.scope(big=2**70, account=123456789):
+        tracer.start_span("child").end()
+    hashed = local.fields["account"].shown("123456789")
+    for name in ("entry", "child"):
+        assert _attributes(traced, name) == {"my.big": str(2**70), "my.account": hashed}
+    wire = encode_spans(traced.get_finished_spans()).SerializeToString()
+    assert b"123456789" not in wire

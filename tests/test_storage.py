@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Coroutine, Generator
+from typing import Any
 
 import pytest
-from opentelemetry import baggage
+from opentelemetry import baggage, trace
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import otel_ctxbridge as cb
 
@@ -197,3 +200,75 @@ async def test_snapshot_runner_runs_coroutines_in_the_snapshot() -> None:
 
     runner = als.run("snap", cb.AsyncLocalStorage.snapshot)
     assert await runner(read) == "snap"
+
+
+def test_bridged_run_and_enter_with_are_scopes_that_update_works_in(
+    bridge: cb.ContextBridge, spans: InMemorySpanExporter
+) -> None:
+    """A bridged run or enter_with starts a scope like bridge.scope: it stamps the current
+    span and bridge.update() works inside it (and ends with it)."""
+    als = bridge.storage()
+
+    def body() -> object:
+        bridge.update(user_id="u-1")
+        return als.get_store()
+
+    with trace.get_tracer("t").start_as_current_span("outer"):
+        assert als.run({"request_id": "r-1"}, body) == {"request_id": "r-1", "user_id": "u-1"}
+
+    def entered() -> object:
+        als.enter_with({"tenant_id": "acme"})
+        bridge.update(user_id="u-2")
+        return als.get_store()
+
+    assert bridge.run({}, entered) == {"tenant_id": "acme", "user_id": "u-2"}
+    assert als.get_store() is None
+    (outer,) = spans.get_finished_spans()
+    assert dict(outer.attributes or {}) == {"app.request_id": "r-1", "app.user_id": "u-1"}
+
+
+def test_bridged_get_store_is_a_copy_and_disable_only_hides_it(bridge: cb.ContextBridge) -> None:
+    """Changing the dict get_store() returned changes nothing; disable() makes get_store()
+    answer None while the fields still reach the bridge's readers."""
+    als = bridge.storage()
+
+    def body() -> tuple[object, object, object]:
+        store = als.get_store()
+        assert store is not None
+        store["tenant_id"] = "changed"
+        als.disable()
+        return bridge.get("tenant_id"), als.get_store(), bridge.inject({})["baggage"]
+
+    assert als.run({"tenant_id": "acme"}, body) == ("acme", None, "tenant_id=acme")
+
+
+class _Coroutine(Coroutine[Any, Any, Any]):
+    """A coroutine that is not a native one (as Cython or mypyc make them)."""
+
+    def __init__(self, inner: Coroutine[Any, Any, Any]) -> None:
+        self._inner = inner
+
+    def send(self, value: Any) -> Any:
+        return self._inner.send(value)
+
+    def throw(self, *args: Any) -> Any:
+        return self._inner.throw(*args)
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return self._inner.__await__()
+
+
+async def test_run_scopes_a_coroutine_that_is_not_native() -> None:
+    """run() with a function returning a non-native coroutine keeps the store for its
+    whole body, as for an async def."""
+    als: cb.AsyncLocalStorage[str] = cb.AsyncLocalStorage()
+
+    async def read() -> str | None:
+        await asyncio.sleep(0.001)
+        return als.get_store()
+
+    assert await als.run("tx", lambda: _Coroutine(read())) == "tx"
+    assert als.get_store() is None

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import email.message
+import logging
 import random
 import threading
+from collections.abc import Coroutine, Generator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 from opentelemetry import baggage, trace
+from opentelemetry.propagators.textmap import Setter
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import otel_ctxbridge as cb
+from otel_ctxbridge import _runtime as rt
 
 
 def test_scope_sets_and_restores_values(bridge: cb.ContextBridge) -> None:
@@ -296,3 +302,129 @@ def test_extract_logs_drops_without_the_raw_value(
     records = [r for r in caplog.records if "dropped" in r.getMessage()]
     assert len(records) == 1
     assert "SECRET" not in records[0].getMessage()
+
+
+class _Coroutine(Coroutine[Any, Any, Any]):
+    """A coroutine that is not a native one (as Cython or mypyc make them)."""
+
+    def __init__(self, inner: Coroutine[Any, Any, Any]) -> None:
+        self._inner = inner
+
+    def send(self, value: Any) -> Any:
+        return self._inner.send(value)
+
+    def throw(self, *args: Any) -> Any:
+        return self._inner.throw(*args)
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return self._inner.__await__()
+
+
+async def test_run_and_bind_scope_coroutines_that_plain_functions_return(
+    bridge: cb.ContextBridge,
+) -> None:
+    """run() and bind() run the whole body of a coroutine a plain function returns, native
+    or not, inside the context (not just its creation)."""
+
+    async def read_later() -> object:
+        await asyncio.sleep(0.001)
+        return bridge.get("tenant_id")
+
+    def native() -> Coroutine[Any, Any, object]:  # a plain function returning a coroutine
+        return read_later()
+
+    def other() -> Coroutine[Any, Any, object]:
+        return _Coroutine(read_later())
+
+    assert await bridge.run({"tenant_id": "native"}, native) == "native"
+    assert await bridge.run({"tenant_id": "other"}, other) == "other"
+    with bridge.scope(tenant_id="bound"):
+        bound = bridge.bind(native)
+        bound_other = bridge.bind(other)
+    assert await bound() == "bound"
+    assert await bound_other() == "bound"
+    assert bridge.get("tenant_id") is None
+
+
+def test_a_bound_function_called_from_many_threads_at_once(bridge: cb.ContextBridge) -> None:
+    """Each call of a bound function runs in its own copy of the captured context: 16
+    concurrent calls never see each other's changes."""
+    als: cb.AsyncLocalStorage[int] = cb.AsyncLocalStorage()
+    barrier = threading.Barrier(16)
+
+    def work(i: int) -> tuple[object, object]:
+        als.enter_with(i)
+        barrier.wait()
+        return als.get_store(), bridge.get("request_id")
+
+    with bridge.scope(request_id="r-b"):
+        bound = bridge.bind(work)
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(bound, range(16)))
+    assert results == [(i, "r-b") for i in range(16)]
+
+
+async def test_a_scope_left_in_another_task_is_logged_not_raised(
+    bridge: cb.ContextBridge, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Leaving a scope in another task than the one that entered it cannot restore that
+    task's context: it is counted and logged, never raised, and the leaver's context stays."""
+    scope = bridge.scope(request_id="r-x")
+
+    async def enter() -> None:
+        scope.__enter__()
+
+    await asyncio.create_task(enter())
+    before = rt.detach_failures
+    scope.__exit__(None, None, None)
+    assert rt.detach_failures == before + 1
+    assert "failed to detach" in caplog.text
+    assert bridge.get("request_id") is None
+
+
+def test_inject_into_any_carrier_with_item_assignment_or_a_setter(
+    bridge: cb.ContextBridge, spans: InMemorySpanExporter
+) -> None:
+    """traceparent and baggage both go into a carrier that is not a dict (message headers),
+    and through an OTel Setter into any other."""
+
+    class ListSetter(Setter[list[tuple[str, str]]]):
+        def set(self, carrier: list[tuple[str, str]], key: str, value: str) -> None:
+            carrier.append((key, value))
+
+    with trace.get_tracer("t").start_as_current_span("c"), bridge.scope(tenant_id="acme"):
+        message = bridge.inject(email.message.Message())
+        pairs = bridge.inject([], setter=ListSetter())
+    assert message["baggage"] == "tenant_id=acme"
+    assert message["traceparent"] is not None
+    assert [k for k, _ in pairs] == ["traceparent", "baggage"]
+
+
+def test_extract_reads_bytes_pairs_and_repeated_headers(bridge: cb.ContextBridge) -> None:
+    """Carriers come as dicts or (name, value) pairs (ASGI headers), with str or bytes, a list
+    for a repeated header; a None value is no value (never the text "None")."""
+    assert bridge.extract({b"X-Request-ID": b"r-bytes"}) == {"request_id": "r-bytes"}
+    assert bridge.extract([(b"x-request-id", b"r-pair"), (b"baggage", b"tenant_id=a")], True) == {
+        "request_id": "r-pair",
+        "tenant_id": "a",
+    }
+    assert bridge.extract({"x-request-id": ["bad id!", "r-second"]}) == {"request_id": "r-second"}
+    assert bridge.extract({"x-request-id": None, "baggage": None}) == {}
+    assert bridge.extract({"x-request-id": [None, "r-list"]}) == {"request_id": "r-list"}
+    assert bridge.extract({1: "x", "x-request-id": "r-int-key"}) == {"request_id": "r-int-key"}
+
+
+def test_an_unreadable_carrier_is_counted_and_logged_once(
+    bridge: cb.ContextBridge, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A carrier that cannot be read gives no fields, is counted under "carrier" and logged
+    once, without a traceback on every request."""
+    for _ in range(3):
+        assert bridge.extract(42) == {}  # type: ignore[arg-type]
+    assert bridge.drop_counts()["carrier"] == 3
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1
+    assert warnings[0].exc_info is None
