@@ -6,6 +6,10 @@
     ...
     telemetry.shutdown()        # at exit (also registered by the SDK's atexit hooks)
 
+``configure()`` runs once per process: OpenTelemetry lets the global providers be set once,
+so a second call raises :class:`~otel_ctxbridge.AlreadyConfiguredError`, also after
+``shutdown()``.
+
 Arguments win over ``OTEL_*`` variables, as in the OTel SDK; leave one as None to let the
 environment decide: ``OTEL_EXPORTER_OTLP_ENDPOINT`` (and the per-signal ``..._TRACES_/_LOGS_``
 variants), ``OTEL_EXPORTER_OTLP_HEADERS``, ``OTEL_EXPORTER_OTLP_PROTOCOL`` (``http/protobuf``
@@ -22,6 +26,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -48,6 +54,7 @@ __all__ = ["Telemetry", "active_telemetry", "configure"]
 _logger = logging.getLogger("otel_ctxbridge")
 _lock = threading.Lock()
 _active: Telemetry | None = None
+_installed: weakref.WeakSet[TracerProvider] = weakref.WeakSet()  # by configure(), ever
 
 
 class Telemetry:
@@ -73,8 +80,10 @@ class Telemetry:
         return bool(self.logger_provider.force_flush(timeout_millis)) and ok
 
     def shutdown(self, timeout: float = 5.0) -> None:
-        """Flush and stop both providers (in parallel, at most about ``timeout`` seconds),
-        remove the logging handler, and allow ``configure()`` again. Idempotent."""
+        """Flush and stop both providers (in parallel; returns within about ``timeout``
+        seconds even when the collector does not answer) and remove the logging handler.
+        Idempotent. The global providers stay set (OTel sets them once per process), so
+        ``configure()`` cannot run again in this process."""
         global _active  # noqa: PLW0603 - the one installed configuration
         with _lock:
             if self._closed:
@@ -90,8 +99,9 @@ class Telemetry:
         ]
         for thread in threads:
             thread.start()
+        deadline = time.monotonic() + timeout
         for thread in threads:
-            thread.join(timeout)
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     @property
     def closed(self) -> bool:
@@ -180,6 +190,7 @@ def configure(
             logger_provider.add_log_record_processor(BatchLogRecordProcessor(log_exporter))
         trace.set_tracer_provider(tracer_provider)
         _logs.set_logger_provider(logger_provider)
+        _installed.add(tracer_provider)
         handler = OTelLoggingBridge(bridge, logger_provider, log_level) if bridge_logging else None
         if handler is not None:
             logging.getLogger().addHandler(handler)
@@ -190,7 +201,13 @@ def configure(
 
 
 def _refuse_foreign_providers() -> None:
-    if not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+    provider = trace.get_tracer_provider()
+    if provider in _installed:
+        raise AlreadyConfiguredError(
+            "a global TracerProvider is already set by an earlier configure() that was shut "
+            "down; OTel sets the global providers once per process, so configure() runs once"
+        )
+    if not isinstance(provider, trace.ProxyTracerProvider):
         raise AlreadyConfiguredError(
             "a global TracerProvider is already set (OTel allows one per process); add "
             "otel_ctxbridge.ContextSpanProcessor(bridge) to it instead of calling configure()"

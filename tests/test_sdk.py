@@ -14,7 +14,7 @@ import pytest
 from opentelemetry import propagate, trace
 from opentelemetry.sdk._logs.export import InMemoryLogRecordExporter
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, format_trace_id
 
@@ -279,7 +279,7 @@ def test_configure_refuses_to_install_twice(bridge: cb.ContextBridge) -> None:
         configure(bridge, otlp=False)
     telemetry.shutdown()
     telemetry.shutdown()  # idempotent
-    with pytest.raises(cb.AlreadyConfiguredError, match="TracerProvider is already set"):
+    with pytest.raises(cb.AlreadyConfiguredError, match=r"earlier configure\(\) that was shut"):
         configure(bridge, otlp=False)
 
 
@@ -348,3 +348,41 @@ def test_bridge_logging_can_be_left_off(bridge: cb.ContextBridge) -> None:
     with configure(bridge, otlp=False, bridge_logging=False) as telemetry:
         assert telemetry.logging_handler is None
         assert logging.getLogger().handlers == before
+
+
+class _Stuck(threading.Event):
+    """Span and log exporter whose export hangs until the event is set (a collector that
+    accepts the connection and never answers)."""
+
+    def export(self, batch: object) -> SpanExportResult:
+        self.wait(30)
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        """Nothing to release."""
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return True
+
+
+def test_shutdown_returns_within_its_timeout_when_both_exports_hang(
+    bridge: cb.ContextBridge, app_logger: logging.Logger
+) -> None:
+    """With the span and the log export both hanging, shutdown(timeout) waits for the two
+    providers together: about `timeout` seconds in all, not `timeout` for each."""
+    stuck = _Stuck()
+    telemetry = configure(
+        bridge,
+        otlp=False,
+        span_exporters=[stuck],  # type: ignore[list-item] # an exporter by its methods
+        log_exporters=[stuck],  # type: ignore[list-item] # an exporter by its methods
+    )
+    try:
+        with bridge.scope(request_id="r-1"), trace.get_tracer("t").start_as_current_span("op"):
+            app_logger.info("stuck")
+        started = time.monotonic()
+        telemetry.shutdown(timeout=2.0)
+        assert time.monotonic() - started < 3.5  # both providers waited for in parallel
+        assert telemetry.closed
+    finally:
+        stuck.set()
