@@ -63,11 +63,21 @@ class SpanCapture:
         """The SDK provider recorded from (global unless another API provider was set)."""
 
     def start(self) -> SpanCapture:
-        """Start recording the global SDK provider's spans (installing one when needed)."""
+        """Start recording the global SDK provider's spans (installing one when none is set).
+
+        Raises:
+            RuntimeError: the global provider is not the SDK's (an API-only or vendor
+                provider set earlier): its spans cannot be recorded, and OTel refuses to
+                replace it, so a capture would stay empty without saying why."""
         provider = trace.get_tracer_provider()
         if not isinstance(provider, TracerProvider):
+            if not isinstance(provider, trace.ProxyTracerProvider):
+                raise RuntimeError(
+                    f"otel_ctxbridge: the global TracerProvider is a {type(provider).__name__}, "
+                    "not the OTel SDK's: span capture needs an SDK TracerProvider"
+                )
             provider = TracerProvider()
-            trace.set_tracer_provider(provider)  # refused (and logged) when one is set
+            trace.set_tracer_provider(provider)
         recorder = _recorders.get(provider)
         if recorder is None:
             recorder = _SpanRecorder(stamps=not _has_context_processor(provider))

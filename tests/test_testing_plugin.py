@@ -242,3 +242,22 @@ def test_unmarked_tests_are_left_alone(suite: pytest.Pytester) -> None:
         """
     )
     suite.runpytest_subprocess().assert_outcomes(passed=1)
+
+
+def test_span_capture_says_why_it_cannot_record_a_non_sdk_provider(
+    suite: pytest.Pytester,
+) -> None:
+    """With a global TracerProvider that is not the SDK's (OTel will not replace it), the
+    span capture fails saying so instead of staying silently empty."""
+    suite.makepyfile(
+        """
+        from opentelemetry import trace
+
+        def test_api_only_provider(request):
+            trace.set_tracer_provider(trace.NoOpTracerProvider())
+            request.getfixturevalue("ctxbridge_spans")
+        """
+    )
+    result = suite.runpytest()
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*NoOpTracerProvider, not the OTel SDK's*"])
