@@ -22,6 +22,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import format_span_id, format_trace_id
 
 import otel_ctxbridge as cb
+from otel_ctxbridge import _runtime
 from otel_ctxbridge.logs import ContextLogFilter, ContextLogRecordProcessor
 from otel_ctxbridge.structlog_processor import ContextStructlogProcessor
 
@@ -453,3 +454,24 @@ def test_a_redacted_number_never_reaches_a_log_line_in_clear() -> None:
     assert record.__dict__["account"] == hashed
     assert event["account"] == hashed
     assert (exported.log_record.attributes or {})["app.account"] == hashed
+
+
+def test_contexts_sharing_one_baggage_dict_are_told_apart(bridge: cb.ContextBridge) -> None:
+    """Two contexts with the same baggage dict but different process-local values give each
+    its own values, however often the log filter and current() switch between them."""
+    log_filter = ContextLogFilter(bridge)
+    with bridge.scope(request_id="r-1"):
+        base = _runtime.get_current()
+        first = bridge.derive(base, {"user_id": "u-1"})
+        second = bridge.derive(base, {"user_id": "u-2"})
+    assert first.get(_runtime.BAGGAGE_KEY) is second.get(_runtime.BAGGAGE_KEY)
+    seen = []
+    for ctx in (first, second, first, second):
+        token = _runtime.attach(ctx)
+        try:
+            record = logging.LogRecord("x", logging.INFO, __file__, 1, "m", (), None)
+            log_filter.filter(record)
+            seen.append((bridge.current()["user_id"], record.__dict__["user_id"]))
+        finally:
+            _runtime.detach(token)
+    assert seen == [("u-1", "u-1"), ("u-2", "u-2")] * 2
