@@ -1,14 +1,43 @@
-"""Reading a bridge's fields from a carrier (HTTP headers, queue headers) by field policy."""
+"""Carriers (HTTP headers, queue headers): a bridge's fields read by field policy, and written
+with the trace context."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from .limits import parse_baggage
+from opentelemetry.context import Context
+from opentelemetry.propagators.textmap import CarrierT, Setter
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from . import _runtime as rt
+from ._state import EMPTY
+from .limits import format_baggage, parse_baggage
 
 if TYPE_CHECKING:
     from .bridge import ContextBridge
+
+_TRACE = TraceContextTextMapPropagator()
+
+
+def write_fields(
+    bridge: ContextBridge, ctx: Context, carrier: CarrierT, setter: Setter[CarrierT]
+) -> None:
+    """Write ``ctx``'s ``traceparent``/``tracestate`` and ``baggage`` (the propagated fields
+    with the frame's late updates, over the other members) into ``carrier``."""
+    _TRACE.inject(carrier, context=ctx, setter=setter)
+    bag: dict[str, object] = dict(ctx.get(rt.BAGGAGE_KEY) or EMPTY)  # type: ignore[call-overload]
+    values = bridge.values_in(ctx)  # with the frame's late updates, removals included
+    for name, field in bridge.fields.items():
+        if field.propagate:
+            key = str(field.baggage_key)
+            if name in values:
+                bag[key] = values[name]
+            else:
+                bag.pop(key, None)
+    header = format_baggage(bag)
+    if header:
+        setter.set(carrier, "baggage", header)
 
 
 def read_fields(

@@ -107,6 +107,23 @@ def child_state(
     return State(own, frame, 0)
 
 
+def pending_values(state: State, values: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``values`` over the updates of ``state``'s frame that ``state`` does not hold yet (as
+    ``None`` for a removed value): what a context written on top of it starts from."""
+    frame = state.frame
+    if frame is None or not frame.updates:
+        return values
+    pending: dict[str, Any] = {
+        name: None if value is MISSING else value
+        for name, (value, generation) in frame.updates.items()
+        if generation > state.generation
+    }
+    if not pending:
+        return values
+    pending.update(values)
+    return pending
+
+
 def frame_of(state: State) -> Frame:
     """``state``'s frame; a new :class:`ScopeFrame` when it has none yet (set once, so that
     every context of the scope, in any thread, gets the same one)."""

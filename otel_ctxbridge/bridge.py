@@ -11,17 +11,16 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from opentelemetry.context import Context, create_key
 from opentelemetry.propagators.textmap import CarrierT, Setter, default_setter
 from opentelemetry.trace import Span
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from . import _runtime as rt
-from ._carrier import read_fields
+from ._carrier import read_fields, write_fields
 from ._runtime import BAGGAGE_KEY as _BAGGAGE
 from ._runtime import get_current as _get_current
 from ._scope import Scope, entered, stamp
-from ._state import CHANGES, EMPTY, MISSING, Frame, State, child_state, frame_of
+from ._state import CHANGES, EMPTY, MISSING, Frame, State, child_state, frame_of, pending_values
 from .errors import ContextValueError, MissingContextError, UnknownFieldError
 from .fields import Field, resolve_fields
-from .limits import MAX_MEMBER_BYTES, check_baggage_limits, format_baggage, may_exceed_limits
+from .limits import MAX_MEMBER_BYTES, check_written, may_exceed_limits
 
 if TYPE_CHECKING:
     from .storage import AsyncLocalStorage
@@ -30,7 +29,6 @@ __all__ = ["ContextBridge"]
 
 R = TypeVar("R")
 _logger = logging.getLogger("otel_ctxbridge")
-_TRACE = TraceContextTextMapPropagator()
 
 
 class ContextBridge:
@@ -211,7 +209,7 @@ class ContextBridge:
         ``ctx`` was made are carried into the copy."""
         state: State | None = ctx.get(self._key)  # type: ignore[assignment] # our own key
         if state is not None and state.frame is not None and state.frame.updates:
-            values = self._with_pending(state, values)
+            values = pending_values(state, values)
         bag: dict[str, object] | None = None
         local: dict[str, object] | None = None
         plans = self._plans
@@ -251,7 +249,7 @@ class ContextBridge:
                 target[key] = value
         unsure = bag is not None and (chars < 0 or 12 * chars > MAX_MEMBER_BYTES)
         if unsure and may_exceed_limits(bag):  # type: ignore[arg-type] # unsure => bag set
-            self._check_limits(bag, values)  # type: ignore[arg-type] # unsure => bag set
+            check_written(bag, values, self._where)  # type: ignore[arg-type] # unsure => bag
         new = Context(ctx)
         if bag is not None:
             dict.__setitem__(new, _BAGGAGE, bag)
@@ -262,29 +260,6 @@ class ContextBridge:
             dict.__setitem__(new, self._key, child_state(state, local, frame))
         return new
 
-    @staticmethod
-    def _with_pending(state: State, values: Mapping[str, Any]) -> Mapping[str, Any]:
-        """``values`` over the frame updates that ``state`` does not hold yet."""
-        frame = state.frame
-        assert frame is not None  # checked by the caller
-        pending = {
-            name: None if value is MISSING else value
-            for name, (value, generation) in frame.updates.items()
-            if generation > state.generation
-        }
-        if not pending:
-            return values
-        pending.update(values)
-        return pending
-
-    def _check_limits(self, bag: Mapping[str, object], values: Mapping[str, Any]) -> None:
-        written = [
-            (name, str(self._where[name]))
-            for name, value in values.items()
-            if value is not None and self._where[name] is not None
-        ]
-        check_baggage_limits(bag, written)
-
     # -- carriers --------------------------------------------------------------------------
 
     def inject(self, carrier: CarrierT, setter: Setter[CarrierT] = default_setter) -> CarrierT:
@@ -293,19 +268,7 @@ class ContextBridge:
         ``setter`` writes a header (default: ``carrier[name] = value``, for a dict, message
         headers or any object with item assignment); pass an OTel ``Setter`` for others.
         Process-local fields are never written."""
-        ctx = rt.get_current()
-        _TRACE.inject(carrier, context=ctx, setter=setter)
-        bag: dict[str, object] = dict(ctx.get(rt.BAGGAGE_KEY) or EMPTY)  # type: ignore[call-overload]
-        values = self.values_in(ctx)  # with the frame's late updates, removals included
-        for name, key in self._where.items():
-            if key is not None:
-                if name in values:
-                    bag[key] = values[name]
-                else:
-                    bag.pop(key, None)
-        header = format_baggage(bag)
-        if header:
-            setter.set(carrier, "baggage", header)
+        write_fields(self, rt.get_current(), carrier, setter)
         return carrier
 
     def extract(

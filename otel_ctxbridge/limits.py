@@ -22,6 +22,7 @@ __all__ = [
     "MAX_MEMBER_BYTES",
     "BaggageEntry",
     "check_baggage_limits",
+    "check_written",
     "encode_value",
     "encoded_member_size",
     "format_baggage",
@@ -209,3 +210,16 @@ def check_baggage_limits(bag: Mapping[str, object], written: Sequence[tuple[str,
     exact = len(",".join(f"{k}={encode_value(str(v))}" for k, v in bag.items()))
     if exact > MAX_HEADER_BYTES:
         raise ContextValueError(first, f"baggage header would exceed {MAX_HEADER_BYTES} B")
+
+
+def check_written(
+    bag: Mapping[str, object], values: Mapping[str, object], keys: Mapping[str, str | None]
+) -> None:
+    """:func:`check_baggage_limits` for ``values`` just written into ``bag``; ``keys`` maps a
+    field name to its baggage key (None for a process-local field, which is not checked)."""
+    written = [
+        (name, str(keys[name]))
+        for name, value in values.items()
+        if value is not None and keys[name] is not None
+    ]
+    check_baggage_limits(bag, written)

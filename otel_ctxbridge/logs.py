@@ -65,7 +65,13 @@ _get_current = rt.get_current
 if TYPE_CHECKING:
     from .bridge import ContextBridge
 
-__all__ = ["ContextLogFilter", "ContextLogRecordProcessor", "OTelLoggingBridge", "trace_ids"]
+__all__ = [
+    "RESERVED_LOG_KEYS",
+    "ContextLogFilter",
+    "ContextLogRecordProcessor",
+    "OTelLoggingBridge",
+    "trace_ids",
+]
 
 TRACE_ID = "trace_id"
 SPAN_ID = "span_id"
