@@ -291,15 +291,21 @@ class ContextBridge:
             return {}
 
     def count_drop(self, name: str, reason: str) -> None:
-        """Count an inbound value of field ``name`` that was refused; log the first one.
+        """Count an inbound value of field ``name`` that was refused, and log it rate-limited:
+        the 1st, 10th, 100th, ... drop of a field (with the count), never the raw value.
 
         Malformed or oversized ``baggage`` members are counted under ``"baggage"``, carriers
         that could not be read at all under ``"carrier"``."""
         with self._drop_lock:
             count = self._drops.get(name, 0) + 1
             self._drops[name] = count
-        if count == 1:
-            _logger.warning("otel_ctxbridge: dropped an inbound value of %r: %s", name, reason)
+        if count == 1 or _is_power_of_ten(count):
+            _logger.warning(
+                "otel_ctxbridge: dropped an inbound value of %r: %s (%d dropped so far)",
+                name,
+                reason,
+                count,
+            )
 
     def drop_counts(self) -> Mapping[str, int]:
         """How many inbound values were dropped, by field name."""
@@ -320,3 +326,9 @@ class ContextBridge:
 
     def __repr__(self) -> str:
         return f"ContextBridge(fields={list(self.fields)!r})"
+
+
+def _is_power_of_ten(n: int) -> bool:
+    while n % 10 == 0:
+        n //= 10
+    return n == 1

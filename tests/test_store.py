@@ -428,3 +428,16 @@ def test_an_unreadable_carrier_is_counted_and_logged_once(
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1
     assert warnings[0].exc_info is None
+
+
+def test_drops_are_logged_rate_limited_with_the_count(
+    bridge: cb.ContextBridge, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A long-running worker keeps hearing about hostile input: the 1st, 10th and 100th drop
+    of a field are logged with the count, the others only counted."""
+    for _ in range(100):
+        bridge.extract({"x-request-id": "bad\nid"})
+    logged = [r.getMessage() for r in caplog.records if "dropped an inbound" in r.getMessage()]
+    assert len(logged) == 3
+    assert "(100 dropped so far)" in logged[-1]
+    assert bridge.drop_counts()["request_id"] == 100
