@@ -77,9 +77,11 @@ def _complete(sink: Any, rids: list[str]) -> bool:
             return False
         if not _by(spans, ORDERS, "request_id", rid):
             return False
-        if not _by(logs, GATEWAY, "app.request_id", rid) or not _by(
-            logs, ORDERS, "request_id", rid
-        ):
+        gateway_bodies = [str(r["body"]) for r in _by(logs, GATEWAY, "app.request_id", rid)]
+        # The access-log line is written after the response, so it may arrive in a later batch.
+        if not any(body.startswith("GET /") for body in gateway_bodies):
+            return False
+        if not _by(logs, ORDERS, "request_id", rid):
             return False
     return True
 
