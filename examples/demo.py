@@ -83,6 +83,10 @@ class Sent:
         for service in (GATEWAY, ORDERS):
             if not any(r["service"] == service and _rid(r) == rid for r in self.logs):
                 want.append(f"{service} log record")
+        access = f"GET {self.path} "  # the access-log line, written after the response
+        gateway_bodies = [str(r["body"]) for r in self.logs if r["service"] == GATEWAY]
+        if not any(body.startswith(access) for body in gateway_bodies):
+            want.append("the gateway's access-log line")
         if len({r["trace_id"] for r in (*self.spans, *self.logs)}) > 1:
             want.append("a single trace id")
         tenant = self.headers.get("x-tenant-id")

@@ -215,6 +215,7 @@ def _records(user_keys: tuple[str, ...] = (), tenant: str = "acme") -> tuple[lis
     ]
     logs = [
         record("gateway", body="checkout of order 1", severity="INFO", attributes=gateway_ids),
+        record("gateway", body="GET /checkout/1 200 3.1ms", severity="INFO", attributes=gateway_ids),
         record(
             "orders-downstream",
             body="order 1 requested: request_id=r-1",
@@ -231,8 +232,14 @@ def _records(user_keys: tuple[str, ...] = (), tenant: str = "acme") -> tuple[lis
         ((), "acme", None),
         (("user_id",), "acme", "the user id kept in the gateway"),
         ((), "globex", "the tenant in the downstream's baggage"),
+        ((), "no-access-log", "the gateway's access-log line"),
     ],
-    ids=["complete", "user-id-in-downstream-baggage", "wrong-tenant-downstream"],
+    ids=[
+        "complete",
+        "user-id-in-downstream-baggage",
+        "wrong-tenant-downstream",
+        "no-access-log-line",
+    ],
 )
 def test_demo_verdict_catches_a_leaked_user_id_and_a_wrong_tenant(
     user_keys: tuple[str, ...], tenant: str, problem: str | None
@@ -244,7 +251,11 @@ def test_demo_verdict_catches_a_leaked_user_id_and_a_wrong_tenant(
     demo = _demo_module()
     headers = {"x-request-id": "r-1", "x-tenant-id": "acme", "x-user": "alice"}
     sent = demo.Sent("/checkout/1", headers, 200, "r-1")
-    sent.spans, sent.logs = _records(user_keys, tenant)
+    if tenant == "no-access-log":
+        sent.spans, sent.logs = _records(user_keys, "acme")
+        sent.logs = [r for r in sent.logs if not str(r["body"]).startswith("GET ")]
+    else:
+        sent.spans, sent.logs = _records(user_keys, tenant)
     missing = sent.missing()
     if problem is None:
         assert missing == []
