@@ -215,7 +215,9 @@ def _records(user_keys: tuple[str, ...] = (), tenant: str = "acme") -> tuple[lis
     ]
     logs = [
         record("gateway", body="checkout of order 1", severity="INFO", attributes=gateway_ids),
-        record("gateway", body="GET /checkout/1 200 3.1ms", severity="INFO", attributes=gateway_ids),
+        record(
+            "gateway", body="GET /checkout/1 200 3.1ms", severity="INFO", attributes=gateway_ids
+        ),
         record(
             "orders-downstream",
             body="order 1 requested: request_id=r-1",
