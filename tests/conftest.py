@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import pytest
@@ -14,8 +13,6 @@ from opentelemetry.util._once import Once
 
 import otel_ctxbridge as cb
 from otel_ctxbridge import _runtime
-
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
 def _reset_trace_globals() -> None:

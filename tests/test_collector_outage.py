@@ -20,8 +20,8 @@ import httpx
 import pytest
 
 from otel_ctxbridge.collector import CollectorStartError
+from tests._services import IN_CI
 
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 GATEWAY, ORDERS = "gateway", "orders-downstream"
 QUEUE = 64

@@ -10,7 +10,6 @@ import asyncio
 import importlib.util
 import json
 import logging
-import os
 import shlex
 import shutil
 import subprocess
@@ -31,9 +30,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from otel_ctxbridge.spans import ContextSpanProcessor
 from otel_ctxbridge.trust import TrustPolicy
+from tests._services import unavailable
 
 SERVER = "postgresql://postgres@127.0.0.1:5432/test"
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 TENANTS = ("acme", "globex")
 SECRET = "gateway-secret-for-tests"
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "orders_service.py"
@@ -100,9 +99,7 @@ def service() -> Iterator[Service]:
         _run(_admin("SELECT 1"))
     except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
         message = f"PostgreSQL at 127.0.0.1:5432 is not reachable: {exc!r}"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable(message)
     prefix = f"ctxb_{uuid.uuid4().hex[:10]}"
     exporter = InMemorySpanExporter()
     provider = TracerProvider()

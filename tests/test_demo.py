@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+from tests._services import IN_CI
+
 DEMO = Path(__file__).resolve().parent.parent / "examples" / "demo.py"
 TIMEOUT = 90
 MARKERS = {

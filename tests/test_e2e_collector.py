@@ -6,7 +6,6 @@ recording sink. Every assertion is about what the collector forwarded."""
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,8 +15,8 @@ import httpx
 import pytest
 
 from otel_ctxbridge.collector import CollectorStartError
+from tests._services import IN_CI
 
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 GATEWAY, ORDERS = "gateway", "orders-downstream"
 N = 20

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import http.server
 import logging
-import os
 import socket
 import threading
 import time
@@ -23,8 +22,8 @@ from otel_ctxbridge.collector import CollectorStartError, EmbeddedCollector
 from otel_ctxbridge.logs import ContextLogFilter
 from otel_ctxbridge.otlp_sink import RecordingSink
 from otel_ctxbridge.sdk import Telemetry, active_telemetry, configure
+from tests._services import IN_CI
 
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 OTEL_ENV = (
     "OTEL_EXPORTER_OTLP_ENDPOINT",
     "OTEL_EXPORTER_OTLP_HEADERS",

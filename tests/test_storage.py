@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine, Generator
-from typing import Any
 
 import pytest
 from opentelemetry import baggage, trace
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import otel_ctxbridge as cb
+from tests._coroutines import NonNativeCoroutine
 
 
 def test_run_sets_the_store_for_the_call_only() -> None:
@@ -242,25 +241,6 @@ def test_bridged_get_store_is_a_copy_and_disable_only_hides_it(bridge: cb.Contex
     assert als.run({"tenant_id": "acme"}, body) == ("acme", None, "tenant_id=acme")
 
 
-class _Coroutine(Coroutine[Any, Any, Any]):
-    """A coroutine that is not a native one (as Cython or mypyc make them)."""
-
-    def __init__(self, inner: Coroutine[Any, Any, Any]) -> None:
-        self._inner = inner
-
-    def send(self, value: Any) -> Any:
-        return self._inner.send(value)
-
-    def throw(self, *args: Any) -> Any:
-        return self._inner.throw(*args)
-
-    def close(self) -> None:
-        self._inner.close()
-
-    def __await__(self) -> Generator[Any, None, Any]:
-        return self._inner.__await__()
-
-
 async def test_run_scopes_a_coroutine_that_is_not_native() -> None:
     """run() with a function returning a non-native coroutine keeps the store for its
     whole body, as for an async def."""
@@ -270,5 +250,5 @@ async def test_run_scopes_a_coroutine_that_is_not_native() -> None:
         await asyncio.sleep(0.001)
         return als.get_store()
 
-    assert await als.run("tx", lambda: _Coroutine(read())) == "tx"
+    assert await als.run("tx", lambda: NonNativeCoroutine(read())) == "tx"
     assert als.get_store() is None

@@ -7,7 +7,7 @@ import email.message
 import logging
 import random
 import threading
-from collections.abc import Coroutine, Generator
+from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -18,6 +18,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 import otel_ctxbridge as cb
 from otel_ctxbridge import _runtime as rt
+from tests._coroutines import NonNativeCoroutine
 
 
 def test_scope_sets_and_restores_values(bridge: cb.ContextBridge) -> None:
@@ -304,25 +305,6 @@ def test_extract_logs_drops_without_the_raw_value(
     assert "SECRET" not in records[0].getMessage()
 
 
-class _Coroutine(Coroutine[Any, Any, Any]):
-    """A coroutine that is not a native one (as Cython or mypyc make them)."""
-
-    def __init__(self, inner: Coroutine[Any, Any, Any]) -> None:
-        self._inner = inner
-
-    def send(self, value: Any) -> Any:
-        return self._inner.send(value)
-
-    def throw(self, *args: Any) -> Any:
-        return self._inner.throw(*args)
-
-    def close(self) -> None:
-        self._inner.close()
-
-    def __await__(self) -> Generator[Any, None, Any]:
-        return self._inner.__await__()
-
-
 async def test_run_and_bind_scope_coroutines_that_plain_functions_return(
     bridge: cb.ContextBridge,
 ) -> None:
@@ -337,7 +319,7 @@ async def test_run_and_bind_scope_coroutines_that_plain_functions_return(
         return read_later()
 
     def other() -> Coroutine[Any, Any, object]:
-        return _Coroutine(read_later())
+        return NonNativeCoroutine(read_later())
 
     assert await bridge.run({"tenant_id": "native"}, native) == "native"
     assert await bridge.run({"tenant_id": "other"}, other) == "other"
