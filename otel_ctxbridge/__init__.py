@@ -17,6 +17,7 @@ from .errors import (
     ContextValueError,
     FieldConfigError,
     MissingContextError,
+    MissingExtraError,
     UnknownFieldError,
 )
 from .executors import (
@@ -55,6 +56,7 @@ __all__ = [
     "FieldConfigError",
     "HttpEgress",
     "MissingContextError",
+    "MissingExtraError",
     "Telemetry",
     "TrustPolicy",
     "UnknownFieldError",

@@ -16,6 +16,8 @@ from typing import Any
 from opentelemetry.sdk._logs.export import ConsoleLogRecordExporter
 from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 
+from .errors import requires_extra
+
 __all__ = ["DEFAULT_EXPORT_TIMEOUT"]
 
 _logger = logging.getLogger("otel_ctxbridge")
@@ -82,27 +84,31 @@ class _Export:
             path = "/v1/traces" if signal == "traces" else "/v1/logs"
             kwargs["endpoint"] = self.endpoint.rstrip("/") + path
         if signal == "traces":
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # noqa: PLC0415 - optional extra
-                OTLPSpanExporter,
-            )
+            with requires_extra("otlp", "OTLP export over http/protobuf"):
+                from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # noqa: PLC0415 - optional extra
+                    OTLPSpanExporter,
+                )
 
             return OTLPSpanExporter(**kwargs)
-        from opentelemetry.exporter.otlp.proto.http._log_exporter import (  # noqa: PLC0415 - optional extra
-            OTLPLogExporter,
-        )
+        with requires_extra("otlp", "OTLP export over http/protobuf"):
+            from opentelemetry.exporter.otlp.proto.http._log_exporter import (  # noqa: PLC0415 - optional extra
+                OTLPLogExporter,
+            )
 
         return OTLPLogExporter(**kwargs)
 
 
 def _grpc(signal: str, kwargs: dict[str, Any]) -> Any:
     if signal == "traces":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (  # noqa: PLC0415 - optional extra
-            OTLPSpanExporter,
-        )
+        with requires_extra("otlp-grpc", "OTLP export over gRPC"):
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (  # noqa: PLC0415 - optional extra
+                OTLPSpanExporter,
+            )
 
         return OTLPSpanExporter(**kwargs)
-    from opentelemetry.exporter.otlp.proto.grpc._log_exporter import (  # noqa: PLC0415 - optional extra
-        OTLPLogExporter,
-    )
+    with requires_extra("otlp-grpc", "OTLP export over gRPC"):
+        from opentelemetry.exporter.otlp.proto.grpc._log_exporter import (  # noqa: PLC0415 - optional extra
+            OTLPLogExporter,
+        )
 
     return OTLPLogExporter(**kwargs)

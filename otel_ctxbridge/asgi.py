@@ -57,7 +57,7 @@ from ._inbound import (
 )
 from ._state import Frame
 from .bridge import ContextBridge
-from .errors import ContextValueError
+from .errors import ContextValueError, requires_extra
 from .trust import TrustPolicy
 
 __all__ = ["ACCESS_LOGGER", "ContextBridgeMiddleware", "TraceHeaderShield", "instrument_asgi"]
@@ -96,9 +96,10 @@ def instrument_asgi(
         otel_kwargs: passed to ``OpenTelemetryMiddleware`` (``tracer_provider``,
             ``excluded_urls``, ...); ``exclude_spans`` defaults to ``["receive", "send"]``.
     """
-    from opentelemetry.instrumentation.asgi import (  # noqa: PLC0415 - optional extra "asgi"
-        OpenTelemetryMiddleware,
-    )
+    with requires_extra("asgi", "instrument_asgi"):
+        from opentelemetry.instrumentation.asgi import (  # noqa: PLC0415 - optional extra "asgi"
+            OpenTelemetryMiddleware,
+        )
 
     trust = trust if trust is not None else TrustPolicy()
     inner = ContextBridgeMiddleware(

@@ -36,6 +36,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from . import _runtime as rt
 from .bridge import ContextBridge
 from .egress_policy import EgressConfigError, EgressPolicy
+from .errors import requires_extra
 from .propagation import default_propagator
 
 __all__ = ["EgressConfigError", "EgressPolicy", "HttpEgress", "instrument_http_clients"]
@@ -171,10 +172,11 @@ class HttpEgress:
     def instrument_client(self, client: Any) -> None:
         """Instrument one ``httpx.Client`` or ``httpx.AsyncClient`` (any transport, such as
         ``httpx.MockTransport``) with this policy, instead of every client."""
-        import httpx  # noqa: PLC0415 - optional extra
-        from opentelemetry.instrumentation.httpx import (  # noqa: PLC0415 - optional extra
-            HTTPXClientInstrumentor,
-        )
+        with requires_extra("httpx", "HttpEgress.instrument_client"):
+            import httpx  # noqa: PLC0415 - optional extra
+            from opentelemetry.instrumentation.httpx import (  # noqa: PLC0415 - optional extra
+                HTTPXClientInstrumentor,
+            )
 
         hook = self.async_request_hook if isinstance(client, httpx.AsyncClient) else None
         HTTPXClientInstrumentor.instrument_client(client, request_hook=hook or self.request_hook)
@@ -206,9 +208,10 @@ def instrument_http_clients(
     use_default_propagator_if_unset()
     try:
         if httpx:
-            from opentelemetry.instrumentation.httpx import (  # noqa: PLC0415 - optional extra
-                HTTPXClientInstrumentor,
-            )
+            with requires_extra("httpx", "instrument_http_clients(httpx=True)"):
+                from opentelemetry.instrumentation.httpx import (  # noqa: PLC0415 - optional extra
+                    HTTPXClientInstrumentor,
+                )
 
             _instrument(
                 egress,
@@ -218,9 +221,10 @@ def instrument_http_clients(
                 tracer_provider=tracer_provider,
             )
         if requests:
-            from opentelemetry.instrumentation.requests import (  # noqa: PLC0415 - optional
-                RequestsInstrumentor,
-            )
+            with requires_extra("requests", "instrument_http_clients(requests=True)"):
+                from opentelemetry.instrumentation.requests import (  # noqa: PLC0415 - optional
+                    RequestsInstrumentor,
+                )
 
             _instrument(
                 egress,

@@ -11,6 +11,8 @@ ValueError`` and the like keep working)::
     ├── UnknownFieldError           KeyError: a name that no Field declares
     ├── MissingContextError         LookupError: ``require()`` of an unset field, or
     │                               ``update()`` outside any scope or request
+    ├── MissingExtraError           ImportError: a feature's optional extra is not installed;
+    │                               the message names the ``pip install`` to run
     ├── AlreadyConfiguredError      RuntimeError: ``configure()`` while one is installed, or
     │                               once OTel's global providers are set (also after shutdown)
     ├── EgressConfigError           ValueError: an EgressPolicy or HTTP client
@@ -32,13 +34,18 @@ counted and logged without echoing the raw value.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 __all__ = [
     "AlreadyConfiguredError",
     "ContextBridgeError",
     "ContextValueError",
     "FieldConfigError",
     "MissingContextError",
+    "MissingExtraError",
     "UnknownFieldError",
+    "requires_extra",
 ]
 
 
@@ -79,3 +86,20 @@ class AlreadyConfiguredError(ContextBridgeError, RuntimeError):
     """``configure()`` was called while an earlier configuration is installed, or after OTel's
     global providers were set (by another library, or by an earlier ``configure()``: OTel
     sets them once per process, so ``shutdown()`` does not allow a second one)."""
+
+
+class MissingExtraError(ContextBridgeError, ImportError):
+    """A feature needs an optional extra that is not installed; the message says which."""
+
+
+@contextmanager
+def requires_extra(extra: str, feature: str) -> Iterator[None]:
+    """Turn a missing optional dependency imported inside the block into a
+    :class:`MissingExtraError` that names ``pip install 'otel_ctxbridge[extra]'``."""
+    try:
+        yield
+    except ModuleNotFoundError as exc:
+        raise MissingExtraError(
+            f"{feature} needs the {extra!r} extra ({exc.name} is not installed): "
+            f"pip install 'otel_ctxbridge[{extra}]'"
+        ) from exc

@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
+from otel_ctxbridge.errors import requires_extra
 from otel_ctxbridge.integrations.tenants import TenantPoolError
 
 if TYPE_CHECKING:
@@ -137,7 +138,8 @@ class SQLitePool:
         self._closed = False
 
     async def _open(self) -> SQLiteConnection:
-        import aiosqlite  # noqa: PLC0415 - optional dependency, needed only here
+        with requires_extra("sqlite", "the SQLite pool"):
+            import aiosqlite  # noqa: PLC0415 - optional dependency, needed only here
 
         raw = await aiosqlite.connect(self.path, isolation_level=None)
         try:

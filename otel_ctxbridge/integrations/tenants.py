@@ -17,7 +17,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast, overload
 
-from otel_ctxbridge.errors import ContextBridgeError, FieldConfigError, MissingContextError
+from otel_ctxbridge.errors import (
+    ContextBridgeError,
+    FieldConfigError,
+    MissingContextError,
+    requires_extra,
+)
 
 if TYPE_CHECKING:
     from asyncpg import Record
@@ -133,7 +138,8 @@ class TenantPools(Generic[C]):
         if not (isinstance(dsn_for_tenant, Mapping) or callable(dsn_for_tenant)):
             raise TypeError("TenantPools: dsn_for_tenant must be a mapping or a callable")
         if connect is None:
-            import asyncpg  # noqa: PLC0415 - optional dependency, needed only by default
+            with requires_extra("postgres", "TenantPools"):
+                import asyncpg  # noqa: PLC0415 - optional dependency, needed only by default
 
             connect = cast(Callable[..., Awaitable[PoolLike[Any]]], asyncpg.create_pool)
         self._bridge = bridge
