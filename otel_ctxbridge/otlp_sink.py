@@ -107,6 +107,20 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             if self.rfile.read(2) != b"\r\n":
                 raise ValueError("bad chunk")
 
+    def _discard_unread(self) -> None:
+        """Read what the client still sends (briefly, bounded) before the connection closes:
+        closing with unread input resets it, and the client could lose the 400."""
+        try:
+            self.connection.settimeout(0.2)
+            received = 0
+            while received < _MAX_BODY:
+                chunk = self.connection.recv(65536)
+                if not chunk:
+                    break
+                received += len(chunk)
+        except OSError:  # timeout or reset: nothing more to wait for
+            pass
+
     def do_POST(self) -> None:
         sink, path = self.sink, self.path.split("?", 1)[0]
         if path not in ("/v1/traces", "/v1/logs", "/v1/metrics"):
@@ -124,6 +138,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             sink._reject()
             self.close_connection = True
             self._reply(400, f"bad OTLP request: {type(exc).__name__}: {exc}".encode())
+            self._discard_unread()
             return
         self._reply(200, b"", "application/x-protobuf")  # empty Export*ServiceResponse
 

@@ -125,15 +125,16 @@ def test_sink_reads_chunked_bodies_instead_of_dropping_them() -> None:
         assert plain.request.headers["transfer-encoding"] == "chunked"
         assert (plain.status_code, zipped.status_code) == (200, 200)
         assert [s["name"] for s in sink.spans()] == ["streamed", "streamed"]
-        url = sink.endpoint + "/v1/traces"
-        broken = {**proto, "Transfer-Encoding": "chunked"}
         port = int(sink.endpoint.rsplit(":", 1)[1])
-        with socket.create_connection(("127.0.0.1", port)) as c:
-            c.sendall(b"POST /v1/traces HTTP/1.1\r\nHost: x\r\n")
-            c.sendall(b"".join(f"{k}: {v}\r\n".encode() for k, v in broken.items()))
-            c.sendall(b"\r\nzz\r\n")
-            assert c.recv(100).startswith(b"HTTP/1.0 400")
-        assert _post(url, body, {**proto, "Transfer-Encoding": "compress"}) == 400
+        # Raw sockets: the sink answers 400 as soon as it sees the bad framing, which may be
+        # before a client library has finished sending (a broken pipe on its side).
+        for coding, payload in (("chunked", b"zz\r\n"), ("compress", body)):
+            headers = {**proto, "Transfer-Encoding": coding}
+            with socket.create_connection(("127.0.0.1", port)) as c:
+                c.sendall(b"POST /v1/traces HTTP/1.1\r\nHost: x\r\n")
+                c.sendall(b"".join(f"{k}: {v}\r\n".encode() for k, v in headers.items()))
+                c.sendall(b"\r\n" + payload)
+                assert c.recv(100).startswith(b"HTTP/1.0 400")
         assert sink.bad_requests == 2
         assert len(sink.spans()) == 2
 
