@@ -553,6 +553,38 @@ async def test_websocket_connection_gets_the_request_context(
     assert bridge.get("request_id") is None
 
 
+def test_websocket_over_a_real_server_keeps_the_connection_context(
+    bridge: cb.ContextBridge, spans: InMemorySpanExporter
+) -> None:
+    """Through uvicorn and a real websocket client: the handshake answer echoes the id, every
+    message handled on the connection sees it, and two connections never share one."""
+    from websockets.sync.client import connect
+
+    api = FastAPI()
+
+    @api.websocket("/ws")
+    async def ws(websocket: WebSocket) -> None:
+        await websocket.accept()
+        while True:
+            text = await websocket.receive_text()
+            await asyncio.sleep(0.01)  # the other connection runs meanwhile
+            await websocket.send_text(f"{text}:{bridge.get('request_id')}")
+
+    with serve(instrument_asgi(api, bridge)) as base:
+        url = base.replace("http://", "ws://") + "/ws"
+        with (
+            connect(url, additional_headers={"x-request-id": "ws-one"}) as one,
+            connect(url, additional_headers={"x-request-id": "ws-two"}) as two,
+        ):
+            assert one.response.headers["x-request-id"] == "ws-one"
+            assert two.response.headers["x-request-id"] == "ws-two"
+            for i in range(3):
+                one.send(f"a{i}")
+                two.send(f"b{i}")
+                assert one.recv(timeout=5) == f"a{i}:ws-one"
+                assert two.recv(timeout=5) == f"b{i}:ws-two"
+
+
 def test_echo_follows_update_and_leaves_an_app_set_header(
     bridge: cb.ContextBridge, spans: InMemorySpanExporter
 ) -> None:
