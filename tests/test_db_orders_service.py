@@ -14,12 +14,11 @@ import shlex
 import shutil
 import subprocess
 import uuid
-from collections.abc import Coroutine, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 from _servers import serve
@@ -30,9 +29,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from otel_ctxbridge.spans import ContextSpanProcessor
 from otel_ctxbridge.trust import TrustPolicy
-from tests._services import unavailable
+from tests._postgres import SERVER, admin, admin_now, require_postgres
 
-SERVER = "postgresql://postgres@127.0.0.1:5432/test"
 TENANTS = ("acme", "globex")
 SECRET = "gateway-secret-for-tests"
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "orders_service.py"
@@ -48,18 +46,6 @@ def _load_example() -> ModuleType:
 
 
 example = _load_example()
-
-
-def _run(coro: Coroutine[Any, Any, Any]) -> Any:
-    return asyncio.run(coro)  # setup and teardown run outside the tests' event loops
-
-
-async def _admin(sql: str, *args: Any) -> Any:
-    conn = await asyncpg.connect(SERVER, timeout=5)
-    try:
-        return await (conn.fetch(sql, *args) if args else conn.execute(sql))
-    finally:
-        await conn.close()
 
 
 class Service:
@@ -78,14 +64,14 @@ class Service:
 
     async def orders(self, tenant: str) -> list[tuple[str, str]]:
         """(sku, request_id) of the tenant's stored orders, read directly from its schema."""
-        rows = await _admin(
+        rows = await admin(
             f"SELECT sku, request_id FROM {self.schemas[tenant]}.orders WHERE id > $1", 0
         )
         return [(r["sku"], r["request_id"]) for r in rows]
 
     async def stock(self, tenant: str, sku: str) -> int:
         """The tenant's stock of ``sku``, read directly from its schema."""
-        rows = await _admin(
+        rows = await admin(
             f"SELECT quantity FROM {self.schemas[tenant]}.inventory WHERE sku = $1", sku
         )
         return int(rows[0]["quantity"])
@@ -95,11 +81,7 @@ class Service:
 def service() -> Iterator[Service]:
     """The example on PostgreSQL (a schema per tenant, created by the service) behind uvicorn,
     with asyncpg query spans and the bridge's span processor; schemas dropped afterwards."""
-    try:
-        _run(_admin("SELECT 1"))
-    except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
-        message = f"PostgreSQL at 127.0.0.1:5432 is not reachable: {exc!r}"
-        unavailable(message)
+    require_postgres()
     prefix = f"ctxb_{uuid.uuid4().hex[:10]}"
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
@@ -121,7 +103,7 @@ def service() -> Iterator[Service]:
     finally:
         instrumentor.uninstrument()
         provider.shutdown()
-        _run(_admin("".join(f"DROP SCHEMA IF EXISTS {prefix}_{t} CASCADE;" for t in TENANTS)))
+        admin_now("".join(f"DROP SCHEMA IF EXISTS {prefix}_{t} CASCADE;" for t in TENANTS))
 
 
 def _gateway(tenant: str, request_id: str) -> dict[str, str]:

@@ -11,7 +11,7 @@ import re
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Coroutine, Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import asyncpg
@@ -28,43 +28,26 @@ from otel_ctxbridge.integrations.db import (
     TenantPools,
     UnknownTenantError,
 )
-from tests._services import unavailable
+from tests._postgres import SERVER, admin_now, require_postgres
 
-SERVER = "postgresql://postgres@127.0.0.1:5432/test"
 TENANTS = ("acme", "globex")
-
-
-def _run(coro: Coroutine[Any, Any, Any]) -> Any:
-    return asyncio.run(coro)  # setup and teardown run outside the tests' event loops
-
-
-async def _admin(sql: str) -> None:
-    conn = await asyncpg.connect(SERVER, timeout=5)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
 
 
 @pytest.fixture(scope="module")
 def dsns() -> Iterator[dict[str, str]]:
     """A fresh schema per tenant with an ``items`` table; dropped after the module."""
     prefix = f"ctxb_{uuid.uuid4().hex[:10]}"
-    try:
-        _run(_admin("SELECT 1"))
-    except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
-        message = f"PostgreSQL at 127.0.0.1:5432 is not reachable: {exc!r}"
-        unavailable(message)
+    require_postgres()
     ddl = "".join(
         f"CREATE SCHEMA {prefix}_{t}; CREATE TABLE {prefix}_{t}.items "
         f"(id bigserial PRIMARY KEY, owner text NOT NULL, note text NOT NULL);"
         for t in TENANTS
     )
-    _run(_admin(ddl))
+    admin_now(ddl)
     try:
         yield {t: f"{SERVER}?search_path={prefix}_{t}" for t in TENANTS}
     finally:
-        _run(_admin("".join(f"DROP SCHEMA IF EXISTS {prefix}_{t} CASCADE;" for t in TENANTS)))
+        admin_now("".join(f"DROP SCHEMA IF EXISTS {prefix}_{t} CASCADE;" for t in TENANTS))
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Coroutine, Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import asyncpg
@@ -17,9 +17,8 @@ import pytest
 
 import otel_ctxbridge as cb
 from otel_ctxbridge.integrations.db import TenantPools, Transactions, TransactionScopeError
-from tests._services import unavailable
+from tests._postgres import SERVER, admin, admin_now, require_postgres
 
-SERVER = "postgresql://postgres@127.0.0.1:5432/test"
 TENANTS = ("acme", "globex")
 APP = f"ctxb-tx-{uuid.uuid4().hex[:8]}"  # application_name of this module's pooled sessions
 
@@ -28,37 +27,18 @@ class Boom(Exception):
     """The failure a request raises on purpose."""
 
 
-def _run(coro: Coroutine[Any, Any, Any]) -> Any:
-    return asyncio.run(coro)  # setup and teardown run outside the tests' event loops
-
-
-async def _admin(sql: str, *args: Any) -> Any:
-    """Run ``sql`` on a connection of its own: rows of a query, or a script's status."""
-    conn = await asyncpg.connect(SERVER, timeout=5)
-    try:
-        return await (
-            conn.fetch(sql, *args) if args or sql.startswith("SELECT") else conn.execute(sql)
-        )
-    finally:
-        await conn.close()
-
-
 @pytest.fixture(scope="module")
 def schemas() -> Iterator[dict[str, str]]:
     """A fresh schema per tenant; dropped after the module."""
     prefix = f"ctxb_{uuid.uuid4().hex[:10]}"
-    try:
-        _run(_admin("SELECT 1"))
-    except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
-        message = f"PostgreSQL at 127.0.0.1:5432 is not reachable: {exc!r}"
-        unavailable(message)
+    require_postgres()
     for tenant in TENANTS:
-        _run(_admin(f"CREATE SCHEMA {prefix}_{tenant}"))
+        admin_now(f"CREATE SCHEMA {prefix}_{tenant}")
     try:
         yield {t: f"{prefix}_{t}" for t in TENANTS}
     finally:
         for tenant in TENANTS:
-            _run(_admin(f"DROP SCHEMA IF EXISTS {prefix}_{tenant} CASCADE"))
+            admin_now(f"DROP SCHEMA IF EXISTS {prefix}_{tenant} CASCADE")
 
 
 @pytest.fixture
@@ -67,7 +47,7 @@ async def pools(
 ) -> AsyncIterator[TenantPools[Any]]:
     """Both tenants' pools (at most 5 connections each) over freshly created tables."""
     for schema in schemas.values():
-        await _admin(
+        await admin(
             f"DROP TABLE IF EXISTS {schema}.orders, {schema}.inventory;"
             f"CREATE TABLE {schema}.orders (id bigserial PRIMARY KEY, sku text NOT NULL,"
             f" quantity int NOT NULL, request_id text);"
@@ -89,12 +69,12 @@ def tx(pools: TenantPools[Any]) -> Transactions[Any]:
 
 
 async def _count(schema: str, table: str) -> int:
-    rows = await _admin(f"SELECT count(*) AS n FROM {schema}.{table}")
+    rows = await admin(f"SELECT count(*) AS n FROM {schema}.{table}")
     return int(rows[0]["n"])
 
 
 async def _stock(schema: str, sku: str) -> int:
-    rows = await _admin(f"SELECT quantity FROM {schema}.inventory WHERE sku = $1", sku)
+    rows = await admin(f"SELECT quantity FROM {schema}.inventory WHERE sku = $1", sku)
     return int(rows[0]["quantity"])
 
 
@@ -136,7 +116,7 @@ async def test_a_request_raising_after_two_writes_leaves_no_rows_and_a_good_one_
 
     with bridge.scope(request_id="r-ok", tenant_id="acme"):
         order_id = await create_order("book", 3)
-    rows = await _admin(f"SELECT id, request_id FROM {acme}.orders")
+    rows = await admin(f"SELECT id, request_id FROM {acme}.orders")
     assert [(r["id"], r["request_id"]) for r in rows] == [(order_id, "r-ok")]
     assert await _stock(acme, "book") == 1000000 - 3
     assert await _count(schemas["globex"], "orders") == 0
@@ -181,7 +161,7 @@ async def test_connections_return_to_the_pool_after_500_requests_including_faili
     for tenant in TENANTS:
         pool: Any = await pools.pool(tenant)
         assert pool.get_idle_size() == pool.get_size() <= 5
-    states = await _admin("SELECT state FROM pg_stat_activity WHERE application_name = $1", APP)
+    states = await admin("SELECT state FROM pg_stat_activity WHERE application_name = $1", APP)
     assert states
     assert {r["state"] for r in states} == {"idle"}  # none left "idle in transaction"
     for t, tenant in enumerate(TENANTS):
@@ -262,7 +242,7 @@ async def test_nested_transaction_is_a_savepoint_by_default_or_joins_or_is_new(
                 assert tx.current_connection() is outer
                 await insert("outer-rolled-back")
                 raise Boom
-    rows = await _admin(f"SELECT sku FROM {acme}.orders ORDER BY id")
+    rows = await admin(f"SELECT sku FROM {acme}.orders ORDER BY id")
     assert [r["sku"] for r in rows] == ["kept", "kept-too", "independent"]
 
 
@@ -314,7 +294,7 @@ async def test_a_task_spawned_inside_does_not_see_the_transaction_unless_shared(
             task = asyncio.create_task(after_end(ready))
     ready.set()
     await task
-    rows = await _admin(f"SELECT sku FROM {schemas['acme']}.orders")
+    rows = await admin(f"SELECT sku FROM {schemas['acme']}.orders")
     assert [r["sku"] for r in rows] == ["child-own"]
 
 
@@ -342,7 +322,7 @@ async def test_shared_tasks_use_the_same_transaction_one_at_a_time(
             async with tx.transaction():
                 await asyncio.gather(*(tx.shared(write)(f"gone{i}") for i in range(3)))
                 raise Boom
-    rows = await _admin(f"SELECT sku FROM {schemas['acme']}.orders ORDER BY sku")
+    rows = await admin(f"SELECT sku FROM {schemas['acme']}.orders ORDER BY sku")
     assert [r["sku"] for r in rows] == ["s0", "s1", "s2", "s3"]
     assert await _stock(schemas["acme"], "pen") == 1000000 - 4
 
@@ -369,7 +349,7 @@ async def test_the_commit_waits_for_a_running_shared_call_and_later_ones_are_ref
     await running
     with pytest.raises(TransactionScopeError, match="ended"):
         await late()
-    rows = await _admin(f"SELECT sku FROM {schemas['acme']}.orders")
+    rows = await admin(f"SELECT sku FROM {schemas['acme']}.orders")
     assert [r["sku"] for r in rows] == ["slow"]
 
 
@@ -391,8 +371,8 @@ async def test_a_transaction_is_never_used_for_another_tenant(
             await tx.current_connection().execute(
                 "INSERT INTO orders(sku, quantity) VALUES ('a', 1)"
             )
-    assert [r["sku"] for r in await _admin(f"SELECT sku FROM {schemas['globex']}.orders")] == ["g"]
-    assert [r["sku"] for r in await _admin(f"SELECT sku FROM {schemas['acme']}.orders")] == ["a"]
+    assert [r["sku"] for r in await admin(f"SELECT sku FROM {schemas['globex']}.orders")] == ["g"]
+    assert [r["sku"] for r in await admin(f"SELECT sku FROM {schemas['acme']}.orders")] == ["a"]
 
 
 async def test_transactions_over_a_plain_asyncpg_pool(
