@@ -10,7 +10,6 @@ import asyncio
 import os
 import signal
 import statistics
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,10 +18,8 @@ from typing import Any
 import httpx
 import pytest
 
-from otel_ctxbridge.collector import CollectorStartError
-from tests._services import IN_CI
+from tests._services import running_demo_stack
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 GATEWAY, ORDERS = "gateway", "orders-downstream"
 QUEUE = 64
 SMALL_QUEUES = {
@@ -37,22 +34,8 @@ NO_REUSE = httpx.Limits(max_keepalive_connections=0)
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[Any]:
     """The collector, its sink and both services (small export queues), started."""
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        import demo_stack
-    finally:
-        sys.path.remove(str(EXAMPLES))
-    stack = demo_stack.Stack(tmp_path, env=SMALL_QUEUES)
-    try:
-        stack.__enter__()
-    except CollectorStartError as exc:
-        if IN_CI:
-            pytest.fail(f"the rotel collector must run in CI: {exc}")
-        pytest.skip(f"rotel-agent cannot start in this environment: {exc}")
-    try:
+    with running_demo_stack(tmp_path, env=SMALL_QUEUES) as stack:
         yield stack
-    finally:
-        stack.stop()
 
 
 def _has(records: list[dict[str, Any]], service: str, rid: str) -> bool:

@@ -6,18 +6,14 @@ recording sink. Every assertion is about what the collector forwarded."""
 from __future__ import annotations
 
 import asyncio
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from otel_ctxbridge.collector import CollectorStartError
-from tests._services import IN_CI
+from tests._services import running_demo_stack
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 GATEWAY, ORDERS = "gateway", "orders-downstream"
 N = 20
 FAILING = 7  # this request asks for the order the downstream fails on: a 500 end to end
@@ -26,22 +22,8 @@ FAILING = 7  # this request asks for the order the downstream fails on: a 500 en
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """``examples/demo_stack.Stack``: the collector, its sink and both services, started."""
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        import demo_stack
-    finally:
-        sys.path.remove(str(EXAMPLES))
-    stack = demo_stack.Stack(tmp_path_factory.mktemp("e2e"))
-    try:
-        stack.__enter__()
-    except CollectorStartError as exc:
-        if IN_CI:
-            pytest.fail(f"the rotel collector must run in CI: {exc}")
-        pytest.skip(f"rotel-agent cannot start in this environment: {exc}")
-    try:
+    with running_demo_stack(tmp_path_factory.mktemp("e2e")) as stack:
         yield stack
-    finally:
-        stack.stop()
 
 
 def _request(i: int) -> tuple[str, dict[str, str]]:
