@@ -13,6 +13,7 @@ from opentelemetry.trace import format_span_id, format_trace_id
 
 from ._inbound import Message, Scope, Send
 from ._runtime import SPAN_KEY
+from ._span_write import write_attributes
 from ._state import Frame
 
 if TYPE_CHECKING:
@@ -189,13 +190,16 @@ def route_template(scope: Scope) -> str | None:
 def name_after_route(span: Any, named: str, scope: Scope) -> None:
     """Rename ``span`` from ``named`` (``"GET /items/42"``) to ``"GET /items/{item_id}"`` and
     set ``http.route``, as FastAPI's instrumentation does, once the router has matched a route.
-    A span renamed since (by the application or a hook) keeps its name."""
+    A span renamed since (by the application or a hook) keeps its name. ``span`` is the
+    request's server span, recording until the request is over."""
     route = route_template(scope)
     method, sep, _ = named.partition(" ")
     if route is None or not sep or getattr(span, "name", None) != named:
         return
-    span.set_attribute("http.route", route)
-    span.update_name(f"{method} {route}")
+    write_attributes(span, {"http.route": route})
+    name = f"{method} {route}"
+    if name != named:
+        span.update_name(name)
 
 
 def echo_value(value: object) -> bytes | None:

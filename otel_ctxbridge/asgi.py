@@ -7,11 +7,13 @@ application (FastAPI, Starlette, ...) with, from the outside in:
    W3C Trace Context Level 1 says; ``baggage``, the trust secret and headers OTel cannot decode
    (it would answer 500) hidden from OTel;
 2. ``opentelemetry-instrumentation-asgi``'s ``OpenTelemetryMiddleware``: the server span, a
-   child of a valid inbound ``traceparent``, starting with the request's fields as attributes
-   (send/receive spans off unless ``exclude_spans`` is given) and, once the router has matched
-   a route, named after its template (``GET /items/{item_id}``, with ``http.route``) as
-   FastAPI's own instrumentation names it, rather than after the raw path;
-3. :class:`ContextBridgeMiddleware`: the request context, inside the server span.
+   child of a valid inbound ``traceparent`` (send/receive spans off unless ``exclude_spans``
+   is given), named, once the router has matched a route, after its template
+   (``GET /items/{item_id}``, with ``http.route``) as FastAPI's own instrumentation names
+   it, rather than after the raw path;
+3. :class:`ContextBridgeMiddleware`: the request context, inside the server span, whose
+   attributes get the request's fields as soon as they are read (just after the span
+   started: a sampler does not see them).
 
 The order matters: OTel's middleware attaches a fresh context extracted from the headers (so a
 context attached outside it is lost) and starts the server span before inner middleware runs.
@@ -55,9 +57,11 @@ from ._inbound import (
     Send,
     TraceHeaderShield,
 )
+from ._span_write import write_attributes
 from ._state import Frame
 from .bridge import ContextBridge
 from .errors import ContextValueError, requires_extra
+from .fields import attribute_value
 from .trust import TrustPolicy
 
 __all__ = ["ACCESS_LOGGER", "ContextBridgeMiddleware", "TraceHeaderShield", "instrument_asgi"]
@@ -67,7 +71,7 @@ ACCESS_LOGGER = "otel_ctxbridge.access"
 _logger = logging.getLogger("otel_ctxbridge.asgi")
 _RESERVED = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 _REQUEST_KEYS = ("method", "path", "status_code", "duration_ms", "client_addr")
-_INBOUND = "otel_ctxbridge.inbound"
+_NAMED = "otel_ctxbridge.span_name"
 _FASTAPI_TELEMETRY = "fastapi.telemetry"
 _STARLETTE_TELEMETRY = "starlette.opentelemetry"
 
@@ -112,8 +116,8 @@ def instrument_asgi(
     )
     otel_kwargs.setdefault("exclude_spans", ["receive", "send"])
     if "default_span_details" not in otel_kwargs:
-        # Read the request's fields just before OTel starts the server span, so that the span
-        # starts with them (samplers and span processors see them too).
+        # The default span name without OTel's per-request environment lookups, remembered so
+        # that the span can be named after its route once the router has matched one.
         otel_kwargs["default_span_details"] = inner.span_details
     # OTel's middleware is outside for every request: even when it records nothing (an unsampled
     # request, an excluded URL) no inner telemetry may start a span on a fresh context.
@@ -202,23 +206,21 @@ class ContextBridgeMiddleware:
             rt.detach(token)
 
     def span_details(self, scope: Scope) -> tuple[str, dict[str, Any]]:
-        """OTel's ``default_span_details`` hook: the default span name, and the request's
-        fields as attributes the server span starts with (kept for the request context)."""
+        """OTel's ``default_span_details`` hook: the default span name (remembered, to name
+        the span after its route later) and no extra attributes: the request's fields are
+        set on the span as soon as the request context is built, just after it starts."""
         name = default_span_name(scope)
-        attributes: dict[str, Any] = {}
-        try:
-            values, extra = self._inbound(scope)
-            self._span_attributes(values, attributes)
-            scope[_INBOUND] = (values, extra, name)
-        except Exception:  # telemetry never throws on the request path
-            _logger.exception("otel_ctxbridge: could not read the request's fields")
-        return name, attributes
+        scope[_NAMED] = name
+        return name, {}
 
-    def _span_attributes(self, values: dict[str, Any], into: dict[str, Any]) -> dict[str, Any]:
+    def _span_attributes(self, values: dict[str, Any]) -> dict[str, Any]:
+        attributes: dict[str, Any] = {}
         for name, value in values.items():
             attribute, shown = self._attributes[name]
-            into[attribute] = value if shown is None else shown(value)
-        return into
+            checked = attribute_value(value if shown is None else shown(value))
+            if checked is not None:
+                attributes[attribute] = checked
+        return attributes
 
     def _inbound(self, scope: Scope) -> tuple[dict[str, Any], dict[str, object] | None]:
         values: dict[str, Any]
@@ -231,12 +233,8 @@ class ContextBridgeMiddleware:
     def _enter(self, scope: Scope, send: Send) -> Exchange:
         bridge = self.bridge
         values: dict[str, Any]
-        pending = scope.pop(_INBOUND, None)  # read by span_details: the span has the fields
-        named: str | None = None
-        if pending is None:
-            values, extra = self._inbound(scope)
-        else:
-            values, extra, named = pending
+        named: str | None = scope.pop(_NAMED, None)  # set by span_details: OTel named the span
+        values, extra = self._inbound(scope)
         base = rt.get_current()
         if extra or base.get(rt.BAGGAGE_KEY) is not None:
             # Only accepted fields (and a trusted peer's members) become the request's baggage.
@@ -256,8 +254,8 @@ class ContextBridgeMiddleware:
                     values.pop(exc.field, None)
         else:  # pragma: no cover - every value dropped above
             ctx = bridge.derive(base, {}, frame=frame)
-        if frame.spans and pending is None and values:
-            span.set_attributes(self._span_attributes(values, {}))
+        if frame.spans and values:  # the server span, during its request: recording
+            write_attributes(span, self._span_attributes(values))
         self._guard_native_telemetry(scope, span)
         original = scope.pop(ORIGINAL_HEADERS, None)
         if original is not None:

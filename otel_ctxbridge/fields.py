@@ -42,12 +42,30 @@ _INT64 = (-(2**63), 2**63 - 1)
 
 def new_request_id() -> str:
     """Return a fresh random request id (a UUID4 in its canonical text form)."""
-    # Same text as str(uuid.uuid4()), without building a UUID object (4x faster per request).
-    raw = bytearray(os.urandom(16))
-    raw[6] = (raw[6] & 0x0F) | 0x40  # version 4
-    raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 4122 variant
-    h = raw.hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    # Same text as str(uuid.uuid4()), from os.urandom, minted in batches: one system call per
+    # batch instead of per request. Popping from a list is atomic, so threads never share an
+    # id; a forked child drops the parent's batch (it would repeat the parent's ids).
+    while True:
+        try:
+            return _minted.pop()
+        except IndexError:
+            _minted.extend(_mint_request_ids(_BATCH))
+
+
+_BATCH = 64
+_minted: list[str] = []
+_VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}  # RFC 4122 variant bits
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_minted.clear)
+
+
+def _mint_request_ids(count: int) -> list[str]:
+    raw = os.urandom(16 * count).hex()
+    ids = []
+    for start in range(0, 32 * count, 32):
+        h = raw[start : start + 32]  # version 4 in the 13th hex digit, the variant in the 17th
+        ids.append(f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}")
+    return ids
 
 
 def attribute_value(value: object) -> str | bool | int | float | None:

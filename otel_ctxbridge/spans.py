@@ -18,11 +18,11 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 
 from . import _runtime as rt
+from ._span_write import write_attributes
 from ._state import CHANGES, EMPTY, MISSING
 from .fields import attribute_value
 
@@ -205,34 +205,7 @@ class ContextSpanProcessor(SpanProcessor):
             )
             if not attributes:
                 return
-            # Fast path (the public set_attributes costs 4x as much). The keys are validated
-            # field attributes and the values plain attribute values (see attributes_of), so
-            # when the span's store is the SDK's BoundedAttributes and no limit could apply,
-            # they go straight into it, under its lock like its own writes. Anything else, a
-            # length limit or a store of another shape, takes the public, validating path.
-            store: Any = getattr(span, "_attributes", None)
-            if (
-                type(store) is BoundedAttributes
-                and store.max_value_len is None
-                and (store.maxlen is None or len(store) + len(attributes) <= store.maxlen)
-            ):
-                try:
-                    with store._lock:
-                        existing = store._dict
-                        if existing:
-                            for key, value in attributes.items():
-                                if key not in existing:
-                                    existing[key] = value
-                        else:
-                            existing.update(attributes)
-                    return
-                except AttributeError:  # the SDK changed BoundedAttributes: the public path
-                    pass
-            present = span.attributes
-            if present:
-                attributes = {k: v for k, v in attributes.items() if k not in present}
-            if attributes:
-                span.set_attributes(attributes)
+            write_attributes(span, attributes, overwrite=False)  # a new span: recording
         except Exception as exc:  # telemetry never throws on the request path
             self._reader.warn_once(
                 "on_start", "ContextSpanProcessor failed on a span (%s)", type(exc).__name__

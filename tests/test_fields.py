@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -131,11 +134,44 @@ def test_redaction_modes() -> None:
     assert cb.Field("email").shown("bob") == "bob"
 
 
-def test_new_request_id_is_unique_uuid_text() -> None:
-    """new_request_id gives distinct canonical UUID strings."""
+def test_new_request_id_is_unique_uuid4_text() -> None:
+    """new_request_id gives distinct canonical UUID4 strings (version 4, RFC 4122 variant),
+    across many batches."""
     ids = {cb.new_request_id() for _ in range(1000)}
     assert len(ids) == 1000
-    assert all(re.fullmatch(r"[0-9a-f-]{36}", i) for i in ids)
+    for text in ids:
+        parsed = uuid.UUID(text)
+        assert str(parsed) == text
+        assert parsed.version == 4
+        assert parsed.variant == uuid.RFC_4122
+
+
+def test_new_request_id_never_repeats_across_threads() -> None:
+    """Threads taking ids from the shared batch at once never get the same one."""
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        batches = list(pool.map(lambda _: [cb.new_request_id() for _ in range(500)], range(8)))
+    every = [i for batch in batches for i in batch]
+    assert len(set(every)) == len(every) == 4000
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is POSIX-only")
+def test_new_request_id_in_a_forked_child_differs_from_the_parent() -> None:
+    """A forked worker (gunicorn, multiprocessing's fork) does not reuse the ids the parent
+    had minted but not handed out: both sides draw fresh ones."""
+    cb.new_request_id()  # the parent now holds a partly used batch
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child process
+        os.close(read)
+        os.write(write, ",".join(cb.new_request_id() for _ in range(10)).encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        child = set(pipe.read().split(","))
+    os.waitpid(pid, 0)
+    parent = {cb.new_request_id() for _ in range(10)}
+    assert len(child) == 10
+    assert not child & parent
 
 
 def test_attribute_prefix_must_be_printable_text() -> None:
