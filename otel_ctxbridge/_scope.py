@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 from opentelemetry.context import Context
 
 from . import _runtime as rt
+from ._derive import derive_context
 from .fields import attribute_value
 
 if TYPE_CHECKING:
@@ -77,7 +78,7 @@ class Scope:
         values = self._values
         if values is None:
             raise RuntimeError("a scope is entered once; call bridge.scope() again")
-        ctx = self._bridge.derive(rt.get_current(), values)
+        ctx = derive_context(self._bridge, rt.get_current(), values)
         self._token = rt.attach(ctx)
         self._values = None  # an in-flight request keeps only the token alive
         span = ctx.get(rt.SPAN_KEY)

@@ -32,6 +32,9 @@ value computed from a context stays valid while it is the same object (see the c
 
 _generation = itertools.count(1)
 _lock = threading.Lock()  # writers only; readers see whole mappings (copy-on-write)
+CACHE_LOCK = _lock
+"""Held while a frame records an update: a cache keeps an answer only if ``CHANGES`` did not
+move while it was computed (checked under this lock)."""
 
 
 def next_generation() -> int:

@@ -14,13 +14,21 @@ from opentelemetry.trace import Span
 
 from . import _runtime as rt
 from ._carrier import read_fields, write_fields
+from ._derive import derive_context
 from ._runtime import BAGGAGE_KEY as _BAGGAGE
 from ._runtime import get_current as _get_current
 from ._scope import Scope, entered, stamp
-from ._state import CHANGES, EMPTY, MISSING, Frame, State, child_state, frame_of, pending_values
-from .errors import ContextValueError, MissingContextError, UnknownFieldError
+from ._state import (
+    CACHE_LOCK,
+    CHANGES,
+    EMPTY,
+    MISSING,
+    Frame,
+    State,
+    frame_of,
+)
+from .errors import MissingContextError, UnknownFieldError
 from .fields import Field, resolve_fields
-from .limits import MAX_MEMBER_BYTES, check_written, may_exceed_limits
 
 if TYPE_CHECKING:
     from .storage import AsyncLocalStorage
@@ -54,8 +62,11 @@ class ContextBridge:
             f.name: (self._where[f.name], f.max_length, f.validator is None)
             for f in resolved.values()
         }
-        # current(): the last context asked about, CHANGES[0] then, and the answer.
-        self._last: tuple[object, object, Mapping[str, Any]] = (MISSING, MISSING, EMPTY)
+        # get() and current(): the last context read twice in a row, every field's value in it
+        # (MISSING when unset) and a view of the set ones; _missed: the context of the last
+        # read that found another one cached.
+        self._last: tuple[object, Mapping[str, Any], Mapping[str, Any]] = (MISSING, EMPTY, EMPTY)
+        self._missed: object = MISSING
         self._drops: dict[str, int] = {}
         self._drop_lock = threading.Lock()
 
@@ -63,25 +74,33 @@ class ContextBridge:
 
     def get(self, name: str, default: Any = None) -> Any:
         """The value of field ``name`` in the current context, or ``default`` when unset."""
+        last = self._last
+        if last[0] is _get_current():  # this context's values are cached
+            try:
+                value = last[1][name]  # every declared field, MISSING when unset
+            except KeyError:
+                pass  # not a declared field: _lookup raises
+            else:
+                return default if value is MISSING else value
+        return self._lookup(name, default)
+
+    def _lookup(self, name: str, default: Any) -> Any:
         key = self._where.get(name, MISSING)
-        ctx = _get_current()
-        state: State | None
-        if key is None:  # a process-local field
-            state = ctx.get(self._key)  # type: ignore[assignment] # our own key
-            if state is None:
-                return default
-            value = state.local.get(name, MISSING)
-        elif key is MISSING:
+        if key is MISSING:
             raise UnknownFieldError(f"no field named {name!r}")
+        ctx = _get_current()
+        if ctx is self._missed and ctx is not self._last[0]:  # read twice in a row: cache it
+            value = self._cached(ctx)[0][name]
+            return default if value is MISSING else value
+        self._missed = ctx
+        state: State | None = ctx.get(self._key)  # type: ignore[assignment] # our own key
+        if key is None:  # a process-local field
+            value = state.local.get(name, MISSING) if state is not None else MISSING
         else:
             bag: Any = ctx.get(_BAGGAGE)
             value = bag.get(key, MISSING) if bag else MISSING
-            state = ctx.get(self._key)  # type: ignore[assignment] # our own key
-            if state is None:
-                return default if value is MISSING else value
-        frame = state.frame
-        if frame is not None:
-            update = frame.updates.get(name)
+        if state is not None and state.frame is not None:
+            update = state.frame.updates.get(name)
             if update is not None and update[1] > state.generation:
                 value = update[0]
         return default if value is MISSING else value
@@ -90,15 +109,26 @@ class ContextBridge:
         """A read-only mapping of the declared fields set in the current context."""
         ctx = _get_current()
         last = self._last
-        if last[0] is ctx and last[1] is CHANGES[0]:
+        if last[0] is ctx:
             return last[2]
-        # Contexts are immutable and only a frame's update changes what one holds, so the
-        # answer for a context stands until CHANGES moves; holding the context and the
-        # marker keeps their identities from being reused.
+        return self._cached(ctx)[1]
+
+    def _cached(self, ctx: Context) -> tuple[Mapping[str, Any], Mapping[str, Any]]:
+        """The values of ``ctx`` and a view of them, kept as the cached context's.
+
+        Contexts are immutable, and what one holds changes only when ``update()`` records
+        into its frame, which clears the cache after it. An answer computed while an update
+        was being recorded is not kept (``CHANGES`` moved), so no stale answer outlives the
+        update; holding the context keeps its identity from being reused."""
         changes = CHANGES[0]
-        view = MappingProxyType(self.values_in(ctx))
-        self._last = (ctx, changes, view)
-        return view
+        values = self.values_in(ctx)
+        lookup = dict.fromkeys(self._where, MISSING)
+        lookup.update(values)
+        view = MappingProxyType(values)
+        with CACHE_LOCK:
+            if CHANGES[0] is changes:
+                self._last = (ctx, lookup, view)
+        return lookup, view
 
     def values_in(self, ctx: Context) -> dict[str, Any]:
         """The declared fields set in ``ctx`` (with the request's late updates), by name."""
@@ -173,6 +203,7 @@ class ContextBridge:
         generation: int = new[self._key].generation  # type: ignore[attr-defined] # our State
         rt.attach(new)  # no token: the frame carries the change until the scope restores
         frame.record({k: MISSING if v is None else v for k, v in values.items()}, generation)
+        self._last = (MISSING, EMPTY, EMPTY)  # after the record: see _cached
         for span in frame.spans:
             stamp(self, span, values)
         current = new.get(rt.SPAN_KEY)
@@ -198,7 +229,7 @@ class ContextBridge:
 
         return BridgedStorage(self)
 
-    def derive(  # noqa: PLR0912, PLR0915 - the hot path of scope entry, kept inlined
+    def derive(
         self, ctx: Context, values: Mapping[str, Any], frame: Frame | None = None
     ) -> Context:
         """A copy of ``ctx`` with ``values`` written (``None`` unsets); validates them.
@@ -207,58 +238,7 @@ class ContextBridge:
         default the copy keeps ``ctx``'s request frame, if any (scopes inside a request share
         it), else it is a scope of its own. Updates that ``ctx``'s frame recorded after
         ``ctx`` was made are carried into the copy."""
-        state: State | None = ctx.get(self._key)  # type: ignore[assignment] # our own key
-        if state is not None and state.frame is not None and state.frame.updates:
-            values = pending_values(state, values)
-        bag: dict[str, object] | None = None
-        local: dict[str, object] | None = None
-        plans = self._plans
-        chars = 0  # characters written to baggage, for the cheap limits bound
-        for name, value in values.items():
-            plan = plans.get(name)
-            if plan is None:
-                raise UnknownFieldError(f"no field named {name!r}")
-            key, max_length, printable_only = plan
-            if value is not None:
-                if value.__class__ is str and printable_only:
-                    if len(value) > max_length or not value.isprintable():
-                        raise ContextValueError(name, str(self.fields[name].problem(value)))
-                else:
-                    problem = self.fields[name].problem(value)
-                    if problem is not None:
-                        raise ContextValueError(name, problem)
-            if key is None:
-                if local is None:
-                    local = dict(state.local) if state is not None else {}
-                target = local
-                key = name
-            else:
-                if bag is None:
-                    old: Any = ctx.get(_BAGGAGE)
-                    if old:
-                        bag = dict(old)
-                        chars = -1  # unknown: measure the whole bag below
-                    else:
-                        bag = {}
-                target = bag
-                if chars >= 0 and value is not None:
-                    chars += len(value) + len(key) + 2
-            if value is None:
-                target.pop(key, None)
-            else:
-                target[key] = value
-        unsure = bag is not None and (chars < 0 or 12 * chars > MAX_MEMBER_BYTES)
-        if unsure and may_exceed_limits(bag):  # type: ignore[arg-type] # unsure => bag set
-            check_written(bag, values, self._where)  # type: ignore[arg-type] # unsure => bag
-        new = Context(ctx)
-        if bag is not None:
-            dict.__setitem__(new, _BAGGAGE, bag)
-        if frame is None and (state is None or state.frame is None):  # child_state, inlined
-            own = local if local is not None else (state.local if state is not None else EMPTY)
-            dict.__setitem__(new, self._key, State(own, None, 0))
-        else:
-            dict.__setitem__(new, self._key, child_state(state, local, frame))
-        return new
+        return derive_context(self, ctx, values, frame)
 
     # -- carriers --------------------------------------------------------------------------
 
