@@ -217,6 +217,9 @@ class ContextBridgeMiddleware:
         attributes: dict[str, Any] = {}
         for name, value in values.items():
             attribute, shown = self._attributes[name]
+            if shown is None and value.__class__ is str:  # the common case: a plain text value
+                attributes[attribute] = value
+                continue
             checked = attribute_value(value if shown is None else shown(value))
             if checked is not None:
                 attributes[attribute] = checked
