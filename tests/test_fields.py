@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import uuid
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -160,7 +161,9 @@ def test_new_request_id_in_a_forked_child_differs_from_the_parent() -> None:
     had minted but not handed out: both sides draw fresh ones."""
     cb.new_request_id()  # the parent now holds a partly used batch
     read, write = os.pipe()
-    pid = os.fork()
+    with warnings.catch_warnings():  # 3.12+ warns about forking a process that has threads
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
     if pid == 0:  # pragma: no cover - the child process
         os.close(read)
         os.write(write, ",".join(cb.new_request_id() for _ in range(10)).encode())
