@@ -12,6 +12,7 @@ from opentelemetry.context import Context
 
 from . import _runtime as rt
 from ._derive import derive_context
+from ._span_write import write_attributes
 from .fields import attribute_value
 
 if TYPE_CHECKING:
@@ -37,11 +38,14 @@ def stamp(bridge: ContextBridge, span: object, values: Mapping[str, Any]) -> Non
             if value is None:
                 continue
             field = bridge.fields[name]
+            if value.__class__ is str and not field.redacted:  # plain text: shown as it is
+                attributes[str(field.attribute)] = value
+                continue
             shown = attribute_value(field.shown(value))
             if shown is not None:
                 attributes[str(field.attribute)] = shown
         if attributes:
-            span.set_attributes(attributes)  # type: ignore[attr-defined] # any Span-like
+            write_attributes(span, attributes)
     except Exception:  # telemetry never throws on the request path
         rt._logger.debug("otel_ctxbridge: could not stamp a span", exc_info=True)
 

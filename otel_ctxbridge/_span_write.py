@@ -19,11 +19,11 @@ __all__ = ["write_attributes"]
 
 
 def write_attributes(span: Any, attributes: Mapping[str, Any], overwrite: bool = True) -> None:
-    """Set ``attributes`` (checked attribute values) on the recording ``span``.
+    """Set ``attributes`` (checked attribute values) on ``span`` while it is recording.
 
-    ``overwrite=False`` keeps an attribute the span already has. The caller makes sure the
-    span is recording and not being ended concurrently (the SDK's public path checks that
-    under the span's lock; this one cannot)."""
+    ``overwrite=False`` keeps an attribute the span already has. A span that has ended is left
+    as it is (checked under the span's lock, which ``end()`` holds while it ends the span, as
+    the SDK's own ``set_attributes`` does), so an exporter never sees its attributes change."""
     store: Any = getattr(span, "_attributes", None)
     if (
         type(store) is BoundedAttributes
@@ -31,14 +31,17 @@ def write_attributes(span: Any, attributes: Mapping[str, Any], overwrite: bool =
         and (store.maxlen is None or len(store) + len(attributes) <= store.maxlen)
     ):
         try:
-            with store._lock:
-                existing = store._dict
-                if overwrite or not existing:
-                    existing.update(attributes)
-                else:
-                    for key, value in attributes.items():
-                        if key not in existing:
-                            existing[key] = value
+            with span._lock:
+                if span._end_time is not None:
+                    return
+                with store._lock:
+                    existing = store._dict
+                    if overwrite or not existing:
+                        existing.update(attributes)
+                    else:
+                        for key, value in attributes.items():
+                            if key not in existing:
+                                existing[key] = value
             return
         except AttributeError:  # the SDK changed BoundedAttributes: the public path
             pass

@@ -57,11 +57,10 @@ from ._inbound import (
     Send,
     TraceHeaderShield,
 )
-from ._span_write import write_attributes
+from ._scope import stamp
 from ._state import Frame
 from .bridge import ContextBridge
 from .errors import ContextValueError, requires_extra
-from .fields import attribute_value
 from .trust import TrustPolicy
 
 __all__ = ["ACCESS_LOGGER", "ContextBridgeMiddleware", "TraceHeaderShield", "instrument_asgi"]
@@ -160,9 +159,6 @@ class ContextBridgeMiddleware:
         secret = self.trust.secret_header if self.trust.has_secret else None
         self._secret = secret.encode("latin-1") if secret else None
         self._generators = [(n, f.generate) for n, f in bridge.fields.items() if f.generate]
-        self._attributes = {
-            n: (str(f.attribute), f.shown if f.redacted else None) for n, f in bridge.fields.items()
-        }
         rid = bridge.fields.get(request_id_field)
         self._rid = request_id_field if rid is not None else ""
         self._rid_header = (rid.header or "x-request-id").encode("latin-1") if rid else b""
@@ -213,18 +209,6 @@ class ContextBridgeMiddleware:
         scope[_NAMED] = name
         return name, {}
 
-    def _span_attributes(self, values: dict[str, Any]) -> dict[str, Any]:
-        attributes: dict[str, Any] = {}
-        for name, value in values.items():
-            attribute, shown = self._attributes[name]
-            if shown is None and value.__class__ is str:  # the common case: a plain text value
-                attributes[attribute] = value
-                continue
-            checked = attribute_value(value if shown is None else shown(value))
-            if checked is not None:
-                attributes[attribute] = checked
-        return attributes
-
     def _inbound(self, scope: Scope) -> tuple[dict[str, Any], dict[str, object] | None]:
         values: dict[str, Any]
         values, extra = self._reader.read(scope)
@@ -257,8 +241,8 @@ class ContextBridgeMiddleware:
                     values.pop(exc.field, None)
         else:  # pragma: no cover - every value dropped above
             ctx = bridge.derive(base, {}, frame=frame)
-        if frame.spans and values:  # the server span, during its request: recording
-            write_attributes(span, self._span_attributes(values))
+        if frame.spans and values:
+            stamp(bridge, span, values)
         self._guard_native_telemetry(scope, span)
         original = scope.pop(ORIGINAL_HEADERS, None)
         if original is not None:

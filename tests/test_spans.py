@@ -115,6 +115,35 @@ def test_a_span_started_before_the_value_is_caught_up(
     assert _attributes(traced, "early") == {"app.request_id": "r-late", "app.user_id": "u-late"}
 
 
+def test_a_span_that_has_ended_is_not_changed_by_a_later_stamp(
+    bridge: cb.ContextBridge, traced: InMemorySpanExporter
+) -> None:
+    """A scope entered with an ended span still current (a span ended by hand, or a request's
+    server span after its response) leaves the exported span as it was."""
+    tracer = trace.get_tracer("test")
+    span = tracer.start_span("ended")
+    span.end()
+    with trace.use_span(span), bridge.scope(request_id="r-after"):
+        bridge.update(user_id="u-after")
+    assert _attributes(traced, "ended") == {}
+
+
+def test_the_direct_attribute_write_skips_a_span_ended_in_between(
+    spans: InMemorySpanExporter,
+) -> None:
+    """The fast attribute write checks the end under the span's lock, as the SDK does: a span
+    ended after its caller looked (another thread ending it) is not changed under its
+    exporter."""
+    from otel_ctxbridge._span_write import write_attributes
+
+    span = trace.get_tracer("test").start_span("raced")
+    write_attributes(span, {"app.before": "kept"})
+    span.end()
+    write_attributes(span, {"app.after": "dropped"})
+    write_attributes(span, {"app.after": "dropped"}, overwrite=False)
+    assert dict(spans.get_finished_spans()[0].attributes or {}) == {"app.before": "kept"}
+
+
 def test_an_update_made_in_a_worker_thread_reaches_later_spans_of_the_request(
     bridge: cb.ContextBridge, traced: InMemorySpanExporter
 ) -> None:
