@@ -35,9 +35,9 @@ def derive_context(  # noqa: PLR0912, PLR0915 - one loop over the values, kept i
         plan = plans.get(name)
         if plan is None:
             raise UnknownFieldError(f"no field named {name!r}")
-        key, max_length, printable_only = plan
+        key, max_length, quick_check = plan
         if value is not None:
-            if value.__class__ is str and printable_only:
+            if value.__class__ is str and quick_check is True:
                 if len(value) > max_length or not value.isprintable():
                     raise ContextValueError(name, str(bridge.fields[name].problem(value)))
             else:

@@ -11,9 +11,12 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 from opentelemetry.context import Context
 
 from . import _runtime as rt
+from ._accel import speedups
 from ._derive import derive_context
 from ._span_write import write_attributes
+from ._state import EMPTY, child_state
 from .fields import attribute_value
+from .limits import MAX_MEMBER_BYTES, may_exceed_limits
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -21,6 +24,7 @@ if TYPE_CHECKING:
     from .bridge import ContextBridge
 
 F = TypeVar("F", bound=Callable[..., Any])
+S = TypeVar("S", bound="PyScopeCore")
 
 
 def stamp(bridge: ContextBridge, span: object, values: Mapping[str, Any]) -> None:
@@ -58,16 +62,9 @@ def entered(bridge: ContextBridge, ctx: Context, values: Mapping[str, Any]) -> C
     return new
 
 
-class Scope:
-    """Values set for a block (``with`` / ``async with``) or for each call of a function.
-
-    Entering attaches a context holding the values on top of the current one and stamps the
-    current recording span; leaving restores the context from before, also when the body
-    raises, and with it every ``update()`` made inside. A ``Scope`` object is entered once;
-    as a decorator each call gets its own scope. Leave it in the task or thread that entered
-    it: leaving it elsewhere cannot restore that context (the failure is logged and counted
-    in ``otel_ctxbridge._runtime.detach_failures``, which the pytest leak detector checks).
-    """
+class PyScopeCore:
+    """Entering and leaving a scope, in Python: the reference for the compiled
+    ``_speedups.ScopeCore``, and what runs where that is not built (see :data:`ScopeCore`)."""
 
     __slots__ = ("_bridge", "_token", "_values")
 
@@ -76,7 +73,7 @@ class Scope:
         self._values: Mapping[str, Any] | None = values
         self._token: Token[Context] | None = None
 
-    def __enter__(self) -> Scope:
+    def __enter__(self: S) -> S:
         if self._token is not None:
             raise RuntimeError("this scope is already entered; call bridge.scope() again")
         values = self._values
@@ -102,6 +99,49 @@ class Scope:
                 rt.reset(token)
             except (ValueError, RuntimeError):
                 rt.detach_failed()
+
+
+def _configured() -> Any:
+    """The compiled module, told what it works with; None when it is not in use."""
+    if speedups is None:
+        return None
+    speedups.configure(
+        var=rt._VAR,
+        context_type=Context,
+        baggage_key=rt.BAGGAGE_KEY,
+        span_key=rt.SPAN_KEY,
+        derive=derive_context,
+        stamp=stamp,
+        detach_failed=rt.detach_failed,
+        child_state=child_state,
+        empty=EMPTY,
+        may_exceed_limits=may_exceed_limits,
+        member_limit=MAX_MEMBER_BYTES,
+    )
+    return speedups
+
+
+_compiled = _configured()
+
+if TYPE_CHECKING:
+    ScopeCore = PyScopeCore
+else:
+    ScopeCore = _compiled.ScopeCore if _compiled is not None else PyScopeCore
+"""What entering and leaving a scope runs on: the compiled core when it is available."""
+
+
+class Scope(ScopeCore):
+    """Values set for a block (``with`` / ``async with``) or for each call of a function.
+
+    Entering attaches a context holding the values on top of the current one and stamps the
+    current recording span; leaving restores the context from before, also when the body
+    raises, and with it every ``update()`` made inside. A ``Scope`` object is entered once;
+    as a decorator each call gets its own scope. Leave it in the task or thread that entered
+    it: leaving it elsewhere cannot restore that context (the failure is logged and counted
+    in ``otel_ctxbridge._runtime.detach_failures``, which the pytest leak detector checks).
+    """
+
+    __slots__ = ()
 
     async def __aenter__(self) -> Scope:
         return self.__enter__()
@@ -129,14 +169,21 @@ class Scope:
 
             @functools.wraps(fn)
             async def async_scoped(*args: Any, **kwargs: Any) -> Any:
-                with Scope(bridge, values):
+                with bridge.scope(**values):
                     return await fn(*args, **kwargs)
 
             return cast(F, async_scoped)
 
         @functools.wraps(fn)
         def scoped(*args: Any, **kwargs: Any) -> Any:
-            with Scope(bridge, values):
+            with bridge.scope(**values):
                 return fn(*args, **kwargs)
 
         return cast(F, scoped)
+
+
+def scope_maker(bridge: ContextBridge) -> Callable[..., Scope]:
+    """The compiled ``bridge.scope`` (one call into C instead of a Python method and a
+    class); only while the accelerator is in use."""
+    assert _compiled is not None
+    return cast(Callable[..., Scope], _compiled.ScopeMaker(bridge, Scope))

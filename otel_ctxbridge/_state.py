@@ -18,9 +18,11 @@ import itertools
 import threading
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry.trace import Span
+
+from ._accel import speedups
 
 MISSING: Any = object()
 """Marks a value that is not set (or removed by an update)."""
@@ -42,10 +44,11 @@ def next_generation() -> int:
     return next(_generation)
 
 
-class State:
+class PyState:
     """The process-local values of a context, its frame and when it was written.
 
-    Immutable, except that a scope's frame is set once, by the first ``update()`` in it."""
+    Immutable, except that a scope's frame is set once, by the first ``update()`` in it.
+    (:data:`State` is this class, or its compiled twin when the accelerator is in use.)"""
 
     __slots__ = ("frame", "generation", "local")
 
@@ -53,6 +56,12 @@ class State:
         self.local = local
         self.frame = frame
         self.generation = generation
+
+
+if TYPE_CHECKING:
+    State = PyState
+else:
+    State = speedups.State if speedups is not None else PyState
 
 
 class Frame:

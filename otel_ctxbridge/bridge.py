@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from types import MappingProxyType
+from types import MappingProxyType, MethodType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from opentelemetry.context import Context, create_key
@@ -13,11 +13,12 @@ from opentelemetry.propagators.textmap import CarrierT, Setter, default_setter
 from opentelemetry.trace import Span
 
 from . import _runtime as rt
+from ._accel import speedups
 from ._carrier import read_fields, write_fields
 from ._derive import derive_context
 from ._runtime import BAGGAGE_KEY as _BAGGAGE
 from ._runtime import get_current as _get_current
-from ._scope import Scope, entered, stamp
+from ._scope import Scope, entered, scope_maker, stamp
 from ._state import (
     CACHE_LOCK,
     CHANGES,
@@ -57,9 +58,15 @@ class ContextBridge:
         self._where: dict[str, str | None] = {
             f.name: (f.baggage_key if f.propagate else None) for f in resolved.values()
         }
-        # name -> (baggage key or None, max_length, whether the default printable check applies)
-        self._plans: dict[str, tuple[str | None, int, bool]] = {
-            f.name: (self._where[f.name], f.max_length, f.validator is None)
+        # name -> (baggage key or None, max_length, quick check): how a plain ASCII str
+        # within max_length is checked on the hot path: True for the default printable
+        # check, a regex validator's fullmatch (a match: valid), False for Field.problem().
+        self._plans: dict[str, tuple[str | None, int, Callable[[str], object] | bool]] = {
+            f.name: (
+                self._where[f.name],
+                f.max_length,
+                True if f.validator is None else (f._fullmatch or False),
+            )
             for f in resolved.values()
         }
         # get() and current(): the last context read twice in a row, every field's value in it
@@ -69,6 +76,7 @@ class ContextBridge:
         self._missed: object = MISSING
         self._drops: dict[str, int] = {}
         self._drop_lock = threading.Lock()
+        _use_compiled(self)
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -306,6 +314,20 @@ class ContextBridge:
 
     def __repr__(self) -> str:
         return f"ContextBridge(fields={list(self.fields)!r})"
+
+
+def _use_compiled(bridge: ContextBridge) -> None:
+    """Give ``bridge`` the compiled ``scope`` and ``get`` when the accelerator is in use:
+    the same behaviour in one C call (``get`` answers cached reads and calls the method
+    below for the rest). A subclass's own ``scope`` or ``get`` is kept."""
+    if speedups is None:
+        return
+    attributes = bridge.__dict__
+    if type(bridge).scope is ContextBridge.scope:
+        attributes["scope"] = scope_maker(bridge)
+    if type(bridge).get is ContextBridge.get:
+        python_get = MethodType(ContextBridge.get, bridge)
+        attributes["get"] = speedups.FieldGetter(attributes, MISSING, python_get)
 
 
 def _is_power_of_ten(n: int) -> bool:

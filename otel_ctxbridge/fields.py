@@ -127,6 +127,7 @@ class Field:
     redact: Redaction = False
     _check: Callable[[str], bool] = field(init=False, repr=False, compare=False)
     _shown: Callable[[str], str] | None = field(init=False, repr=False, compare=False)
+    _fullmatch: Callable[[str], object] | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         def fail(reason: str) -> FieldConfigError:
@@ -164,6 +165,7 @@ class Field:
             raise fail(f"max_length must be an int from 1 to {MAX_MEMBER_BYTES}")
         if self.generate is not None and not callable(self.generate):
             raise fail("generate must be callable")
+        object.__setattr__(self, "_fullmatch", None)  # set when the validator is a regex
         object.__setattr__(self, "_check", self._compile_validator(fail))
         object.__setattr__(self, "_shown", self._compile_redaction(fail))
 
@@ -178,6 +180,7 @@ class Field:
                 raise fail(f"validator is not a valid regular expression: {exc}") from None
         if isinstance(validator, re.Pattern):
             pattern = validator
+            object.__setattr__(self, "_fullmatch", pattern.fullmatch)
             return lambda value: pattern.fullmatch(value) is not None
         if callable(validator):
             return validator

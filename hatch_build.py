@@ -1,0 +1,74 @@
+"""Hatchling build hook: compile ``otel_ctxbridge/_speedups.c`` when a C compiler is there.
+
+The extension is optional. Without a compiler (or on an interpreter other than CPython, or
+with ``OTEL_CTXBRIDGE_NO_EXTENSIONS=1`` set), the build prints a warning and makes a
+pure-Python wheel that behaves the same, only slower on scope entry. Editable installs
+(``pip install -e .``) build the module in place, next to ``_speedups.c``.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from hatchling.builders.hooks.plugin.interface import BuildHookInterface
+
+MODULE = "otel_ctxbridge._speedups"
+SOURCE = "otel_ctxbridge/_speedups.c"
+
+
+class SpeedupsBuildHook(BuildHookInterface):  # type: ignore[type-arg] # hatchling's generic
+    """Compile the optional C accelerator into the wheel (or in place, for editables)."""
+
+    PLUGIN_NAME = "custom"
+
+    def initialize(self, version: str, build_data: dict[str, Any]) -> None:
+        """Compile; on success mark the wheel as platform-specific."""
+        if self.target_name != "wheel":
+            return
+        if os.environ.get("OTEL_CTXBRIDGE_NO_EXTENSIONS"):
+            self.app.display_info("otel_ctxbridge: OTEL_CTXBRIDGE_NO_EXTENSIONS set, pure Python")
+            return
+        if platform.python_implementation() != "CPython":
+            return
+        editable = version == "editable"
+        try:
+            built = self._compile(inplace=editable)
+        except Exception as exc:  # any build failure falls back to pure Python
+            self.app.display_warning(
+                f"otel_ctxbridge: the C accelerator was not built ({exc}); "
+                "installing the pure-Python version"
+            )
+            return
+        build_data["pure_python"] = False
+        build_data["infer_tag"] = True
+        if not editable:
+            build_data["force_include"][str(built)] = f"otel_ctxbridge/{built.name}"
+
+    def _compile(self, *, inplace: bool) -> Path:
+        # setuptools knows every platform's compiler and flags; it is only a build dependency.
+        from setuptools import Distribution, Extension  # noqa: PLC0415
+        from setuptools.command.build_ext import build_ext  # noqa: PLC0415
+
+        root = Path(self.root)
+        work = Path(tempfile.mkdtemp(prefix="otel_ctxbridge-build-"))
+        dist = Distribution(
+            {"name": "otel_ctxbridge", "ext_modules": [Extension(MODULE, [SOURCE])]}
+        )
+        dist.src_root = str(root)  # type: ignore[attr-defined] # distutils' own attribute
+        command = build_ext(dist)
+        command.inplace = inplace
+        command.build_lib = str(work / "lib")
+        command.build_temp = str(work / "temp")
+        command.ensure_finalized()
+        cwd = Path.cwd()
+        os.chdir(root)  # build_ext resolves sources and in-place targets from the cwd
+        try:
+            command.run()
+            target = Path(command.get_ext_fullpath(MODULE))
+        finally:
+            os.chdir(cwd)
+        return target if target.is_absolute() else root / target

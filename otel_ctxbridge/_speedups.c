@@ -1,0 +1,917 @@
+/* otel_ctxbridge._speedups: the compiled form of ScopeCore (entering and leaving a scope).
+ *
+ * The pure-Python ScopeCore in _scope.py is the reference: this file does the same for
+ * the common case (every value a plain printable str of a propagated field, no pending
+ * update to catch up) and hands every other case to the Python derive_context, so errors
+ * (UnknownFieldError, ContextValueError) and rare paths are written once, in Python.
+ * tests/test_speedups.py checks both give the same contexts.
+ *
+ * configure() receives the Python objects this module needs (OTel's context variable, the
+ * Context class, the derive and stamp functions, ...) once, from _scope.py.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+
+typedef struct {
+    PyObject *var;               /* OTel's runtime ContextVar */
+    PyObject *context_type;      /* opentelemetry.context.Context */
+    PyObject *baggage_key;       /* the context key of OTel baggage */
+    PyObject *span_key;          /* the context key of the current span */
+    PyObject *derive;            /* _derive.derive_context(bridge, ctx, values) */
+    PyObject *stamp;             /* _scope.stamp(bridge, span, values) */
+    PyObject *detach_failed;     /* _runtime.detach_failed() */
+    PyObject *child_state;       /* _state.child_state(parent, local, frame) */
+    PyObject *empty;             /* _state.EMPTY */
+    PyObject *may_exceed_limits; /* limits.may_exceed_limits(bag) */
+    Py_ssize_t member_limit;     /* limits.MAX_MEMBER_BYTES */
+} Config;
+
+static Config config;
+static int configured = 0;
+static PyTypeObject *state_type;      /* State, below */
+static PyTypeObject *maker_type;      /* ScopeMaker, below */
+static PyObject *empty_tuple;
+
+static PyObject *str_key;      /* "_key" */
+static PyObject *str_plans;    /* "_plans" */
+static PyObject *str_frame;    /* "frame" */
+static PyObject *str_local;    /* "local" */
+static PyObject *str_updates;  /* "updates" */
+static PyObject *zero;         /* 0 */
+
+
+/* State: what _state.PyState is (the process-local values of a context, its frame and
+ * when it was written), as a compiled type that C code creates without a Python call. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *local;
+    PyObject *frame;
+    PyObject *generation;
+} State;
+
+static PyObject *
+new_state(PyObject *local, PyObject *frame, PyObject *generation)
+{
+    State *state = PyObject_GC_New(State, state_type);
+    if (state == NULL) {
+        return NULL;
+    }
+    Py_INCREF(local);
+    Py_INCREF(frame);
+    Py_INCREF(generation);
+    state->local = local;
+    state->frame = frame;
+    state->generation = generation;
+    PyObject_GC_Track(state);
+    return (PyObject *)state;
+}
+
+static PyObject *
+state_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    PyObject *local, *frame, *generation;
+    static char *names[] = {"local", "frame", "generation", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO:State", names, &local, &frame,
+                                     &generation)) {
+        return NULL;
+    }
+    if (type != state_type) {
+        PyErr_SetString(PyExc_TypeError, "State cannot be subclassed");
+        return NULL;
+    }
+    return new_state(local, frame, generation);
+}
+
+static int
+state_traverse(State *self, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(self));
+    Py_VISIT(self->local);
+    Py_VISIT(self->frame);
+    Py_VISIT(self->generation);
+    return 0;
+}
+
+static int
+state_clear(State *self)
+{
+    Py_CLEAR(self->local);
+    Py_CLEAR(self->frame);
+    Py_CLEAR(self->generation);
+    return 0;
+}
+
+static void
+state_dealloc(State *self)
+{
+    PyTypeObject *type = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    state_clear(self);
+    type->tp_free((PyObject *)self);
+    Py_DECREF(type);
+}
+
+static PyMemberDef state_members[] = {
+    {"local", T_OBJECT_EX, offsetof(State, local), 0, "The process-local values."},
+    {"frame", T_OBJECT_EX, offsetof(State, frame), 0,
+     "The frame update() writes in, or None (set once, by the first update)."},
+    {"generation", T_OBJECT_EX, offsetof(State, generation), 0, "When it was written."},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyType_Slot state_slots[] = {
+    {Py_tp_doc, "The process-local values of a context, its frame and when it was written "
+                "(compiled; see _state.PyState)."},
+    {Py_tp_new, state_new},
+    {Py_tp_dealloc, state_dealloc},
+    {Py_tp_traverse, state_traverse},
+    {Py_tp_clear, state_clear},
+    {Py_tp_members, state_members},
+    {0, NULL},
+};
+
+static PyType_Spec state_spec = {
+    .name = "otel_ctxbridge._speedups.State",
+    .basicsize = sizeof(State),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .slots = state_slots,
+};
+
+/* True when every character of `value` is printable (str.isprintable). */
+static int
+is_printable(PyObject *value)
+{
+    Py_ssize_t n = PyUnicode_GET_LENGTH(value);
+    if (PyUnicode_IS_ASCII(value)) {
+        const Py_UCS1 *data = PyUnicode_1BYTE_DATA(value);
+        for (Py_ssize_t i = 0; i < n; i++) {
+            if (data[i] < 0x20 || data[i] > 0x7e) {
+                return 0;
+            }
+        }
+        return 1;
+    }
+    int kind = PyUnicode_KIND(value);
+    const void *data = PyUnicode_DATA(value);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (!Py_UNICODE_ISPRINTABLE(PyUnicode_READ(kind, data, i))) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* The State of a scope entered on top of `state` (borrowed, may be NULL) with no new
+ * process-local values, as _derive.derive_context makes it. New reference or NULL. */
+static PyObject *
+scope_state(PyObject *state, PyObject *frame)
+{
+    if (state == NULL) {
+        return new_state(config.empty, Py_None, zero);
+    }
+    if (frame == Py_None) {
+        if (Py_TYPE(state) == state_type) {
+            return new_state(((State *)state)->local, Py_None, zero);
+        }
+        PyObject *local = PyObject_GetAttr(state, str_local);
+        if (local == NULL) {
+            return NULL;
+        }
+        PyObject *result = new_state(local, Py_None, zero);
+        Py_DECREF(local);
+        return result;
+    }
+    PyObject *args[3] = {state, Py_None, Py_None};
+    return PyObject_Vectorcall(config.child_state, args, 3, NULL);
+}
+
+/* derive_context's common case. Returns a new context, NULL with an exception set, or
+ * NULL without one when the case is not common (the caller then runs the Python one). */
+static PyObject *
+fast_derive(PyObject *key, PyObject *plans, PyObject *ctx, PyObject *values)
+{
+    PyObject *frame = NULL, *bag = NULL, *state = NULL;
+    PyObject *result = NULL;
+    if (!PyDict_CheckExact(values) || PyDict_GET_SIZE(values) == 0 || !PyDict_Check(ctx) ||
+        !PyDict_CheckExact(plans)) {
+        return NULL; /* (no values: the Python path leaves the baggage as it is) */
+    }
+    PyObject *parent = PyDict_GetItemWithError(ctx, key); /* borrowed */
+    if (parent == NULL && PyErr_Occurred()) {
+        goto error;
+    }
+    if (parent == Py_None) {
+        parent = NULL;
+    }
+    if (parent != NULL) {
+        if (Py_TYPE(parent) == state_type) {
+            frame = ((State *)parent)->frame;
+            Py_INCREF(frame);
+        }
+        else if ((frame = PyObject_GetAttr(parent, str_frame)) == NULL) {
+            goto error;
+        }
+        if (frame != Py_None) { /* updates to catch up: the Python path merges them */
+            PyObject *updates = PyObject_GetAttr(frame, str_updates);
+            if (updates == NULL) {
+                goto error;
+            }
+            int pending = PyObject_IsTrue(updates);
+            Py_DECREF(updates);
+            if (pending != 0) {
+                goto not_handled_or_error;
+            }
+        }
+    }
+    PyObject *old = PyDict_GetItemWithError(ctx, config.baggage_key); /* borrowed */
+    if (old == NULL && PyErr_Occurred()) {
+        goto error;
+    }
+    Py_ssize_t chars = 0; /* characters written, for the cheap limits bound; -1 unknown */
+    int inherited = old == NULL ? 0 : PyObject_IsTrue(old);
+    if (inherited < 0) {
+        goto error;
+    }
+    if (inherited) {
+        if (!PyDict_Check(old)) {
+            goto not_handled;
+        }
+        bag = PyDict_Copy(old);
+        chars = -1;
+    }
+    else {
+        bag = PyDict_New();
+    }
+    if (bag == NULL) {
+        goto error;
+    }
+    Py_ssize_t pos = 0;
+    PyObject *name, *value;
+    while (PyDict_Next(values, &pos, &name, &value)) {
+        PyObject *plan = PyDict_GetItemWithError(plans, name); /* borrowed */
+        if (plan == NULL || !PyTuple_CheckExact(plan) || PyTuple_GET_SIZE(plan) != 3) {
+            goto not_handled_or_error; /* an unknown field: the Python path names it */
+        }
+        PyObject *bag_key = PyTuple_GET_ITEM(plan, 0);
+        PyObject *max_length = PyTuple_GET_ITEM(plan, 1);
+        PyObject *check = PyTuple_GET_ITEM(plan, 2); /* see ContextBridge._plans */
+        if (bag_key == Py_None || check == Py_False || !PyUnicode_CheckExact(value) ||
+            !PyUnicode_CheckExact(bag_key)) {
+            goto not_handled; /* process-local, unset, a callable validator or not a str */
+        }
+        Py_ssize_t limit = PyLong_AsSsize_t(max_length);
+        if (limit == -1 && PyErr_Occurred()) {
+            goto error;
+        }
+        Py_ssize_t length = PyUnicode_GET_LENGTH(value);
+        if (length > limit) {
+            goto not_handled; /* invalid: the Python path raises ContextValueError */
+        }
+        if (check == Py_True) { /* the default check: printable text */
+            if (!is_printable(value)) {
+                goto not_handled;
+            }
+        }
+        else { /* a regex validator's fullmatch, for ASCII (others: UTF-8 checked first) */
+            if (!PyUnicode_IS_ASCII(value)) {
+                goto not_handled;
+            }
+            PyObject *match = PyObject_CallOneArg(check, value);
+            if (match == NULL) {
+                goto error;
+            }
+            int valid = match != Py_None;
+            Py_DECREF(match);
+            if (!valid) {
+                goto not_handled;
+            }
+        }
+        if (chars >= 0) {
+            chars += length + PyUnicode_GET_LENGTH(bag_key) + 2;
+        }
+        if (PyDict_SetItem(bag, bag_key, value) < 0) {
+            goto error;
+        }
+    }
+    if (chars < 0 || 12 * chars > config.member_limit) {
+        PyObject *exceeds = PyObject_CallOneArg(config.may_exceed_limits, bag);
+        if (exceeds == NULL) {
+            goto error;
+        }
+        int unsure = PyObject_IsTrue(exceeds);
+        Py_DECREF(exceeds);
+        if (unsure != 0) {
+            goto not_handled_or_error; /* the Python path checks the limits exactly */
+        }
+    }
+    state = scope_state(parent, frame);
+    if (state == NULL) {
+        goto error;
+    }
+    /* Context(ctx): Context adds no __new__ or __init__ to dict's, so this is the same. */
+    result = ((PyTypeObject *)config.context_type)->tp_new(
+        (PyTypeObject *)config.context_type, empty_tuple, NULL);
+    if (result == NULL) {
+        goto error;
+    }
+    if (!PyDict_Check(result) || PyDict_Merge(result, ctx, 1) < 0 || PyDict_SetItem(result, config.baggage_key, bag) < 0 ||
+        PyDict_SetItem(result, key, state) < 0) {
+        Py_CLEAR(result);
+        if (!PyErr_Occurred()) {
+            goto not_handled;
+        }
+        goto error;
+    }
+    goto done;
+not_handled_or_error:
+    if (PyErr_Occurred()) {
+        goto error;
+    }
+not_handled:
+error:
+    result = NULL;
+done:
+    Py_XDECREF(frame);
+    Py_XDECREF(bag);
+    Py_XDECREF(state);
+    return result;
+}
+
+/* ScopeMaker: what bridge.scope is when this module is built, a callable made once per
+ * bridge that holds what entering needs (the bridge's context key and field plans). */
+typedef struct {
+    PyObject_HEAD
+    PyObject *bridge;
+    PyObject *key;        /* bridge._key */
+    PyObject *plans;      /* bridge._plans */
+    PyTypeObject *scope;  /* the class of the scopes it makes (_scope.Scope) */
+} ScopeMaker;
+
+typedef struct {
+    PyObject_HEAD
+    ScopeMaker *maker;
+    PyObject *values; /* None once entered */
+    PyObject *token;  /* the ContextVar token while entered, else NULL */
+} ScopeCore;
+
+static PyTypeObject *scope_core_type; /* ScopeCore, below */
+
+static PyObject *
+new_maker(PyObject *bridge, PyTypeObject *scope)
+{
+    if (!PyType_IsSubtype(scope, scope_core_type)) {
+        PyErr_SetString(PyExc_TypeError, "scope_type must be a subclass of ScopeCore");
+        return NULL;
+    }
+    PyObject *key = PyObject_GetAttr(bridge, str_key);
+    if (key == NULL) {
+        return NULL;
+    }
+    PyObject *plans = PyObject_GetAttr(bridge, str_plans);
+    if (plans == NULL) {
+        Py_DECREF(key);
+        return NULL;
+    }
+    ScopeMaker *maker = PyObject_GC_New(ScopeMaker, maker_type);
+    if (maker == NULL) {
+        Py_DECREF(key);
+        Py_DECREF(plans);
+        return NULL;
+    }
+    Py_INCREF(bridge);
+    Py_INCREF(scope);
+    maker->bridge = bridge;
+    maker->key = key;
+    maker->plans = plans;
+    maker->scope = scope;
+    PyObject_GC_Track(maker);
+    return (PyObject *)maker;
+}
+
+static PyObject *
+new_scope(ScopeMaker *maker, PyObject *values)
+{
+    ScopeCore *scope = (ScopeCore *)maker->scope->tp_alloc(maker->scope, 0);
+    if (scope == NULL) {
+        return NULL;
+    }
+    Py_INCREF(maker);
+    Py_INCREF(values);
+    scope->maker = maker;
+    scope->values = values;
+    scope->token = NULL;
+    return (PyObject *)scope;
+}
+
+static PyObject *
+maker_new(PyTypeObject *Py_UNUSED(type), PyObject *args, PyObject *kwargs)
+{
+    PyObject *bridge, *scope;
+    static char *names[] = {"bridge", "scope_type", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO!:ScopeMaker", names, &bridge,
+                                     &PyType_Type, &scope)) {
+        return NULL;
+    }
+    return new_maker(bridge, (PyTypeObject *)scope);
+}
+
+/* bridge.scope(**values): a new scope of the values (keywords only). */
+static PyObject *
+maker_call(ScopeMaker *self, PyObject *args, PyObject *kwargs)
+{
+    if (PyTuple_GET_SIZE(args) != 0) {
+        PyErr_SetString(PyExc_TypeError,
+                        "scope() takes field values as keyword arguments only");
+        return NULL;
+    }
+    PyObject *values;
+    if (kwargs == NULL) {
+        values = PyDict_New();
+    }
+    else if (Py_REFCNT(kwargs) == 1 && PyDict_CheckExact(kwargs)) {
+        /* The dict the interpreter built for this call: nobody else holds it. */
+        Py_INCREF(kwargs);
+        values = kwargs;
+    }
+    else {
+        values = PyDict_Copy(kwargs);
+    }
+    if (values == NULL) {
+        return NULL;
+    }
+    PyObject *scope = new_scope(self, values);
+    Py_DECREF(values);
+    return scope;
+}
+
+static int
+maker_traverse(ScopeMaker *self, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(self));
+    Py_VISIT(self->bridge);
+    Py_VISIT(self->key);
+    Py_VISIT(self->plans);
+    Py_VISIT(self->scope);
+    return 0;
+}
+
+static int
+maker_clear(ScopeMaker *self)
+{
+    Py_CLEAR(self->bridge);
+    Py_CLEAR(self->key);
+    Py_CLEAR(self->plans);
+    Py_CLEAR(self->scope);
+    return 0;
+}
+
+static void
+maker_dealloc(ScopeMaker *self)
+{
+    PyTypeObject *type = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    maker_clear(self);
+    type->tp_free((PyObject *)self);
+    Py_DECREF(type);
+}
+
+static PyType_Slot maker_slots[] = {
+    {Py_tp_doc, "scope(**values): a scope setting the values (None unsets a field); see "
+                "ContextBridge.scope."},
+    {Py_tp_new, maker_new},
+    {Py_tp_call, maker_call},
+    {Py_tp_dealloc, maker_dealloc},
+    {Py_tp_traverse, maker_traverse},
+    {Py_tp_clear, maker_clear},
+    {0, NULL},
+};
+
+static PyType_Spec maker_spec = {
+    .name = "otel_ctxbridge._speedups.ScopeMaker",
+    .basicsize = sizeof(ScopeMaker),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .slots = maker_slots,
+};
+
+/* ScopeCore(bridge, values): the slower way in, for code that builds a Scope itself. */
+static int
+scope_init(ScopeCore *self, PyObject *args, PyObject *kwargs)
+{
+    PyObject *bridge, *values;
+    static char *names[] = {"bridge", "values", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO:ScopeCore", names, &bridge, &values)) {
+        return -1;
+    }
+    PyObject *maker = new_maker(bridge, Py_TYPE(self));
+    if (maker == NULL) {
+        return -1;
+    }
+    Py_INCREF(values);
+    Py_XSETREF(self->maker, (ScopeMaker *)maker);
+    Py_XSETREF(self->values, values);
+    Py_CLEAR(self->token);
+    return 0;
+}
+
+static PyObject *
+scope_enter(ScopeCore *self, PyObject *Py_UNUSED(ignored))
+{
+    if (!configured || self->maker == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "this scope was not made by bridge.scope()");
+        return NULL;
+    }
+    if (self->token != NULL) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "this scope is already entered; call bridge.scope() again");
+        return NULL;
+    }
+    if (self->values == NULL || self->values == Py_None) {
+        PyErr_SetString(PyExc_RuntimeError, "a scope is entered once; call bridge.scope() again");
+        return NULL;
+    }
+    PyObject *ctx = NULL;
+    if (PyContextVar_Get(config.var, NULL, &ctx) < 0) {
+        return NULL;
+    }
+    if (ctx == NULL) {
+        PyErr_SetString(PyExc_LookupError, "OpenTelemetry's context variable has no value");
+        return NULL;
+    }
+    ScopeMaker *maker = self->maker;
+    PyObject *values = self->values; /* kept until the span is stamped */
+    Py_INCREF(values);
+    PyObject *new = fast_derive(maker->key, maker->plans, ctx, values);
+    if (new == NULL && !PyErr_Occurred()) {
+        PyObject *args[3] = {maker->bridge, ctx, values};
+        new = PyObject_Vectorcall(config.derive, args, 3, NULL);
+    }
+    Py_DECREF(ctx);
+    if (new == NULL) {
+        Py_DECREF(values);
+        return NULL;
+    }
+    PyObject *token = PyContextVar_Set(config.var, new);
+    if (token == NULL) {
+        Py_DECREF(new);
+        Py_DECREF(values);
+        return NULL;
+    }
+    self->token = token;
+    Py_INCREF(Py_None);
+    Py_SETREF(self->values, Py_None); /* an in-flight request keeps only the token alive */
+    PyObject *span = PyDict_Check(new) ? PyDict_GetItemWithError(new, config.span_key) : NULL;
+    if (span == NULL && PyErr_Occurred()) {
+        PyErr_Clear(); /* telemetry never throws: an odd context is not stamped */
+    }
+    if (span != NULL && span != Py_None) {
+        PyObject *args[3] = {maker->bridge, span, values};
+        PyObject *stamped = PyObject_Vectorcall(config.stamp, args, 3, NULL);
+        if (stamped == NULL) { /* stamp() catches Exception: only BaseException lands here */
+            Py_DECREF(new);
+            Py_DECREF(values);
+            return NULL;
+        }
+        Py_DECREF(stamped);
+    }
+    Py_DECREF(new);
+    Py_DECREF(values);
+    Py_INCREF(self);
+    return (PyObject *)self;
+}
+
+static PyObject *
+scope_exit(ScopeCore *self, PyObject *const *Py_UNUSED(args), Py_ssize_t Py_UNUSED(nargs))
+{
+    PyObject *token = self->token;
+    if (token == NULL) {
+        Py_RETURN_NONE;
+    }
+    self->token = NULL;
+    int failed = PyContextVar_Reset(config.var, token);
+    Py_DECREF(token);
+    if (failed < 0) {
+        if (!PyErr_ExceptionMatches(PyExc_ValueError) &&
+            !PyErr_ExceptionMatches(PyExc_RuntimeError)) {
+            return NULL;
+        }
+        PyErr_Clear(); /* a token of another context: counted and logged, never raised */
+        return PyObject_CallNoArgs(config.detach_failed);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+scope_get_bridge(ScopeCore *self, void *Py_UNUSED(closure))
+{
+    if (self->maker == NULL) {
+        Py_RETURN_NONE;
+    }
+    Py_INCREF(self->maker->bridge);
+    return self->maker->bridge;
+}
+
+static int
+scope_traverse(ScopeCore *self, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(self));
+    Py_VISIT(self->maker);
+    Py_VISIT(self->values);
+    Py_VISIT(self->token);
+    return 0;
+}
+
+static int
+scope_clear(ScopeCore *self)
+{
+    Py_CLEAR(self->maker);
+    Py_CLEAR(self->values);
+    Py_CLEAR(self->token);
+    return 0;
+}
+
+static void
+scope_dealloc(ScopeCore *self)
+{
+    PyTypeObject *type = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    scope_clear(self);
+    type->tp_free((PyObject *)self);
+    Py_DECREF(type);
+}
+
+static PyMethodDef scope_methods[] = {
+    {"__enter__", (PyCFunction)scope_enter, METH_NOARGS,
+     "Attach a context holding the values on top of the current one; return the scope."},
+    {"__exit__", (PyCFunction)(void (*)(void))scope_exit, METH_FASTCALL,
+     "Restore the context from before the scope."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef scope_members[] = {
+    {"_values", T_OBJECT, offsetof(ScopeCore, values), READONLY,
+     "The values to set; None once entered."},
+    {"_token", T_OBJECT, offsetof(ScopeCore, token), READONLY,
+     "The token of the attached context while entered, else None."},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyGetSetDef scope_getset[] = {
+    {"_bridge", (getter)scope_get_bridge, NULL, "The bridge of the scope.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyType_Slot scope_slots[] = {
+    {Py_tp_doc, "Entering and leaving a scope (compiled; see _scope.PyScopeCore)."},
+    {Py_tp_new, PyType_GenericNew},
+    {Py_tp_init, scope_init},
+    {Py_tp_dealloc, scope_dealloc},
+    {Py_tp_traverse, scope_traverse},
+    {Py_tp_clear, scope_clear},
+    {Py_tp_methods, scope_methods},
+    {Py_tp_members, scope_members},
+    {Py_tp_getset, scope_getset},
+    {0, NULL},
+};
+
+static PyType_Spec scope_spec = {
+    .name = "otel_ctxbridge._speedups.ScopeCore",
+    .basicsize = sizeof(ScopeCore),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .slots = scope_slots,
+};
+
+
+/* FieldGetter: what bridge.get is when this module is built. It answers from the bridge's
+ * read cache (ContextBridge._last: the context read twice in a row and every field's value
+ * in it, MISSING when unset) and leaves every other case to the Python method. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *attributes; /* the bridge's __dict__, where _last is kept */
+    PyObject *missing;    /* _state.MISSING */
+    PyObject *fallback;   /* the bridge's Python get, bound */
+    vectorcallfunc vectorcall;
+} FieldGetter;
+
+static PyObject *str_last; /* "_last" */
+
+static PyObject *
+getter_vectorcall(FieldGetter *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (kwnames == NULL && (nargs == 1 || nargs == 2) && configured) {
+        PyObject *last = PyDict_GetItemWithError(self->attributes, str_last); /* borrowed */
+        if (last != NULL && PyTuple_CheckExact(last) && PyTuple_GET_SIZE(last) == 3 &&
+            PyDict_CheckExact(PyTuple_GET_ITEM(last, 1))) {
+            PyObject *ctx = NULL;
+            if (PyContextVar_Get(config.var, NULL, &ctx) < 0) {
+                return NULL;
+            }
+            int cached = ctx != NULL && ctx == PyTuple_GET_ITEM(last, 0);
+            Py_XDECREF(ctx); /* the cache holds the context: its identity stays valid */
+            if (cached) {
+                PyObject *value = PyDict_GetItemWithError(PyTuple_GET_ITEM(last, 1), args[0]);
+                if (value != NULL) {
+                    if (value == self->missing) {
+                        value = nargs == 2 ? args[1] : Py_None;
+                    }
+                    Py_INCREF(value);
+                    return value;
+                }
+            }
+        }
+        if (PyErr_Occurred()) {
+            PyErr_Clear(); /* an unhashable name, say: the Python method says what is wrong */
+        }
+    }
+    return PyObject_Vectorcall(self->fallback, args, nargsf, kwnames);
+}
+
+static PyObject *
+getter_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    PyObject *attributes, *missing, *fallback;
+    static char *names[] = {"attributes", "missing", "fallback", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!OO:FieldGetter", names, &PyDict_Type,
+                                     &attributes, &missing, &fallback)) {
+        return NULL;
+    }
+    FieldGetter *self = PyObject_GC_New(FieldGetter, type);
+    if (self == NULL) {
+        return NULL;
+    }
+    Py_INCREF(attributes);
+    Py_INCREF(missing);
+    Py_INCREF(fallback);
+    self->attributes = attributes;
+    self->missing = missing;
+    self->fallback = fallback;
+    self->vectorcall = (vectorcallfunc)getter_vectorcall;
+    PyObject_GC_Track(self);
+    return (PyObject *)self;
+}
+
+static int
+getter_traverse(FieldGetter *self, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(self));
+    Py_VISIT(self->attributes);
+    Py_VISIT(self->missing);
+    Py_VISIT(self->fallback);
+    return 0;
+}
+
+static int
+getter_clear(FieldGetter *self)
+{
+    Py_CLEAR(self->attributes);
+    Py_CLEAR(self->missing);
+    Py_CLEAR(self->fallback);
+    return 0;
+}
+
+static void
+getter_dealloc(FieldGetter *self)
+{
+    PyTypeObject *type = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    getter_clear(self);
+    type->tp_free((PyObject *)self);
+    Py_DECREF(type);
+}
+
+static PyMemberDef getter_members[] = {
+    {"__vectorcalloffset__", T_PYSSIZET, offsetof(FieldGetter, vectorcall), READONLY, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyType_Slot getter_slots[] = {
+    {Py_tp_doc, "get(name, default=None): the value of field name in the current context, "
+                "or default when unset; see ContextBridge.get."},
+    {Py_tp_new, getter_new},
+    {Py_tp_call, PyVectorcall_Call},
+    {Py_tp_dealloc, getter_dealloc},
+    {Py_tp_traverse, getter_traverse},
+    {Py_tp_clear, getter_clear},
+    {Py_tp_members, getter_members},
+    {0, NULL},
+};
+
+static PyType_Spec getter_spec = {
+    .name = "otel_ctxbridge._speedups.FieldGetter",
+    .basicsize = sizeof(FieldGetter),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .slots = getter_slots,
+};
+
+static PyObject *
+configure(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwargs)
+{
+    static char *names[] = {"var",           "context_type", "baggage_key", "span_key",
+                            "derive",        "stamp",        "detach_failed", "child_state",
+                            "empty",         "may_exceed_limits", "member_limit", NULL};
+    Config given;
+    if (!PyArg_ParseTupleAndKeywords(
+            args, kwargs, "$OOUUOOOOOOn:configure", names, &given.var, &given.context_type,
+            &given.baggage_key, &given.span_key, &given.derive, &given.stamp,
+            &given.detach_failed, &given.child_state, &given.empty,
+            &given.may_exceed_limits, &given.member_limit)) {
+        return NULL;
+    }
+    if (!PyType_Check(given.context_type) ||
+        !PyType_IsSubtype((PyTypeObject *)given.context_type, &PyDict_Type)) {
+        PyErr_SetString(PyExc_TypeError, "context_type must be a dict subclass");
+        return NULL;
+    }
+    if (!PyContextVar_CheckExact(given.var)) {
+        PyErr_SetString(PyExc_TypeError, "var must be a contextvars.ContextVar");
+        return NULL;
+    }
+    PyObject **objects[] = {&given.var,    &given.context_type,  &given.baggage_key,
+                            &given.span_key, &given.derive,      &given.stamp,
+                            &given.detach_failed, &given.child_state,
+                            &given.empty,  &given.may_exceed_limits};
+    for (size_t i = 0; i < sizeof(objects) / sizeof(objects[0]); i++) {
+        Py_INCREF(*objects[i]);
+    }
+    if (configured) {
+        PyObject **old[] = {&config.var,    &config.context_type,  &config.baggage_key,
+                            &config.span_key, &config.derive,      &config.stamp,
+                            &config.detach_failed, &config.child_state,
+                            &config.empty,  &config.may_exceed_limits};
+        for (size_t i = 0; i < sizeof(old) / sizeof(old[0]); i++) {
+            Py_DECREF(*old[i]);
+        }
+    }
+    config = given;
+    configured = 1;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef module_methods[] = {
+    {"configure", (PyCFunction)(void (*)(void))configure, METH_VARARGS | METH_KEYWORDS,
+     "Give the module the objects it works with (called once by otel_ctxbridge._scope)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static int
+module_exec(PyObject *module)
+{
+    if (zero == NULL) { /* once a process: an interpreter re-importing it reuses these */
+        str_key = PyUnicode_InternFromString("_key");
+        str_plans = PyUnicode_InternFromString("_plans");
+        str_frame = PyUnicode_InternFromString("frame");
+        str_local = PyUnicode_InternFromString("local");
+        str_updates = PyUnicode_InternFromString("updates");
+        str_last = PyUnicode_InternFromString("_last");
+        zero = PyLong_FromLong(0);
+        if (!str_key || !str_plans || !str_frame || !str_local || !str_updates || !str_last ||
+            !zero) {
+            Py_CLEAR(zero);
+            return -1;
+        }
+    }
+    if (empty_tuple == NULL && (empty_tuple = PyTuple_New(0)) == NULL) {
+        return -1;
+    }
+    state_type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &state_spec, NULL);
+    if (state_type == NULL || PyModule_AddObjectRef(module, "State", (PyObject *)state_type) < 0) {
+        return -1;
+    }
+    maker_type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &maker_spec, NULL);
+    if (maker_type == NULL ||
+        PyModule_AddObjectRef(module, "ScopeMaker", (PyObject *)maker_type) < 0) {
+        return -1;
+    }
+    PyObject *getter_type = PyType_FromModuleAndSpec(module, &getter_spec, NULL);
+    if (getter_type == NULL || PyModule_AddObject(module, "FieldGetter", getter_type) < 0) {
+        Py_XDECREF(getter_type);
+        return -1;
+    }
+    scope_core_type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &scope_spec, NULL);
+    if (scope_core_type == NULL ||
+        PyModule_AddObjectRef(module, "ScopeCore", (PyObject *)scope_core_type) < 0) {
+        return -1;
+    }
+    return 0;
+}
+
+static PyModuleDef_Slot module_slots[] = {
+    {Py_mod_exec, module_exec},
+    {0, NULL},
+};
+
+static struct PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "otel_ctxbridge._speedups",
+    .m_doc = "Compiled scope entry and exit for otel_ctxbridge (optional; see _scope.py).",
+    .m_size = 0,
+    .m_methods = module_methods,
+    .m_slots = module_slots,
+};
+
+PyMODINIT_FUNC
+PyInit__speedups(void)
+{
+    return PyModuleDef_Init(&module_def);
+}

@@ -1,0 +1,52 @@
+"""Types of the optional compiled accelerator (``_speedups.c``); see ``_accel.py``."""
+
+from collections.abc import Callable, Mapping
+from contextvars import ContextVar, Token
+from types import TracebackType
+from typing import Any
+
+from opentelemetry.context import Context
+
+class State:
+    local: Mapping[str, object]
+    frame: Any
+    generation: int
+    def __init__(self, local: Mapping[str, object], frame: Any, generation: int) -> None: ...
+
+class ScopeCore:
+    _bridge: Any
+    _values: Mapping[str, Any] | None
+    _token: Token[Context] | None
+    def __init__(self, bridge: Any, values: Mapping[str, Any]) -> None: ...
+    def __enter__(self) -> ScopeCore: ...
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+class ScopeMaker:
+    def __init__(self, bridge: Any, scope_type: type[ScopeCore]) -> None: ...
+    def __call__(self, **values: Any) -> ScopeCore: ...
+
+class FieldGetter:
+    def __init__(
+        self, attributes: dict[str, Any], missing: object, fallback: Callable[..., Any]
+    ) -> None: ...
+    def __call__(self, name: str, default: Any = None) -> Any: ...
+
+def configure(
+    *,
+    var: ContextVar[Context],
+    context_type: type[Context],
+    baggage_key: str,
+    span_key: str,
+    derive: Callable[..., Context],
+    stamp: Callable[..., None],
+    detach_failed: Callable[[], None],
+    child_state: Callable[..., Any],
+    empty: Mapping[str, Any],
+    may_exceed_limits: Callable[[Mapping[str, object]], bool],
+    member_limit: int,
+) -> None: ...

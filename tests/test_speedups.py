@@ -1,0 +1,336 @@
+"""The compiled accelerator (``_speedups.c``): it is built where CI runs, it gives the same
+contexts and errors as the pure-Python reference, and it neither leaks nor keeps cycles."""
+
+from __future__ import annotations
+
+import gc
+import os
+import subprocess
+import sys
+import tracemalloc
+import weakref
+import zipfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from opentelemetry import baggage
+from opentelemetry.context import Context
+
+import otel_ctxbridge as cb
+from otel_ctxbridge import _accel, _runtime, _scope
+from otel_ctxbridge._state import next_generation
+
+compiled = pytest.mark.skipif(
+    _accel.speedups is None, reason="the accelerator is not built or is switched off"
+)
+
+
+def _bridge() -> cb.ContextBridge:
+    return cb.ContextBridge(
+        [
+            cb.Field("plain", max_length=8),
+            cb.Field("pattern", validator=r"[a-z]{1,5}"),
+            cb.Field("pred", validator=lambda value: value.startswith("p")),
+            cb.Field("local", propagate=False),
+            cb.Field("renamed", baggage_key="app.renamed"),
+        ]
+    )
+
+
+BRIDGE = _bridge()
+NAMES = ["plain", "pattern", "pred", "local", "renamed", "unknown"]
+VALUES = st.one_of(
+    st.none(),
+    st.text(alphabet="abcxyz0-", max_size=10),
+    st.text(max_size=6),
+    st.sampled_from(["p1", "pq", "abc", "ABC", "é", "a\nb", "\ud800", "x" * 300]),
+    st.integers(),
+)
+
+
+def _starts() -> Iterator[tuple[str, Context]]:
+    """Contexts a scope may be entered on: the interesting kinds of parents."""
+    empty = Context()
+    yield "empty", empty
+    with_bag = BRIDGE.derive(empty, {"plain": "p0", "renamed": "r0", "local": object()})
+    yield "baggage", with_bag
+    yield "foreign baggage", baggage.set_baggage("other", "o", context=with_bag)
+    crowded = empty
+    for i in range(180):
+        crowded = baggage.set_baggage(f"m{i}", "v", context=crowded)
+    yield "180 members", crowded
+    frame = BRIDGE.new_frame(())
+    in_request = BRIDGE.derive(with_bag, {"pattern": "req"}, frame=frame)
+    yield "request", in_request
+    pending_frame = BRIDGE.new_frame(())
+    pending = BRIDGE.derive(empty, {"plain": "p1"}, frame=pending_frame)
+    pending_frame.record({"pattern": "late"}, next_generation())
+    yield "pending update", pending
+
+
+STARTS = dict(_starts())
+
+
+def _outcome(make: Any, start: Context, values: Mapping[str, Any]) -> tuple[Any, ...]:
+    """Enter a scope made by ``make`` on ``start``: what the context inside holds, or the
+    error entering raised."""
+    token = _runtime.attach(start)
+    try:
+        try:
+            scope = make(values)
+            with scope:
+                inside = _runtime.get_current()
+        except Exception as exc:  # compared between the two implementations
+            return ("error", type(exc), str(exc))
+        assert _runtime.get_current() is start
+    finally:
+        _runtime.detach(token)
+    state: Any = inside.get(BRIDGE._key)
+    others = {k: v for k, v in inside.items() if k not in (BRIDGE._key, _runtime.BAGGAGE_KEY)}
+    bag = inside.get(_runtime.BAGGAGE_KEY)
+    return (
+        "ok",
+        list(bag.items()) if bag is not None else None,
+        others,
+        (dict(state.local), state.frame, state.generation == 0) if state is not None else None,
+    )
+
+
+@compiled
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(
+    start=st.sampled_from(sorted(STARTS)),
+    values=st.dictionaries(st.sampled_from(NAMES), VALUES, max_size=4),
+)
+def test_compiled_scope_gives_the_same_context_or_error_as_python(
+    start: str, values: dict[str, Any]
+) -> None:
+    """For any values on any kind of parent context, entering the compiled scope and the
+    pure-Python one give equal contexts (baggage in the same order, the same state), or the
+    same error with the same message."""
+    compiled_outcome = _outcome(lambda v: BRIDGE.scope(**v), STARTS[start], values)
+    python_outcome = _outcome(lambda v: _scope.PyScopeCore(BRIDGE, v), STARTS[start], values)
+    assert compiled_outcome == python_outcome
+
+
+@pytest.mark.skipif(os.environ.get("CI") != "true", reason="checked where CI builds the project")
+def test_the_accelerator_is_built_and_used_in_ci() -> None:
+    """CI installs with a C compiler: the compiled scope must be what bridge.scope returns,
+    so the suite and the benchmarks exercise it (the pure-Python run sets the switch)."""
+    if os.environ.get("OTEL_CTXBRIDGE_NO_EXTENSIONS"):
+        assert _accel.speedups is None
+        assert isinstance(_bridge().scope(plain="a"), _scope.PyScopeCore)
+        return
+    assert _accel.speedups is not None, "the C accelerator was not built"
+    assert isinstance(_bridge().scope(plain="a"), _accel.speedups.ScopeCore)
+
+
+@compiled
+def test_compiled_scope_takes_keywords_only_and_keeps_its_own_values() -> None:
+    """scope() refuses positional values, and later changes to the caller's dict do not
+    reach a scope made from it."""
+    with pytest.raises(TypeError, match="keyword"):
+        BRIDGE.scope({"plain": "a"})  # type: ignore[call-arg]
+    values = {"plain": "a"}
+    scope = BRIDGE.scope(**values)
+    values["plain"] = "changed"
+    with scope:
+        assert BRIDGE.get("plain") == "a"
+
+
+@compiled
+def test_a_scope_built_from_the_class_works_like_one_from_bridge_scope() -> None:
+    """Scope(bridge, values), as the pure-Python class is called, also works compiled."""
+    with _scope.Scope(BRIDGE, {"plain": "a"}) as scope:
+        assert BRIDGE.get("plain") == "a"
+        assert scope._bridge is BRIDGE
+    assert BRIDGE.get("plain") is None
+
+
+def _get_outcome(get: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    try:
+        return ("ok", get(*args, **kwargs))
+    except Exception as exc:  # compared between the two implementations
+        return ("error", type(exc), str(exc))
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs"),
+    [
+        (("plain",), {}),
+        (("local", "default"), {}),
+        (("pattern",), {"default": 7}),
+        (("unknown",), {}),
+        ((["unhashable"],), {}),
+        ((), {"name": "plain"}),
+        (("plain", 1, 2), {}),
+    ],
+)
+@pytest.mark.parametrize("reads_before", [0, 1, 2])
+def test_compiled_get_answers_like_the_python_method(
+    args: tuple[Any, ...], kwargs: dict[str, Any], reads_before: int
+) -> None:
+    """bridge.get gives the same value, default or error as ContextBridge.get, whether the
+    context is not cached yet (0 or 1 reads before) or cached (2)."""
+    with BRIDGE.scope(plain="p", local=None):
+        for _ in range(reads_before):
+            BRIDGE.get("plain")
+        compiled_outcome = _get_outcome(BRIDGE.get, args, kwargs)
+        python_outcome = _get_outcome(
+            lambda *a, **k: cb.ContextBridge.get(BRIDGE, *a, **k), args, kwargs
+        )
+    assert compiled_outcome == python_outcome
+
+
+def test_a_subclass_overriding_scope_or_get_keeps_its_own() -> None:
+    """The compiled scope() and get() replace only the bridge's own methods, never a
+    subclass's."""
+
+    class Audited(cb.ContextBridge):
+        calls = 0
+
+        def scope(self, **values: Any) -> _scope.Scope:
+            Audited.calls += 1
+            return super().scope(**values)
+
+    bridge = Audited([cb.Field("plain")])
+    with bridge.scope(plain="a"):
+        assert bridge.get("plain") == "a"
+    assert Audited.calls == 1
+
+    class Defaulting(cb.ContextBridge):
+        def get(self, name: str, default: Any = "none") -> Any:
+            return super().get(name, default)
+
+    assert Defaulting([cb.Field("plain")]).get("plain") == "none"
+
+
+def _growth(fn: Any, rounds: int = 20_000) -> int:
+    for _ in range(1_000):  # warm caches (interned strings, free lists)
+        fn()
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for _ in range(rounds):
+        fn()
+    gc.collect()
+    after = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    return after - before
+
+
+def _enter_valid() -> None:
+    with BRIDGE.scope(plain="a", pattern="abc", renamed="r"):
+        pass
+
+
+def _enter_local() -> None:
+    with BRIDGE.scope(plain="a", local=object()):  # the Python fallback inside the C enter
+        pass
+
+
+def _enter_invalid() -> None:
+    try:
+        with BRIDGE.scope(plain="a", pattern="NOT VALID"):
+            pass
+    except cb.ContextValueError:
+        pass
+
+
+@pytest.mark.parametrize("enter", [_enter_valid, _enter_local, _enter_invalid])
+def test_entering_and_leaving_scopes_does_not_leak(enter: Any) -> None:
+    """20,000 scopes (fast path, fallback, failed validation) leave no memory behind: a
+    reference-counting slip would grow by at least a dict or a context each time."""
+    assert _growth(enter) < 20_000  # far below one leaked object a round (>= 40 bytes)
+
+
+@pytest.mark.parametrize("enter", [_enter_valid, _enter_local, _enter_invalid])
+def test_entering_and_leaving_scopes_keeps_no_reference(enter: Any) -> None:
+    """The parent context, the bridge and the values are referenced exactly as often after
+    1,000 scopes as before: no reference is kept (which would pin them) or dropped."""
+    parent = Context(_runtime.get_current())
+    token = _runtime.attach(parent)
+    try:
+        enter()
+        watched = [parent, BRIDGE, BRIDGE._plans, BRIDGE._key, "abc", "NOT VALID"]
+        before = [sys.getrefcount(obj) for obj in watched]
+        for _ in range(1_000):
+            enter()
+        assert [sys.getrefcount(obj) for obj in watched] == before
+    finally:
+        _runtime.detach(token)
+
+
+def test_a_cycle_through_a_scope_and_its_state_is_collected() -> None:
+    """Scopes and states take part in garbage collection: a cycle through a process-local
+    value and a scope kept in it is freed."""
+
+    class Holder:
+        scope: Any = None
+
+    holder = Holder()
+    probe = weakref.ref(holder)
+    holder.scope = BRIDGE.scope(local=holder)
+    with holder.scope:
+        state: Any = _runtime.get_current()[BRIDGE._key]
+        assert state.local["local"] is holder
+    del holder, state
+    gc.collect()
+    assert probe() is None
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _build_wheel(out: Path, **env: str) -> Path:
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(ROOT)],
+        env={**os.environ, "OTEL_CTXBRIDGE_NO_EXTENSIONS": "", **env},
+        check=True,
+        timeout=300,
+        capture_output=True,
+    )
+    (wheel,) = out.glob("*.whl")
+    return wheel
+
+
+def test_a_wheel_built_without_a_c_compiler_is_pure_python_and_works(tmp_path: Path) -> None:
+    """Installing from source where no C compiler works still succeeds: the build falls
+    back to a pure-Python wheel, and the package runs from it on the Python code."""
+    wheel = _build_wheel(tmp_path / "wheel", CC="/bin/false")  # setuptools compiles with $CC
+    assert wheel.name.endswith("-py3-none-any.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        assert not [n for n in archive.namelist() if n.endswith((".so", ".pyd", ".c"))]
+        archive.extractall(tmp_path / "site")
+    probe = (
+        "import otel_ctxbridge as cb\n"
+        "from otel_ctxbridge import _accel\n"
+        "bridge = cb.ContextBridge([cb.Field('tenant_id')])\n"
+        "with bridge.scope(tenant_id='acme'):\n"
+        "    print(_accel.speedups is None, bridge.get('tenant_id'))\n"
+    )
+    ran = subprocess.run(
+        [sys.executable, "-c", probe],
+        env={**os.environ, "PYTHONPATH": str(tmp_path / "site")},
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert ran.stdout.split() == ["True", "acme"]
+
+
+def test_a_wheel_built_with_a_c_compiler_carries_the_accelerator(tmp_path: Path) -> None:
+    """With a compiler, the wheel is platform-specific and holds the compiled module (not
+    its C source)."""
+    wheel = _build_wheel(tmp_path / "wheel")
+    assert "-py3-none-any" not in wheel.name
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+    assert [n for n in names if n.startswith("otel_ctxbridge/_speedups.") and ".so" in n]
+    assert "otel_ctxbridge/_speedups.c" not in names
