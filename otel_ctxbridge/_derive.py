@@ -3,11 +3,12 @@ scope, of ``update()`` and of each request."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry.context import Context
 
+from ._accel import speedups
 from ._runtime import BAGGAGE_KEY as _BAGGAGE
 from ._state import EMPTY, Frame, State, child_state, pending_values
 from .errors import ContextValueError, UnknownFieldError
@@ -16,14 +17,28 @@ from .limits import MAX_MEMBER_BYTES, check_written, may_exceed_limits
 if TYPE_CHECKING:
     from .bridge import ContextBridge
 
-__all__ = ["derive_context"]
+__all__ = ["derive_context", "derive_in_python"]
+
+_compiled: Callable[..., Context | None] | None = speedups.derive if speedups is not None else None
 
 
-def derive_context(  # noqa: PLR0912, PLR0915 - one loop over the values, kept inlined
+def derive_context(
     bridge: ContextBridge, ctx: Context, values: Mapping[str, Any], frame: Frame | None = None
 ) -> Context:
     """``bridge.derive``: a copy of ``ctx`` with ``values`` written (``None`` unsets),
-    validated; see :meth:`~otel_ctxbridge.ContextBridge.derive`."""
+    validated; see :meth:`~otel_ctxbridge.ContextBridge.derive`. The compiled accelerator
+    does the common case (plain valid text of propagated fields); the rest is Python."""
+    if _compiled is not None:
+        new = _compiled(bridge._key, bridge._plans, ctx, values, frame)
+        if new is not None:
+            return new
+    return derive_in_python(bridge, ctx, values, frame)
+
+
+def derive_in_python(  # noqa: PLR0912, PLR0915 - one loop over the values, kept inlined
+    bridge: ContextBridge, ctx: Context, values: Mapping[str, Any], frame: Frame | None = None
+) -> Context:
+    """:func:`derive_context` in Python: every case, and the reference for the compiled one."""
     state: State | None = ctx.get(bridge._key)  # type: ignore[assignment] # our own key
     if state is not None and state.frame is not None and state.frame.updates:
         values = pending_values(state, values)

@@ -12,7 +12,7 @@ from opentelemetry.context import Context
 
 from . import _runtime as rt
 from ._accel import speedups
-from ._derive import derive_context
+from ._derive import derive_context, derive_in_python
 from ._span_write import write_attributes
 from ._state import EMPTY, child_state
 from .fields import attribute_value
@@ -110,7 +110,7 @@ def _configured() -> Any:
         context_type=Context,
         baggage_key=rt.BAGGAGE_KEY,
         span_key=rt.SPAN_KEY,
-        derive=derive_context,
+        derive=derive_in_python,  # the compiled enter has tried its own fast path
         stamp=stamp,
         detach_failed=rt.detach_failed,
         child_state=child_state,

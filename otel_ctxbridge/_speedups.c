@@ -162,48 +162,52 @@ is_printable(PyObject *value)
     return 1;
 }
 
-/* The State of a scope entered on top of `state` (borrowed, may be NULL) with no new
- * process-local values, as _derive.derive_context makes it. New reference or NULL. */
+/* The State of a context written on top of one holding `state` (borrowed, may be NULL;
+ * `parent_frame` is its frame) with no new process-local values, as _derive.derive_context
+ * makes it; `frame` is the request frame to start (NULL: none). New reference or NULL. */
 static PyObject *
-scope_state(PyObject *state, PyObject *frame)
+derived_state(PyObject *state, PyObject *parent_frame, PyObject *frame)
 {
-    if (state == NULL) {
-        return new_state(config.empty, Py_None, zero);
-    }
-    if (frame == Py_None) {
-        if (Py_TYPE(state) == state_type) {
-            return new_state(((State *)state)->local, Py_None, zero);
+    if (frame == NULL) {
+        if (state == NULL) {
+            return new_state(config.empty, Py_None, zero);
         }
-        PyObject *local = PyObject_GetAttr(state, str_local);
-        if (local == NULL) {
-            return NULL;
+        if (parent_frame == Py_None) {
+            if (Py_TYPE(state) == state_type) {
+                return new_state(((State *)state)->local, Py_None, zero);
+            }
+            PyObject *local = PyObject_GetAttr(state, str_local);
+            if (local == NULL) {
+                return NULL;
+            }
+            PyObject *result = new_state(local, Py_None, zero);
+            Py_DECREF(local);
+            return result;
         }
-        PyObject *result = new_state(local, Py_None, zero);
-        Py_DECREF(local);
-        return result;
     }
-    PyObject *args[3] = {state, Py_None, Py_None};
+    PyObject *args[3] = {state != NULL ? state : Py_None, Py_None, frame != NULL ? frame : Py_None};
     return PyObject_Vectorcall(config.child_state, args, 3, NULL);
 }
 
 /* derive_context's common case. Returns a new context, NULL with an exception set, or
  * NULL without one when the case is not common (the caller then runs the Python one). */
 static PyObject *
-fast_derive(PyObject *key, PyObject *plans, PyObject *ctx, PyObject *values)
+fast_derive(PyObject *key, PyObject *plans, PyObject *ctx, PyObject *values, PyObject *frame_arg)
 {
-    PyObject *frame = NULL, *bag = NULL, *state = NULL;
+    PyObject *parent = NULL, *frame = NULL, *bag = NULL, *state = NULL;
     PyObject *result = NULL;
     if (!PyDict_CheckExact(values) || PyDict_GET_SIZE(values) == 0 || !PyDict_Check(ctx) ||
         !PyDict_CheckExact(plans)) {
         return NULL; /* (no values: the Python path leaves the baggage as it is) */
     }
-    PyObject *parent = PyDict_GetItemWithError(ctx, key); /* borrowed */
+    parent = PyDict_GetItemWithError(ctx, key); /* borrowed until the INCREF below */
     if (parent == NULL && PyErr_Occurred()) {
         goto error;
     }
     if (parent == Py_None) {
         parent = NULL;
     }
+    Py_XINCREF(parent); /* held: the calls below may run Python code */
     if (parent != NULL) {
         if (Py_TYPE(parent) == state_type) {
             frame = ((State *)parent)->frame;
@@ -305,7 +309,7 @@ fast_derive(PyObject *key, PyObject *plans, PyObject *ctx, PyObject *values)
             goto not_handled_or_error; /* the Python path checks the limits exactly */
         }
     }
-    state = scope_state(parent, frame);
+    state = derived_state(parent, frame, frame_arg);
     if (state == NULL) {
         goto error;
     }
@@ -332,6 +336,7 @@ not_handled:
 error:
     result = NULL;
 done:
+    Py_XDECREF(parent);
     Py_XDECREF(frame);
     Py_XDECREF(bag);
     Py_XDECREF(state);
@@ -541,7 +546,7 @@ scope_enter(ScopeCore *self, PyObject *Py_UNUSED(ignored))
     ScopeMaker *maker = self->maker;
     PyObject *values = self->values; /* kept until the span is stamped */
     Py_INCREF(values);
-    PyObject *new = fast_derive(maker->key, maker->plans, ctx, values);
+    PyObject *new = fast_derive(maker->key, maker->plans, ctx, values, NULL);
     if (new == NULL && !PyErr_Occurred()) {
         PyObject *args[3] = {maker->bridge, ctx, values};
         new = PyObject_Vectorcall(config.derive, args, 3, NULL);
@@ -804,6 +809,25 @@ static PyType_Spec getter_spec = {
     .slots = getter_slots,
 };
 
+/* derive(key, plans, ctx, values, frame): _derive.derive_context's common case, or None. */
+static PyObject *
+derive(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "derive() takes 5 arguments");
+        return NULL;
+    }
+    if (!configured) {
+        Py_RETURN_NONE;
+    }
+    PyObject *frame = args[4] == Py_None ? NULL : args[4];
+    PyObject *new = fast_derive(args[0], args[1], args[2], args[3], frame);
+    if (new == NULL && !PyErr_Occurred()) {
+        Py_RETURN_NONE;
+    }
+    return new;
+}
+
 static PyObject *
 configure(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwargs)
 {
@@ -849,6 +873,9 @@ configure(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwargs)
 }
 
 static PyMethodDef module_methods[] = {
+    {"derive", (PyCFunction)(void (*)(void))derive, METH_FASTCALL,
+     "derive(key, plans, ctx, values, frame): the common case of _derive.derive_context (a new "
+     "context), or None when the Python code must handle it."},
     {"configure", (PyCFunction)(void (*)(void))configure, METH_VARARGS | METH_KEYWORDS,
      "Give the module the objects it works with (called once by otel_ctxbridge._scope)."},
     {NULL, NULL, 0, NULL},

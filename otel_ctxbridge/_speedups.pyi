@@ -36,6 +36,9 @@ class FieldGetter:
     ) -> None: ...
     def __call__(self, name: str, default: Any = None) -> Any: ...
 
+def derive(
+    key: str, plans: Mapping[str, Any], ctx: Context, values: Mapping[str, Any], frame: Any
+) -> Context | None: ...
 def configure(
     *,
     var: ContextVar[Context],

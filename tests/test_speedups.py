@@ -21,7 +21,7 @@ from opentelemetry import baggage
 from opentelemetry.context import Context
 
 import otel_ctxbridge as cb
-from otel_ctxbridge import _accel, _runtime, _scope
+from otel_ctxbridge import _accel, _derive, _runtime, _scope
 from otel_ctxbridge._state import next_generation
 
 compiled = pytest.mark.skipif(
@@ -89,9 +89,14 @@ def _outcome(make: Any, start: Context, values: Mapping[str, Any]) -> tuple[Any,
         assert _runtime.get_current() is start
     finally:
         _runtime.detach(token)
-    state: Any = inside.get(BRIDGE._key)
-    others = {k: v for k, v in inside.items() if k not in (BRIDGE._key, _runtime.BAGGAGE_KEY)}
-    bag = inside.get(_runtime.BAGGAGE_KEY)
+    return _described(inside)
+
+
+def _described(ctx: Context) -> tuple[Any, ...]:
+    """What a context holds, comparably: baggage in order, other entries, the state."""
+    state: Any = ctx.get(BRIDGE._key)
+    others = {k: v for k, v in ctx.items() if k not in (BRIDGE._key, _runtime.BAGGAGE_KEY)}
+    bag = ctx.get(_runtime.BAGGAGE_KEY)
     return (
         "ok",
         list(bag.items()) if bag is not None else None,
@@ -115,6 +120,29 @@ def test_compiled_scope_gives_the_same_context_or_error_as_python(
     compiled_outcome = _outcome(lambda v: BRIDGE.scope(**v), STARTS[start], values)
     python_outcome = _outcome(lambda v: _scope.PyScopeCore(BRIDGE, v), STARTS[start], values)
     assert compiled_outcome == python_outcome
+
+
+@compiled
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(
+    start=st.sampled_from(sorted(STARTS)),
+    values=st.dictionaries(st.sampled_from(NAMES), VALUES, max_size=4),
+    request=st.booleans(),
+)
+def test_compiled_derive_gives_the_same_context_or_error_as_python(
+    start: str, values: dict[str, Any], request: bool
+) -> None:
+    """bridge.derive (compiled for the common case) and the Python derive agree, also when
+    starting a request frame as the ASGI middleware does."""
+    frame = BRIDGE.new_frame(()) if request else None
+
+    def outcome(derive: Any) -> tuple[Any, ...]:
+        try:
+            return _described(derive(BRIDGE, STARTS[start], values, frame))
+        except Exception as exc:  # compared between the two implementations
+            return ("error", type(exc), str(exc))
+
+    assert outcome(_derive.derive_context) == outcome(_derive.derive_in_python)
 
 
 @pytest.mark.skipif(os.environ.get("CI") != "true", reason="checked where CI builds the project")
