@@ -42,6 +42,9 @@ _TRACEPARENT = b"traceparent"
 _TRACESTATE = b"tracestate"
 _BAGGAGE = b"baggage"
 _SHIELDED = frozenset((_TRACEPARENT, _TRACESTATE, _BAGGAGE))
+_BACKSLASH = 0x5C
+"""``_BACKSLASH in raw`` scans the bytes with memchr; ``b"\\" in raw`` costs 5x more on
+CPython 3.11 (it first tries the needle as an int, raising and clearing a TypeError)."""
 _REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
 
 
@@ -75,7 +78,9 @@ def shield_headers(
             states.append(value.decode("latin-1"))
         elif name == _BAGGAGE or name in hidden:
             continue
-        elif (b"\\" in value and _undecodable(value)) or (b"\\" in name and _undecodable(name)):
+        elif (_BACKSLASH in value and _undecodable(value)) or (
+            _BACKSLASH in name and _undecodable(name)
+        ):
             continue  # OTel would answer 500 if it read this header
         else:
             kept.append((name, value))
@@ -86,7 +91,7 @@ def shield_headers(
 
 def _needs_shield(headers: Iterable[tuple[bytes, bytes]], hidden: frozenset[bytes]) -> bool:
     for name, value in headers:
-        if name in _SHIELDED or name in hidden or b"\\" in value or b"\\" in name:
+        if name in _SHIELDED or name in hidden or _BACKSLASH in value or _BACKSLASH in name:
             return True
     return False
 
@@ -133,7 +138,7 @@ class TraceHeaderShield:
             return await self.app(scope, receive, send)
         names = self._names
         for name, value in headers:  # the common case: nothing to change, no copy
-            if name in names or b"\\" in value or b"\\" in name:
+            if name in names or _BACKSLASH in value or _BACKSLASH in name:
                 break
         else:
             return await self.app(scope, receive, send)

@@ -828,6 +828,47 @@ derive(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
     return new;
 }
 
+/* uuid4_texts(raw): the canonical text of a version-4 UUID made of each 16 bytes of raw. */
+static PyObject *
+uuid4_texts(PyObject *Py_UNUSED(module), PyObject *raw)
+{
+    static const char hex[] = "0123456789abcdef";
+    static const int dashes_after[] = {4, 6, 8, 10}; /* byte indexes a dash precedes */
+    if (!PyBytes_Check(raw) || PyBytes_GET_SIZE(raw) % 16 != 0) {
+        PyErr_SetString(PyExc_ValueError, "uuid4_texts() takes bytes, 16 for each id");
+        return NULL;
+    }
+    Py_ssize_t count = PyBytes_GET_SIZE(raw) / 16;
+    const unsigned char *data = (const unsigned char *)PyBytes_AS_STRING(raw);
+    PyObject *texts = PyList_New(count);
+    if (texts == NULL) {
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        unsigned char id[16];
+        memcpy(id, data + 16 * i, 16);
+        id[6] = (unsigned char)((id[6] & 0x0F) | 0x40); /* version 4 */
+        id[8] = (unsigned char)((id[8] & 0x3F) | 0x80); /* RFC 4122 variant */
+        PyObject *text = PyUnicode_New(36, 127);
+        if (text == NULL) {
+            Py_DECREF(texts);
+            return NULL;
+        }
+        Py_UCS1 *out = PyUnicode_1BYTE_DATA(text);
+        int dash = 0;
+        for (int b = 0; b < 16; b++) {
+            if (dash < 4 && b == dashes_after[dash]) {
+                *out++ = '-';
+                dash++;
+            }
+            *out++ = (Py_UCS1)hex[id[b] >> 4];
+            *out++ = (Py_UCS1)hex[id[b] & 0x0F];
+        }
+        PyList_SET_ITEM(texts, i, text);
+    }
+    return texts;
+}
+
 static PyObject *
 configure(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwargs)
 {
@@ -873,6 +914,8 @@ configure(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwargs)
 }
 
 static PyMethodDef module_methods[] = {
+    {"uuid4_texts", uuid4_texts, METH_O,
+     "uuid4_texts(raw): the text of a version-4 UUID for each 16 bytes of raw (random bytes)."},
     {"derive", (PyCFunction)(void (*)(void))derive, METH_FASTCALL,
      "derive(key, plans, ctx, values, frame): the common case of _derive.derive_context (a new "
      "context), or None when the Python code must handle it."},

@@ -39,6 +39,7 @@ class FieldGetter:
 def derive(
     key: str, plans: Mapping[str, Any], ctx: Context, values: Mapping[str, Any], frame: Any
 ) -> Context | None: ...
+def uuid4_texts(raw: bytes) -> list[str]: ...
 def configure(
     *,
     var: ContextVar[Context],

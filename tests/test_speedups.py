@@ -23,6 +23,7 @@ from opentelemetry.context import Context
 import otel_ctxbridge as cb
 from otel_ctxbridge import _accel, _derive, _runtime, _scope
 from otel_ctxbridge._state import next_generation
+from otel_ctxbridge.fields import uuid4_texts
 
 compiled = pytest.mark.skipif(
     _accel.speedups is None, reason="the accelerator is not built or is switched off"
@@ -143,6 +144,15 @@ def test_compiled_derive_gives_the_same_context_or_error_as_python(
             return ("error", type(exc), str(exc))
 
     assert outcome(_derive.derive_context) == outcome(_derive.derive_in_python)
+
+
+@compiled
+@given(raw=st.lists(st.binary(min_size=16, max_size=16), max_size=70).map(b"".join))
+def test_compiled_request_ids_are_the_same_text_as_python(raw: bytes) -> None:
+    """The compiled UUID4 formatting gives, for the same random bytes, the text the Python
+    one gives (version and variant bits set, lowercase, 8-4-4-4-12)."""
+    assert _accel.speedups is not None
+    assert _accel.speedups.uuid4_texts(raw) == uuid4_texts(raw)
 
 
 @pytest.mark.skipif(os.environ.get("CI") != "true", reason="checked where CI builds the project")
