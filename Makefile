@@ -3,13 +3,16 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# In CI the C accelerator must build: a compile error fails the install instead of falling
+# back to pure Python (which a newcomer without a compiler gets, with a warning).
+REQUIRE_EXTENSIONS := $(if $(filter true,$(CI)),OTEL_CTXBRIDGE_REQUIRE_EXTENSIONS=1)
 
 .PHONY: venv test lint typecheck pytest bench demo clean
 
 $(STAMP): pyproject.toml hatch_build.py otel_ctxbridge/_speedups.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(REQUIRE_EXTENSIONS) $(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -9,11 +9,15 @@ pure-Python form (``PyState``, ``PyScopeCore``) that behaves the same.
 from __future__ import annotations
 
 import os
+import warnings
 from types import ModuleType
 
 from . import _runtime as rt
 
-__all__ = ["speedups"]
+__all__ = ["API", "speedups"]
+
+API = 2
+"""The ``SPEEDUPS_API`` of ``_speedups.c`` this Python code works with."""
 
 
 def _load() -> ModuleType | None:
@@ -22,6 +26,14 @@ def _load() -> ModuleType | None:
     try:
         from . import _speedups  # noqa: PLC0415 - optional: built when a compiler was found
     except ImportError:
+        return None
+    if getattr(_speedups, "API", None) != API:  # a stale build left next to newer sources
+        warnings.warn(
+            "otel_ctxbridge: the compiled accelerator does not match this version (reinstall "
+            "the package to rebuild it); running on the pure-Python code",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         return None
     return _speedups
 

@@ -27,11 +27,19 @@ F = TypeVar("F", bound=Callable[..., Any])
 S = TypeVar("S", bound="PyScopeCore")
 
 
-def stamp(bridge: ContextBridge, span: object, values: Mapping[str, Any]) -> None:
-    """Set the attributes of ``values`` on ``span`` when it is recording. Never raises.
+def stamp(
+    bridge: ContextBridge,
+    span: object,
+    values: Mapping[str, Any],
+    also: Mapping[str, Any] | None = None,
+    overwrite: bool = True,
+) -> None:
+    """Set the attributes of ``values`` (and the attributes ``also``) on ``span`` when it is
+    recording, in one write. Never raises.
 
     Values are shown as the fields say (redacted); objects that are not attribute values
-    (a connection, a dict) are left out, and an unset (None) value leaves the span as it is."""
+    (a connection, a dict) are left out, and an unset (None) value leaves the span as it is.
+    ``overwrite=False`` keeps attributes the span already has."""
     if span is None:
         return
     try:
@@ -48,8 +56,10 @@ def stamp(bridge: ContextBridge, span: object, values: Mapping[str, Any]) -> Non
             shown = attribute_value(field.shown(value))
             if shown is not None:
                 attributes[str(field.attribute)] = shown
+        if also:
+            attributes.update(also)
         if attributes:
-            write_attributes(span, attributes)
+            write_attributes(span, attributes, overwrite)
     except Exception:  # telemetry never throws on the request path
         rt._logger.debug("otel_ctxbridge: could not stamp a span", exc_info=True)
 
@@ -80,11 +90,16 @@ class PyScopeCore:
         if values is None:
             raise RuntimeError("a scope is entered once; call bridge.scope() again")
         ctx = derive_context(self._bridge, rt.get_current(), values)
-        self._token = rt.attach(ctx)
+        self._token = token = rt.attach(ctx)
         self._values = None  # an in-flight request keeps only the token alive
         span = ctx.get(rt.SPAN_KEY)
         if span is not None:
-            stamp(self._bridge, span, values)
+            try:
+                stamp(self._bridge, span, values)
+            except BaseException:  # stamp() never raises Exception: an interrupt, say
+                self._token = None  # the scope is not entered: leave nothing attached
+                rt.detach(token)
+                raise
         return self
 
     def __exit__(

@@ -10,6 +10,9 @@
  * Context class, the derive and stamp functions, ...) once, from _scope.py.
  */
 #define PY_SSIZE_T_CLEAN
+/* What _accel.py expects: a module built from other sources (a stale in-place build) whose
+ * API differs is not used. Raise it whenever the Python side starts relying on a change. */
+#define SPEEDUPS_API 2
 #include <Python.h>
 #include <structmember.h>
 
@@ -32,6 +35,7 @@ static int configured = 0;
 static PyTypeObject *state_type;      /* State, below */
 static PyTypeObject *maker_type;      /* ScopeMaker, below */
 static PyObject *empty_tuple;
+static int context_is_plain = 0; /* Context keeps dict's __new__ and __init__ (configure) */
 
 static PyObject *str_key;      /* "_key" */
 static PyObject *str_plans;    /* "_plans" */
@@ -113,11 +117,38 @@ state_dealloc(State *self)
 }
 
 static PyMemberDef state_members[] = {
-    {"local", T_OBJECT_EX, offsetof(State, local), 0, "The process-local values."},
-    {"frame", T_OBJECT_EX, offsetof(State, frame), 0,
-     "The frame update() writes in, or None (set once, by the first update)."},
-    {"generation", T_OBJECT_EX, offsetof(State, generation), 0, "When it was written."},
+    {"local", T_OBJECT_EX, offsetof(State, local), READONLY, "The process-local values."},
+    {"generation", T_OBJECT_EX, offsetof(State, generation), READONLY, "When it was written."},
     {NULL, 0, 0, 0, NULL},
+};
+
+static PyObject *
+state_get_frame(State *self, void *Py_UNUSED(closure))
+{
+    if (self->frame == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "frame");
+        return NULL;
+    }
+    Py_INCREF(self->frame);
+    return self->frame;
+}
+
+static int
+state_set_frame(State *self, PyObject *frame, void *Py_UNUSED(closure))
+{
+    if (frame == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "a State's frame cannot be deleted");
+        return -1;
+    }
+    Py_INCREF(frame);
+    Py_XSETREF(self->frame, frame);
+    return 0;
+}
+
+static PyGetSetDef state_getset[] = {
+    {"frame", (getter)state_get_frame, (setter)state_set_frame,
+     "The frame update() writes in, or None (set once, by the first update).", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
 };
 
 static PyType_Slot state_slots[] = {
@@ -128,13 +159,14 @@ static PyType_Slot state_slots[] = {
     {Py_tp_traverse, state_traverse},
     {Py_tp_clear, state_clear},
     {Py_tp_members, state_members},
+    {Py_tp_getset, state_getset},
     {0, NULL},
 };
 
 static PyType_Spec state_spec = {
     .name = "otel_ctxbridge._speedups.State",
     .basicsize = sizeof(State),
-    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_IMMUTABLETYPE,
     .slots = state_slots,
 };
 
@@ -189,18 +221,91 @@ derived_state(PyObject *state, PyObject *parent_frame, PyObject *frame)
     return PyObject_Vectorcall(config.child_state, args, 3, NULL);
 }
 
+/* Write `value` of field `name` into `bag` when it is a valid plain value of a propagated
+ * field with the default or a regex check (see ContextBridge._plans). 1: written; 0: a case
+ * for the Python path (unknown field, invalid value, ...); -1: an error (set). `name` and
+ * `value` are exact str objects the caller holds. */
+static int
+write_value(PyObject *plans, PyObject *bag, PyObject *name, PyObject *value, Py_ssize_t *chars)
+{
+    PyObject *plan = PyDict_GetItemWithError(plans, name); /* an exact str: no Python code */
+    if (plan == NULL) {
+        return PyErr_Occurred() ? -1 : 0; /* an unknown field: the Python path names it */
+    }
+    if (!PyTuple_CheckExact(plan) || PyTuple_GET_SIZE(plan) != 3) {
+        return 0;
+    }
+    Py_INCREF(plan); /* held: a regex match may run a signal handler */
+    int result = 0;
+    PyObject *bag_key = PyTuple_GET_ITEM(plan, 0);
+    PyObject *check = PyTuple_GET_ITEM(plan, 2);
+    Py_ssize_t limit = PyLong_AsSsize_t(PyTuple_GET_ITEM(plan, 1));
+    if (limit == -1 && PyErr_Occurred()) {
+        result = -1;
+        goto done;
+    }
+    if (bag_key == Py_None || check == Py_False || !PyUnicode_CheckExact(bag_key)) {
+        goto done; /* process-local, or a callable validator: the Python path */
+    }
+#if PY_VERSION_HEX < 0x030C0000
+    if (PyUnicode_READY(value) < 0 || PyUnicode_READY(bag_key) < 0) {
+        result = -1;
+        goto done;
+    }
+#endif
+    Py_ssize_t length = PyUnicode_GET_LENGTH(value);
+    if (length > limit) {
+        goto done; /* invalid: the Python path raises ContextValueError */
+    }
+    if (check == Py_True) { /* the default check: printable text */
+        if (!is_printable(value)) {
+            goto done;
+        }
+    }
+    else { /* a regex validator's fullmatch, for ASCII (others: UTF-8 checked first) */
+        if (!PyUnicode_IS_ASCII(value)) {
+            goto done;
+        }
+        PyObject *match = PyObject_CallOneArg(check, value);
+        if (match == NULL) {
+            /* Field.problem() reports a validator that raises as a ContextValueError */
+            result = PyErr_ExceptionMatches(PyExc_Exception) ? (PyErr_Clear(), 0) : -1;
+            goto done;
+        }
+        int valid = match != Py_None;
+        Py_DECREF(match);
+        if (!valid) {
+            goto done;
+        }
+    }
+    if (PyDict_SetItem(bag, bag_key, value) < 0) {
+        result = -1;
+        goto done;
+    }
+    if (*chars >= 0) {
+        *chars += length + PyUnicode_GET_LENGTH(bag_key) + 2;
+    }
+    result = 1;
+done:
+    Py_DECREF(plan);
+    return result;
+}
+
 /* derive_context's common case. Returns a new context, NULL with an exception set, or
  * NULL without one when the case is not common (the caller then runs the Python one). */
 static PyObject *
 fast_derive(PyObject *key, PyObject *plans, PyObject *ctx, PyObject *values, PyObject *frame_arg)
 {
-    PyObject *parent = NULL, *frame = NULL, *bag = NULL, *state = NULL;
-    PyObject *result = NULL;
-    if (!PyDict_CheckExact(values) || PyDict_GET_SIZE(values) == 0 || !PyDict_Check(ctx) ||
-        !PyDict_CheckExact(plans)) {
+    PyObject *parent = NULL, *frame = NULL, *old = NULL, *bag = NULL, *state = NULL;
+    PyObject *result = NULL, *name, *value;
+    Py_ssize_t chars = 0; /* characters written, for the cheap limits bound; -1 unknown */
+    Py_ssize_t pos = 0;
+    int inherited, written;
+    if (!context_is_plain || !PyDict_CheckExact(values) || PyDict_GET_SIZE(values) == 0 ||
+        !PyDict_Check(ctx) || !PyDict_CheckExact(plans)) {
         return NULL; /* (no values: the Python path leaves the baggage as it is) */
     }
-    parent = PyDict_GetItemWithError(ctx, key); /* borrowed until the INCREF below */
+    parent = PyDict_GetItemWithError(ctx, key);
     if (parent == NULL && PyErr_Occurred()) {
         goto error;
     }
@@ -211,6 +316,9 @@ fast_derive(PyObject *key, PyObject *plans, PyObject *ctx, PyObject *values, PyO
     if (parent != NULL) {
         if (Py_TYPE(parent) == state_type) {
             frame = ((State *)parent)->frame;
+            if (frame == NULL || ((State *)parent)->local == NULL) {
+                goto not_handled; /* a state cleared by the garbage collector */
+            }
             Py_INCREF(frame);
         }
         else if ((frame = PyObject_GetAttr(parent, str_frame)) == NULL) {
@@ -228,12 +336,12 @@ fast_derive(PyObject *key, PyObject *plans, PyObject *ctx, PyObject *values, PyO
             }
         }
     }
-    PyObject *old = PyDict_GetItemWithError(ctx, config.baggage_key); /* borrowed */
+    old = PyDict_GetItemWithError(ctx, config.baggage_key);
     if (old == NULL && PyErr_Occurred()) {
         goto error;
     }
-    Py_ssize_t chars = 0; /* characters written, for the cheap limits bound; -1 unknown */
-    int inherited = old == NULL ? 0 : PyObject_IsTrue(old);
+    Py_XINCREF(old);
+    inherited = old == NULL ? 0 : PyObject_IsTrue(old);
     if (inherited < 0) {
         goto error;
     }
@@ -250,52 +358,17 @@ fast_derive(PyObject *key, PyObject *plans, PyObject *ctx, PyObject *values, PyO
     if (bag == NULL) {
         goto error;
     }
-    Py_ssize_t pos = 0;
-    PyObject *name, *value;
     while (PyDict_Next(values, &pos, &name, &value)) {
-        PyObject *plan = PyDict_GetItemWithError(plans, name); /* borrowed */
-        if (plan == NULL || !PyTuple_CheckExact(plan) || PyTuple_GET_SIZE(plan) != 3) {
-            goto not_handled_or_error; /* an unknown field: the Python path names it */
+        if (!PyUnicode_CheckExact(name) || !PyUnicode_CheckExact(value)) {
+            goto not_handled; /* unset (None), not a str, or a str subclass: Python */
         }
-        PyObject *bag_key = PyTuple_GET_ITEM(plan, 0);
-        PyObject *max_length = PyTuple_GET_ITEM(plan, 1);
-        PyObject *check = PyTuple_GET_ITEM(plan, 2); /* see ContextBridge._plans */
-        if (bag_key == Py_None || check == Py_False || !PyUnicode_CheckExact(value) ||
-            !PyUnicode_CheckExact(bag_key)) {
-            goto not_handled; /* process-local, unset, a callable validator or not a str */
-        }
-        Py_ssize_t limit = PyLong_AsSsize_t(max_length);
-        if (limit == -1 && PyErr_Occurred()) {
-            goto error;
-        }
-        Py_ssize_t length = PyUnicode_GET_LENGTH(value);
-        if (length > limit) {
-            goto not_handled; /* invalid: the Python path raises ContextValueError */
-        }
-        if (check == Py_True) { /* the default check: printable text */
-            if (!is_printable(value)) {
-                goto not_handled;
-            }
-        }
-        else { /* a regex validator's fullmatch, for ASCII (others: UTF-8 checked first) */
-            if (!PyUnicode_IS_ASCII(value)) {
-                goto not_handled;
-            }
-            PyObject *match = PyObject_CallOneArg(check, value);
-            if (match == NULL) {
-                goto error;
-            }
-            int valid = match != Py_None;
-            Py_DECREF(match);
-            if (!valid) {
-                goto not_handled;
-            }
-        }
-        if (chars >= 0) {
-            chars += length + PyUnicode_GET_LENGTH(bag_key) + 2;
-        }
-        if (PyDict_SetItem(bag, bag_key, value) < 0) {
-            goto error;
+        Py_INCREF(name);
+        Py_INCREF(value);
+        written = write_value(plans, bag, name, value, &chars);
+        Py_DECREF(name);
+        Py_DECREF(value);
+        if (written <= 0) {
+            goto not_handled_or_error;
         }
     }
     if (chars < 0 || 12 * chars > config.member_limit) {
@@ -313,18 +386,14 @@ fast_derive(PyObject *key, PyObject *plans, PyObject *ctx, PyObject *values, PyO
     if (state == NULL) {
         goto error;
     }
-    /* Context(ctx): Context adds no __new__ or __init__ to dict's, so this is the same. */
+    /* Context(ctx): configure() checked that Context keeps dict's __new__ and __init__. */
     result = ((PyTypeObject *)config.context_type)->tp_new(
         (PyTypeObject *)config.context_type, empty_tuple, NULL);
     if (result == NULL) {
         goto error;
     }
-    if (!PyDict_Check(result) || PyDict_Merge(result, ctx, 1) < 0 || PyDict_SetItem(result, config.baggage_key, bag) < 0 ||
+    if (PyDict_Merge(result, ctx, 1) < 0 || PyDict_SetItem(result, config.baggage_key, bag) < 0 ||
         PyDict_SetItem(result, key, state) < 0) {
-        Py_CLEAR(result);
-        if (!PyErr_Occurred()) {
-            goto not_handled;
-        }
         goto error;
     }
     goto done;
@@ -334,10 +403,11 @@ not_handled_or_error:
     }
 not_handled:
 error:
-    result = NULL;
+    Py_CLEAR(result);
 done:
     Py_XDECREF(parent);
     Py_XDECREF(frame);
+    Py_XDECREF(old);
     Py_XDECREF(bag);
     Py_XDECREF(state);
     return result;
@@ -351,6 +421,7 @@ typedef struct {
     PyObject *key;        /* bridge._key */
     PyObject *plans;      /* bridge._plans */
     PyTypeObject *scope;  /* the class of the scopes it makes (_scope.Scope) */
+    vectorcallfunc vectorcall;
 } ScopeMaker;
 
 typedef struct {
@@ -361,6 +432,7 @@ typedef struct {
 } ScopeCore;
 
 static PyTypeObject *scope_core_type; /* ScopeCore, below */
+static PyObject *maker_vectorcall(ScopeMaker *, PyObject *const *, size_t, PyObject *);
 
 static PyObject *
 new_maker(PyObject *bridge, PyTypeObject *scope)
@@ -390,6 +462,7 @@ new_maker(PyObject *bridge, PyTypeObject *scope)
     maker->key = key;
     maker->plans = plans;
     maker->scope = scope;
+    maker->vectorcall = (vectorcallfunc)maker_vectorcall;
     PyObject_GC_Track(maker);
     return (PyObject *)maker;
 }
@@ -421,29 +494,26 @@ maker_new(PyTypeObject *Py_UNUSED(type), PyObject *args, PyObject *kwargs)
     return new_maker(bridge, (PyTypeObject *)scope);
 }
 
-/* bridge.scope(**values): a new scope of the values (keywords only). */
+/* bridge.scope(**values): a new scope of the values (keywords only), in a dict of its own. */
 static PyObject *
-maker_call(ScopeMaker *self, PyObject *args, PyObject *kwargs)
+maker_vectorcall(ScopeMaker *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
-    if (PyTuple_GET_SIZE(args) != 0) {
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (nargs != 0) {
         PyErr_SetString(PyExc_TypeError,
                         "scope() takes field values as keyword arguments only");
         return NULL;
     }
-    PyObject *values;
-    if (kwargs == NULL) {
-        values = PyDict_New();
-    }
-    else if (Py_REFCNT(kwargs) == 1 && PyDict_CheckExact(kwargs)) {
-        /* The dict the interpreter built for this call: nobody else holds it. */
-        Py_INCREF(kwargs);
-        values = kwargs;
-    }
-    else {
-        values = PyDict_Copy(kwargs);
-    }
+    PyObject *values = PyDict_New();
     if (values == NULL) {
         return NULL;
+    }
+    Py_ssize_t count = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
+    for (Py_ssize_t i = 0; i < count; i++) {
+        if (PyDict_SetItem(values, PyTuple_GET_ITEM(kwnames, i), args[i]) < 0) {
+            Py_DECREF(values);
+            return NULL;
+        }
     }
     PyObject *scope = new_scope(self, values);
     Py_DECREF(values);
@@ -481,11 +551,17 @@ maker_dealloc(ScopeMaker *self)
     Py_DECREF(type);
 }
 
+static PyMemberDef maker_members[] = {
+    {"__vectorcalloffset__", T_PYSSIZET, offsetof(ScopeMaker, vectorcall), READONLY, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
+
 static PyType_Slot maker_slots[] = {
     {Py_tp_doc, "scope(**values): a scope setting the values (None unsets a field); see "
                 "ContextBridge.scope."},
     {Py_tp_new, maker_new},
-    {Py_tp_call, maker_call},
+    {Py_tp_call, PyVectorcall_Call},
+    {Py_tp_members, maker_members},
     {Py_tp_dealloc, maker_dealloc},
     {Py_tp_traverse, maker_traverse},
     {Py_tp_clear, maker_clear},
@@ -495,7 +571,8 @@ static PyType_Slot maker_slots[] = {
 static PyType_Spec maker_spec = {
     .name = "otel_ctxbridge._speedups.ScopeMaker",
     .basicsize = sizeof(ScopeMaker),
-    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL |
+             Py_TPFLAGS_IMMUTABLETYPE,
     .slots = maker_slots,
 };
 
@@ -535,7 +612,7 @@ scope_enter(ScopeCore *self, PyObject *Py_UNUSED(ignored))
         PyErr_SetString(PyExc_RuntimeError, "a scope is entered once; call bridge.scope() again");
         return NULL;
     }
-    PyObject *ctx = NULL;
+    PyObject *ctx = NULL, *new = NULL, *token = NULL, *span = NULL, *result = NULL;
     if (PyContextVar_Get(config.var, NULL, &ctx) < 0) {
         return NULL;
     }
@@ -543,29 +620,32 @@ scope_enter(ScopeCore *self, PyObject *Py_UNUSED(ignored))
         PyErr_SetString(PyExc_LookupError, "OpenTelemetry's context variable has no value");
         return NULL;
     }
-    ScopeMaker *maker = self->maker;
-    PyObject *values = self->values; /* kept until the span is stamped */
+    ScopeMaker *maker = self->maker; /* held, with the values, while Python code may run */
+    PyObject *values = self->values;
+    Py_INCREF(maker);
     Py_INCREF(values);
-    PyObject *new = fast_derive(maker->key, maker->plans, ctx, values, NULL);
+    new = fast_derive(maker->key, maker->plans, ctx, values, NULL);
     if (new == NULL && !PyErr_Occurred()) {
         PyObject *args[3] = {maker->bridge, ctx, values};
         new = PyObject_Vectorcall(config.derive, args, 3, NULL);
     }
-    Py_DECREF(ctx);
     if (new == NULL) {
-        Py_DECREF(values);
-        return NULL;
+        goto done;
     }
-    PyObject *token = PyContextVar_Set(config.var, new);
+    if (self->token != NULL) { /* entered meanwhile (by a validator, say) */
+        PyErr_SetString(PyExc_RuntimeError,
+                        "this scope is already entered; call bridge.scope() again");
+        goto done;
+    }
+    token = PyContextVar_Set(config.var, new);
     if (token == NULL) {
-        Py_DECREF(new);
-        Py_DECREF(values);
-        return NULL;
+        goto done;
     }
-    self->token = token;
+    self->token = token; /* the scope's from here */
+    token = NULL;
     Py_INCREF(Py_None);
     Py_SETREF(self->values, Py_None); /* an in-flight request keeps only the token alive */
-    PyObject *span = PyDict_Check(new) ? PyDict_GetItemWithError(new, config.span_key) : NULL;
+    span = PyDict_Check(new) ? PyDict_GetItemWithError(new, config.span_key) : NULL;
     if (span == NULL && PyErr_Occurred()) {
         PyErr_Clear(); /* telemetry never throws: an odd context is not stamped */
     }
@@ -573,21 +653,36 @@ scope_enter(ScopeCore *self, PyObject *Py_UNUSED(ignored))
         PyObject *args[3] = {maker->bridge, span, values};
         PyObject *stamped = PyObject_Vectorcall(config.stamp, args, 3, NULL);
         if (stamped == NULL) { /* stamp() catches Exception: only BaseException lands here */
-            Py_DECREF(new);
-            Py_DECREF(values);
-            return NULL;
+            PyObject *exc_type, *exc, *tb; /* the scope is not entered: detach, re-raise */
+            PyErr_Fetch(&exc_type, &exc, &tb);
+            token = self->token;
+            self->token = NULL;
+            if (token != NULL && PyContextVar_Reset(config.var, token) < 0) {
+                PyErr_Clear();
+            }
+            PyErr_Restore(exc_type, exc, tb);
+            goto done;
         }
         Py_DECREF(stamped);
     }
-    Py_DECREF(new);
-    Py_DECREF(values);
     Py_INCREF(self);
-    return (PyObject *)self;
+    result = (PyObject *)self;
+done:
+    Py_DECREF(ctx);
+    Py_XDECREF(new);
+    Py_XDECREF(token);
+    Py_DECREF(values);
+    Py_DECREF(maker);
+    return result;
 }
 
 static PyObject *
-scope_exit(ScopeCore *self, PyObject *const *Py_UNUSED(args), Py_ssize_t Py_UNUSED(nargs))
+scope_exit(ScopeCore *self, PyObject *const *Py_UNUSED(args), Py_ssize_t nargs)
 {
+    if (nargs != 3) {
+        PyErr_Format(PyExc_TypeError, "__exit__() takes 3 arguments (%zd given)", nargs);
+        return NULL;
+    }
     PyObject *token = self->token;
     if (token == NULL) {
         Py_RETURN_NONE;
@@ -682,7 +777,8 @@ static PyType_Slot scope_slots[] = {
 static PyType_Spec scope_spec = {
     .name = "otel_ctxbridge._speedups.ScopeCore",
     .basicsize = sizeof(ScopeCore),
-    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC |
+             Py_TPFLAGS_IMMUTABLETYPE,
     .slots = scope_slots,
 };
 
@@ -704,8 +800,13 @@ static PyObject *
 getter_vectorcall(FieldGetter *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
-    if (kwnames == NULL && (nargs == 1 || nargs == 2) && configured) {
-        PyObject *last = PyDict_GetItemWithError(self->attributes, str_last); /* borrowed */
+    if (kwnames == NULL && (nargs == 1 || nargs == 2) && PyUnicode_CheckExact(args[0]) &&
+        configured && self->attributes != NULL) {
+        /* An exact str name: the lookups below run no Python code. */
+        PyObject *last = PyDict_GetItemWithError(self->attributes, str_last);
+        if (last == NULL && PyErr_Occurred()) {
+            return NULL;
+        }
         if (last != NULL && PyTuple_CheckExact(last) && PyTuple_GET_SIZE(last) == 3 &&
             PyDict_CheckExact(PyTuple_GET_ITEM(last, 1))) {
             PyObject *ctx = NULL;
@@ -716,6 +817,9 @@ getter_vectorcall(FieldGetter *self, PyObject *const *args, size_t nargsf, PyObj
             Py_XDECREF(ctx); /* the cache holds the context: its identity stays valid */
             if (cached) {
                 PyObject *value = PyDict_GetItemWithError(PyTuple_GET_ITEM(last, 1), args[0]);
+                if (value == NULL && PyErr_Occurred()) {
+                    return NULL;
+                }
                 if (value != NULL) {
                     if (value == self->missing) {
                         value = nargs == 2 ? args[1] : Py_None;
@@ -725,9 +829,10 @@ getter_vectorcall(FieldGetter *self, PyObject *const *args, size_t nargsf, PyObj
                 }
             }
         }
-        if (PyErr_Occurred()) {
-            PyErr_Clear(); /* an unhashable name, say: the Python method says what is wrong */
-        }
+    }
+    if (self->fallback == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "this bridge is being destroyed");
+        return NULL;
     }
     return PyObject_Vectorcall(self->fallback, args, nargsf, kwnames);
 }
@@ -805,7 +910,8 @@ static PyType_Slot getter_slots[] = {
 static PyType_Spec getter_spec = {
     .name = "otel_ctxbridge._speedups.FieldGetter",
     .basicsize = sizeof(FieldGetter),
-    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL |
+             Py_TPFLAGS_IMMUTABLETYPE,
     .slots = getter_slots,
 };
 
@@ -888,6 +994,9 @@ configure(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwargs)
         PyErr_SetString(PyExc_TypeError, "context_type must be a dict subclass");
         return NULL;
     }
+    PyTypeObject *context_type = (PyTypeObject *)given.context_type;
+    context_is_plain = context_type->tp_new == PyDict_Type.tp_new &&
+                       context_type->tp_init == PyDict_Type.tp_init;
     if (!PyContextVar_CheckExact(given.var)) {
         PyErr_SetString(PyExc_TypeError, "var must be a contextvars.ContextVar");
         return NULL;
@@ -927,7 +1036,13 @@ static PyMethodDef module_methods[] = {
 static int
 module_exec(PyObject *module)
 {
-    if (zero == NULL) { /* once a process: an interpreter re-importing it reuses these */
+    if (state_type != NULL) { /* its state is process-wide: one module, one interpreter */
+        PyErr_SetString(PyExc_ImportError,
+                        "otel_ctxbridge._speedups is loaded once a process (no re-import, no "
+                        "subinterpreters); the pure-Python code serves instead");
+        return -1;
+    }
+    if (zero == NULL) {
         str_key = PyUnicode_InternFromString("_key");
         str_plans = PyUnicode_InternFromString("_plans");
         str_frame = PyUnicode_InternFromString("frame");
@@ -954,8 +1069,9 @@ module_exec(PyObject *module)
         return -1;
     }
     PyObject *getter_type = PyType_FromModuleAndSpec(module, &getter_spec, NULL);
-    if (getter_type == NULL || PyModule_AddObject(module, "FieldGetter", getter_type) < 0) {
-        Py_XDECREF(getter_type);
+    int added = getter_type == NULL ? -1 : PyModule_AddObjectRef(module, "FieldGetter", getter_type);
+    Py_XDECREF(getter_type);
+    if (added < 0 || PyModule_AddIntConstant(module, "API", SPEEDUPS_API) < 0) {
         return -1;
     }
     scope_core_type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &scope_spec, NULL);
@@ -968,6 +1084,9 @@ module_exec(PyObject *module)
 
 static PyModuleDef_Slot module_slots[] = {
     {Py_mod_exec, module_exec},
+#if PY_VERSION_HEX >= 0x030C0000
+    {Py_mod_multiple_interpreters, Py_MOD_MULTIPLE_INTERPRETERS_NOT_SUPPORTED},
+#endif
     {0, NULL},
 };
 

@@ -166,7 +166,7 @@ class ContextBridge:
 
     # -- writing ---------------------------------------------------------------------------
 
-    def scope(self, **values: Any) -> Scope:
+    def scope(self, /, **values: Any) -> Scope:
         """A scope setting ``values`` (``None`` unsets a field): ``with``, ``async with``,
         or a decorator of sync and async functions. Nested scopes overlay and restore.
 
@@ -174,7 +174,7 @@ class ContextBridge:
         :class:`ContextValueError` and :class:`UnknownFieldError` name the field."""
         return Scope(self, values)
 
-    def update(self, **values: Any) -> None:
+    def update(self, /, **values: Any) -> None:
         """Change fields (``None`` unsets) for the rest of the current request or scope.
 
         Inside a request handled by the ASGI middleware the change reaches the whole request:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import os
+import re
 import subprocess
 import sys
 import tracemalloc
@@ -319,6 +320,141 @@ def test_a_cycle_through_a_scope_and_its_state_is_collected() -> None:
     del holder, state
     gc.collect()
     assert probe() is None
+
+
+class _Hostile(str):
+    """A str subclass whose hash runs Python code that changes what is being read."""
+
+    on_hash: Any = None
+
+    def __hash__(self) -> int:
+        if self.on_hash is not None:
+            self.on_hash()
+        return str.__hash__(self)
+
+    def __eq__(self, other: object) -> bool:
+        return str.__eq__(self, other)
+
+
+def test_a_validator_that_raises_is_a_context_value_error_on_every_path() -> None:
+    """A regex validator that raises (a bytes pattern on text) is reported as the field's
+    ContextValueError by the compiled and the Python derive, and by both scope cores."""
+    bridge = cb.ContextBridge([cb.Field("f", validator=re.compile(b"[a-z]+"))])
+    attempts = [
+        lambda: _derive.derive_context(bridge, Context(), {"f": "abc"}),
+        lambda: _derive.derive_in_python(bridge, Context(), {"f": "abc"}),
+        lambda: bridge.scope(f="abc").__enter__(),
+        lambda: _scope.PyScopeCore(bridge, {"f": "abc"}).__enter__(),
+    ]
+    for attempt in attempts:
+        with pytest.raises(cb.ContextValueError, match="validator raised TypeError"):
+            attempt()
+
+
+def test_names_and_values_that_run_code_when_hashed_never_crash() -> None:
+    """str subclasses as field names (a hash that empties the values, or replaces the read
+    cache) go to the Python code: the same answer or error as Python, never a crash."""
+
+    def hostile_values() -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        name = _Hostile("plain")
+        values[name] = "a"
+        values["renamed"] = _Hostile("r")
+        name.on_hash = values.clear
+        return values
+
+    def outcome(derive: Any) -> Any:
+        try:
+            return _described(derive(BRIDGE, Context(), hostile_values()))
+        except RuntimeError as exc:  # the dict changed while it was read
+            return ("error", type(exc), str(exc))
+
+    assert outcome(_derive.derive_context) == outcome(_derive.derive_in_python)
+    with BRIDGE.scope(plain="p"):
+        BRIDGE.get("plain")
+        BRIDGE.get("plain")  # cached
+        key = _Hostile("plain")
+        key.on_hash = lambda: BRIDGE.__dict__.__setitem__("_last", (None, {}, {}))
+        assert BRIDGE.get(key) == "p"
+
+
+@compiled
+def test_a_compiled_state_refuses_what_would_corrupt_it() -> None:
+    """The compiled state refuses deleting its frame and replacing its values (the C code
+    reads them without checks), where Python's slots would only fail later."""
+    with BRIDGE.scope(plain="p"):
+        state: Any = _runtime.get_current()[BRIDGE._key]
+        with pytest.raises(AttributeError):
+            del state.frame
+        with pytest.raises(AttributeError):
+            state.local = {}
+        with pytest.raises(AttributeError):
+            state.generation = 7
+        assert BRIDGE.get("plain") == "p"
+        with BRIDGE.scope(renamed="r"):
+            assert BRIDGE.current() == {"plain": "p", "renamed": "r"}
+
+
+@compiled
+def test_the_compiled_module_is_loaded_once_and_keeps_serving() -> None:
+    """Importing the compiled module again (or in a subinterpreter) is refused with an
+    ImportError, which the package treats as "not built"; the loaded one keeps working."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("otel_ctxbridge._speedups")
+    assert spec is not None
+    assert spec.loader is not None
+    with pytest.raises(ImportError, match="once"):
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    bridge = _bridge()
+    with bridge.scope(plain="a"):
+        assert bridge.get("plain") == "a"
+
+
+def test_a_field_named_self_works_like_any_other() -> None:
+    """scope() and update() take their values as keywords only, so a field may be named
+    like their first parameter."""
+    bridge = cb.ContextBridge([cb.Field("self")])
+    with bridge.scope(self="me"):
+        assert bridge.get("self") == "me"
+        bridge.update(self="you")
+        assert bridge.get("self") == "you"
+
+
+@pytest.mark.parametrize("core", ["compiled", "python"])
+def test_an_interrupt_while_stamping_leaves_no_context_attached(
+    core: str, monkeypatch: pytest.MonkeyPatch, spans: Any
+) -> None:
+    """When stamping the span is interrupted (KeyboardInterrupt), the scope is not entered
+    and nothing stays attached: a with-statement would not call __exit__."""
+    if core == "compiled" and _accel.speedups is None:
+        pytest.skip("the accelerator is not built or is switched off")
+
+    def interrupted(*args: Any, **kwargs: Any) -> None:
+        raise KeyboardInterrupt
+
+    from opentelemetry import trace
+
+    monkeypatch.setattr(_scope, "stamp", interrupted)
+    if _accel.speedups is not None:
+        _scope._configured()  # the compiled core calls the stamp it was given
+    try:
+        before = _runtime.get_current()
+        with trace.get_tracer("t").start_as_current_span("s"):
+            inside = _runtime.get_current()
+            scope = (
+                BRIDGE.scope(plain="a")
+                if core == "compiled"
+                else _scope.PyScopeCore(BRIDGE, {"plain": "a"})
+            )
+            with pytest.raises(KeyboardInterrupt):
+                scope.__enter__()
+            assert _runtime.get_current() is inside
+        assert _runtime.get_current() is before
+    finally:
+        monkeypatch.undo()
+        if _accel.speedups is not None:
+            _scope._configured()
 
 
 ROOT = Path(__file__).resolve().parent.parent
