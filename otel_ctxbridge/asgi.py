@@ -241,8 +241,11 @@ class ContextBridgeMiddleware:
                     values.pop(exc.field, None)
         else:  # pragma: no cover - every value dropped above
             ctx = bridge.derive(base, {}, frame=frame)
-        if frame.spans and values:
-            stamp(bridge, span, values)
+        unstamped: dict[str, Any] | None = values  # HTTP: with http.route, in one write
+        if scope["type"] == "websocket":
+            unstamped = None
+            if frame.spans and values:
+                stamp(bridge, span, values)
         self._guard_native_telemetry(scope, span)
         original = scope.pop(ORIGINAL_HEADERS, None)
         if original is not None:
@@ -252,7 +255,7 @@ class ContextBridgeMiddleware:
             if any(name == secret for name, _ in scope.get("headers") or ()):
                 scope["headers"] = [h for h in scope["headers"] if h[0] != secret]
         echo = echo_value(values.get(self._rid))
-        return Exchange(self, scope, send, ctx, frame, echo, named)
+        return Exchange(self, scope, send, ctx, frame, echo, named, unstamped)
 
     def _guard_native_telemetry(self, scope: Scope, span: Any) -> None:
         if self.traced_outside or (span is not None and span.get_span_context().is_valid):
