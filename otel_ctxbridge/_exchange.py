@@ -104,16 +104,12 @@ class Exchange:
 
     def stamp_span(self) -> None:
         """Set the request's fields and ``http.route`` on the server span in one write, once
-        (at the response start, or at the end of a request that sent none). Fields that
-        ``update()`` changed are left out (it stamps the span itself), and attributes the
-        span already has are kept."""
+        (at the response start, or at the end of a request that sent none). Attributes the
+        span has by then are kept: values ``update()`` stamped, and the application's own."""
         values, self.unstamped = self.unstamped, None
         spans = self.frame.spans
         if values is None or not spans:
             return
-        updates = self.frame.updates
-        if updates:
-            values = {k: v for k, v in values.items() if k not in updates}
         span = spans[0]
         route = name_after_route(span, self.named, self.scope) if self.named is not None else None
         stamp(self.mw.bridge, span, values, also=route, overwrite=False)

@@ -12,8 +12,9 @@ application (FastAPI, Starlette, ...) with, from the outside in:
    (``GET /items/{item_id}``, with ``http.route``) as FastAPI's own instrumentation names
    it, rather than after the raw path;
 3. :class:`ContextBridgeMiddleware`: the request context, inside the server span, whose
-   attributes get the request's fields as soon as they are read (just after the span
-   started: a sampler does not see them).
+   attributes get the request's fields (and ``http.route``) in one write when the response
+   starts (a sampler does not see them; ``update()`` stamps its values at once, and
+   attributes the span has by then, the application's own included, are kept).
 
 The order matters: OTel's middleware attaches a fresh context extracted from the headers (so a
 context attached outside it is lost) and starts the server span before inner middleware runs.
@@ -204,7 +205,7 @@ class ContextBridgeMiddleware:
     def span_details(self, scope: Scope) -> tuple[str, dict[str, Any]]:
         """OTel's ``default_span_details`` hook: the default span name (remembered, to name
         the span after its route later) and no extra attributes: the request's fields are
-        set on the span as soon as the request context is built, just after it starts."""
+        set on the span when the response starts."""
         name = default_span_name(scope)
         scope[_NAMED] = name
         return name, {}

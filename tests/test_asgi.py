@@ -330,6 +330,36 @@ def test_update_in_a_dependency_reaches_server_span_and_access_log(
     assert access_lines(records)[0].user_id == user
 
 
+def test_server_span_gets_fields_and_route_keeping_what_the_app_set(
+    bridge: cb.ContextBridge, spans: InMemorySpanExporter
+) -> None:
+    """The server span gets the request's fields and ``http.route`` (named after the route
+    template); an attribute the application set on it itself is kept, and a field unset
+    with update() keeps the value the span had, as update() leaves spans."""
+    api = FastAPI()
+
+    @api.get("/items/{item_id}")
+    async def item(item_id: str) -> dict[str, str]:
+        trace.get_current_span().set_attribute("app.request_id", "set-by-app")
+        return {"item": item_id}
+
+    @api.get("/unset")
+    async def unset() -> dict[str, Any]:
+        bridge.update(request_id=None)
+        return dict(bridge.current())
+
+    with serve(instrument_asgi(api, bridge)) as base:
+        assert httpx.get(base + "/items/7", headers={"x-request-id": "r-1"}).status_code == 200
+        (span,) = server_spans(spans)
+        assert span.name == "GET /items/{item_id}"
+        assert span.attributes["http.route"] == "/items/{item_id}"
+        assert span.attributes["app.request_id"] == "set-by-app"
+        spans.clear()
+        assert httpx.get(base + "/unset", headers={"x-request-id": "r-2"}).json() == {}
+        (span,) = server_spans(spans)
+        assert span.attributes["app.request_id"] == "r-2"
+
+
 def test_background_tasks_run_with_the_request_fields(url: str, seen: dict[str, Any]) -> None:
     """A Starlette/FastAPI background task sees the request's fields."""
     httpx.get(url + "/background", headers={"x-request-id": "rid-bg"})
