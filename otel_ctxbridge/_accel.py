@@ -16,7 +16,7 @@ from . import _runtime as rt
 
 __all__ = ["API", "speedups"]
 
-API = 2
+API = 3
 """The ``SPEEDUPS_API`` of ``_speedups.c`` this Python code works with."""
 
 

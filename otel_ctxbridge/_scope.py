@@ -6,6 +6,7 @@ import functools
 import inspect
 from collections.abc import Callable, Mapping
 from contextvars import Token
+from inspect import Parameter, Signature
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from opentelemetry.context import Context
@@ -132,6 +133,14 @@ def _configured() -> Any:
         empty=EMPTY,
         may_exceed_limits=may_exceed_limits,
         member_limit=MAX_MEMBER_BYTES,
+        # What inspect.signature() shows of the compiled bridge.scope and bridge.get:
+        scope_signature=Signature([Parameter("values", Parameter.VAR_KEYWORD)]),
+        get_signature=Signature(
+            [
+                Parameter("name", Parameter.POSITIONAL_OR_KEYWORD, annotation="str"),
+                Parameter("default", Parameter.POSITIONAL_OR_KEYWORD, default=None),
+            ]
+        ),
     )
     return speedups
 

@@ -12,7 +12,7 @@
 #define PY_SSIZE_T_CLEAN
 /* What _accel.py expects: a module built from other sources (a stale in-place build) whose
  * API differs is not used. Raise it whenever the Python side starts relying on a change. */
-#define SPEEDUPS_API 2
+#define SPEEDUPS_API 3
 #include <Python.h>
 #include <structmember.h>
 
@@ -28,6 +28,8 @@ typedef struct {
     PyObject *empty;             /* _state.EMPTY */
     PyObject *may_exceed_limits; /* limits.may_exceed_limits(bag) */
     Py_ssize_t member_limit;     /* limits.MAX_MEMBER_BYTES */
+    PyObject *scope_signature;   /* inspect.Signature of bridge.scope */
+    PyObject *get_signature;     /* inspect.Signature of bridge.get */
 } Config;
 
 static Config config;
@@ -551,6 +553,25 @@ maker_dealloc(ScopeMaker *self)
     Py_DECREF(type);
 }
 
+/* __signature__ of the compiled bridge.scope and bridge.get, for inspect.signature(). */
+static PyObject *
+signature_of(PyObject *Py_UNUSED(self), void *closure)
+{
+    PyObject *signature = configured ? *(PyObject **)closure : Py_None;
+    Py_INCREF(signature);
+    return signature;
+}
+
+static PyGetSetDef maker_getset[] = {
+    {"__signature__", signature_of, NULL, NULL, &config.scope_signature},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyGetSetDef getter_getset[] = {
+    {"__signature__", signature_of, NULL, NULL, &config.get_signature},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
 static PyMemberDef maker_members[] = {
     {"__vectorcalloffset__", T_PYSSIZET, offsetof(ScopeMaker, vectorcall), READONLY, NULL},
     {NULL, 0, 0, 0, NULL},
@@ -562,6 +583,7 @@ static PyType_Slot maker_slots[] = {
     {Py_tp_new, maker_new},
     {Py_tp_call, PyVectorcall_Call},
     {Py_tp_members, maker_members},
+    {Py_tp_getset, maker_getset},
     {Py_tp_dealloc, maker_dealloc},
     {Py_tp_traverse, maker_traverse},
     {Py_tp_clear, maker_clear},
@@ -599,7 +621,7 @@ scope_init(ScopeCore *self, PyObject *args, PyObject *kwargs)
 static PyObject *
 scope_enter(ScopeCore *self, PyObject *Py_UNUSED(ignored))
 {
-    if (!configured || self->maker == NULL) {
+    if (!configured || self->maker == NULL || self->maker->key == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "this scope was not made by bridge.scope()");
         return NULL;
     }
@@ -904,6 +926,7 @@ static PyType_Slot getter_slots[] = {
     {Py_tp_traverse, getter_traverse},
     {Py_tp_clear, getter_clear},
     {Py_tp_members, getter_members},
+    {Py_tp_getset, getter_getset},
     {0, NULL},
 };
 
@@ -980,13 +1003,15 @@ configure(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwargs)
 {
     static char *names[] = {"var",           "context_type", "baggage_key", "span_key",
                             "derive",        "stamp",        "detach_failed", "child_state",
-                            "empty",         "may_exceed_limits", "member_limit", NULL};
+                            "empty",         "may_exceed_limits", "member_limit",
+                            "scope_signature", "get_signature", NULL};
     Config given;
     if (!PyArg_ParseTupleAndKeywords(
-            args, kwargs, "$OOUUOOOOOOn:configure", names, &given.var, &given.context_type,
+            args, kwargs, "$OOUUOOOOOOnOO:configure", names, &given.var, &given.context_type,
             &given.baggage_key, &given.span_key, &given.derive, &given.stamp,
             &given.detach_failed, &given.child_state, &given.empty,
-            &given.may_exceed_limits, &given.member_limit)) {
+            &given.may_exceed_limits, &given.member_limit, &given.scope_signature,
+            &given.get_signature)) {
         return NULL;
     }
     if (!PyType_Check(given.context_type) ||
@@ -1004,7 +1029,8 @@ configure(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwargs)
     PyObject **objects[] = {&given.var,    &given.context_type,  &given.baggage_key,
                             &given.span_key, &given.derive,      &given.stamp,
                             &given.detach_failed, &given.child_state,
-                            &given.empty,  &given.may_exceed_limits};
+                            &given.empty,  &given.may_exceed_limits,
+                            &given.scope_signature, &given.get_signature};
     for (size_t i = 0; i < sizeof(objects) / sizeof(objects[0]); i++) {
         Py_INCREF(*objects[i]);
     }
@@ -1012,7 +1038,8 @@ configure(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwargs)
         PyObject **old[] = {&config.var,    &config.context_type,  &config.baggage_key,
                             &config.span_key, &config.derive,      &config.stamp,
                             &config.detach_failed, &config.child_state,
-                            &config.empty,  &config.may_exceed_limits};
+                            &config.empty,  &config.may_exceed_limits,
+                            &config.scope_signature, &config.get_signature};
         for (size_t i = 0; i < sizeof(old) / sizeof(old[0]); i++) {
             Py_DECREF(*old[i]);
         }

@@ -53,4 +53,6 @@ def configure(
     empty: Mapping[str, Any],
     may_exceed_limits: Callable[[Mapping[str, object]], bool],
     member_limit: int,
+    scope_signature: Any,
+    get_signature: Any,
 ) -> None: ...

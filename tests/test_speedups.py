@@ -411,6 +411,20 @@ def test_the_compiled_module_is_loaded_once_and_keeps_serving() -> None:
         assert bridge.get("plain") == "a"
 
 
+def test_scope_and_get_show_the_same_signature_compiled_or_not() -> None:
+    """inspect.signature() of bridge.scope and bridge.get is the methods' (without self),
+    also when they are the compiled callables."""
+    import inspect
+    from inspect import Parameter
+
+    bridge = _bridge()
+    scope = inspect.signature(bridge.scope).parameters
+    assert [(p.name, p.kind) for p in scope.values()] == [("values", Parameter.VAR_KEYWORD)]
+    get = inspect.signature(bridge.get).parameters
+    assert list(get) == ["name", "default"]
+    assert get["default"].default is None
+
+
 def test_a_field_named_self_works_like_any_other() -> None:
     """scope() and update() take their values as keywords only, so a field may be named
     like their first parameter."""
