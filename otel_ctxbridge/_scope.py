@@ -7,6 +7,7 @@ import inspect
 from collections.abc import Callable, Mapping
 from contextvars import Token
 from inspect import Parameter, Signature
+from types import MethodType
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from opentelemetry.context import Context
@@ -15,7 +16,7 @@ from . import _runtime as rt
 from ._accel import speedups
 from ._derive import derive_context, derive_in_python
 from ._span_write import write_attributes
-from ._state import EMPTY, child_state
+from ._state import EMPTY, MISSING, child_state
 from .fields import attribute_value
 from .limits import MAX_MEMBER_BYTES, may_exceed_limits
 
@@ -206,8 +207,15 @@ class Scope(ScopeCore):
         return cast(F, scoped)
 
 
-def scope_maker(bridge: ContextBridge) -> Callable[..., Scope]:
-    """The compiled ``bridge.scope`` (one call into C instead of a Python method and a
-    class); only while the accelerator is in use."""
-    assert _compiled is not None
-    return cast(Callable[..., Scope], _compiled.ScopeMaker(bridge, Scope))
+def use_compiled(bridge: ContextBridge, base: type[ContextBridge]) -> None:
+    """Give ``bridge`` the compiled ``scope`` and ``get`` when the accelerator is in use:
+    the same behaviour in one C call (``get`` answers cached reads and calls ``base.get``
+    for the rest). A subclass's own ``scope`` or ``get`` is kept."""
+    if _compiled is None:
+        return
+    attributes = bridge.__dict__
+    if type(bridge).scope is base.scope:
+        attributes["scope"] = _compiled.ScopeMaker(bridge, Scope)
+    if type(bridge).get is base.get:
+        python_get = MethodType(base.get, bridge)
+        attributes["get"] = _compiled.FieldGetter(attributes, MISSING, python_get)

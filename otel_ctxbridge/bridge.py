@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from types import MappingProxyType, MethodType
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from opentelemetry.context import Context, create_key
@@ -13,12 +13,11 @@ from opentelemetry.propagators.textmap import CarrierT, Setter, default_setter
 from opentelemetry.trace import Span
 
 from . import _runtime as rt
-from ._accel import speedups
 from ._carrier import read_fields, write_fields
 from ._derive import derive_context
 from ._runtime import BAGGAGE_KEY as _BAGGAGE
 from ._runtime import get_current as _get_current
-from ._scope import Scope, entered, scope_maker, stamp
+from ._scope import Scope, entered, stamp, use_compiled
 from ._state import (
     CACHE_LOCK,
     CHANGES,
@@ -76,7 +75,7 @@ class ContextBridge:
         self._missed: object = MISSING
         self._drops: dict[str, int] = {}
         self._drop_lock = threading.Lock()
-        _use_compiled(self)
+        use_compiled(self, ContextBridge)  # the compiled scope() and get(), when built
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -314,20 +313,6 @@ class ContextBridge:
 
     def __repr__(self) -> str:
         return f"ContextBridge(fields={list(self.fields)!r})"
-
-
-def _use_compiled(bridge: ContextBridge) -> None:
-    """Give ``bridge`` the compiled ``scope`` and ``get`` when the accelerator is in use:
-    the same behaviour in one C call (``get`` answers cached reads and calls the method
-    below for the rest). A subclass's own ``scope`` or ``get`` is kept."""
-    if speedups is None:
-        return
-    attributes = bridge.__dict__
-    if type(bridge).scope is ContextBridge.scope:
-        attributes["scope"] = scope_maker(bridge)
-    if type(bridge).get is ContextBridge.get:
-        python_get = MethodType(ContextBridge.get, bridge)
-        attributes["get"] = speedups.FieldGetter(attributes, MISSING, python_get)
 
 
 def _is_power_of_ten(n: int) -> bool:
