@@ -13,7 +13,7 @@ from opentelemetry.trace import format_span_id, format_trace_id
 
 from ._inbound import Message, Scope, Send
 from ._runtime import SPAN_KEY
-from ._scope import stamp
+from ._span_write import write_attributes
 from ._state import Frame
 
 if TYPE_CHECKING:
@@ -31,8 +31,7 @@ class Exchange:
 
     ``mw`` is the middleware (its settings), ``send_next`` the ``send`` it wraps, ``ctx`` and
     ``frame`` the request context, ``echo`` the request id as a header value (or None),
-    ``named`` the name the server span was started with (None: not named by the middleware),
-    ``unstamped`` the request's values still to set on the server span (None: done)."""
+    ``named`` the name the server span was started with (None: not named by the middleware)."""
 
     __slots__ = (
         "ctx",
@@ -45,7 +44,6 @@ class Exchange:
         "send_next",
         "start",
         "status",
-        "unstamped",
     )
 
     def __init__(  # noqa: PLR0917 - private, called once per request
@@ -57,7 +55,6 @@ class Exchange:
         frame: Frame,
         echo: bytes | None,
         named: str | None = None,
-        unstamped: dict[str, Any] | None = None,
     ) -> None:
         self.mw = mw
         self.scope = scope
@@ -69,7 +66,6 @@ class Exchange:
         self.logged = False
         self.status = 0  # 0 until the response starts
         self.named = named  # the server span's name, when the middleware's hook gave it
-        self.unstamped = unstamped
 
     def _add_echo(self, message: Message) -> None:
         mw = self.mw
@@ -92,7 +88,8 @@ class Exchange:
             self.status = message.get("status", 200)
             try:
                 self._add_echo(message)
-                self.stamp_span()  # routed by now
+                if self.named is not None and self.frame.spans:  # routed by now
+                    name_after_route(self.frame.spans[0], self.named, self.scope)
             except Exception:  # telemetry never throws on the request path
                 _logger.debug("otel_ctxbridge: could not add the request id", exc_info=True)
         elif kind == "http.response.body" and not message.get("more_body", False):
@@ -101,18 +98,6 @@ class Exchange:
                 self.finish()
             return
         await self.send_next(message)
-
-    def stamp_span(self) -> None:
-        """Set the request's fields and ``http.route`` on the server span in one write, once
-        (at the response start, or at the end of a request that sent none). Attributes the
-        span has by then are kept: values ``update()`` stamped, and the application's own."""
-        values, self.unstamped = self.unstamped, None
-        spans = self.frame.spans
-        if values is None or not spans:
-            return
-        span = spans[0]
-        route = name_after_route(span, self.named, self.scope) if self.named is not None else None
-        stamp(self.mw.bridge, span, values, also=route, overwrite=False)
 
     async def send_ws(self, message: Message) -> None:
         """The ``send`` the application sees for a websocket connection."""
@@ -157,8 +142,6 @@ class Exchange:
     def finish(self) -> None:
         """Write the access-log line (once), with the fields as they are now."""
         self.logged = True
-        if self.unstamped is not None:
-            self.stamp_span()
         mw = self.mw
         if not mw.access_log or not mw._access.isEnabledFor(logging.INFO):
             return
@@ -204,20 +187,19 @@ def route_template(scope: Scope) -> str | None:
     return f"{scope.get('root_path') or ''}{template}"
 
 
-def name_after_route(span: Any, named: str, scope: Scope) -> dict[str, str] | None:
-    """Rename ``span`` from ``named`` (``"GET /items/42"``) to ``"GET /items/{item_id}"``, as
-    FastAPI's instrumentation does, once the router has matched a route, and return the
-    ``http.route`` attribute to set; None without a route. A span renamed since (by the
-    application or a hook) keeps its name. ``span`` is the request's server span, recording
-    until the request is over."""
+def name_after_route(span: Any, named: str, scope: Scope) -> None:
+    """Rename ``span`` from ``named`` (``"GET /items/42"``) to ``"GET /items/{item_id}"`` and
+    set ``http.route``, as FastAPI's instrumentation does, once the router has matched a route.
+    A span renamed since (by the application or a hook) keeps its name. ``span`` is the
+    request's server span, recording until the request is over."""
     route = route_template(scope)
     method, sep, _ = named.partition(" ")
     if route is None or not sep or getattr(span, "name", None) != named:
-        return None
+        return
+    write_attributes(span, {"http.route": route})
     name = f"{method} {route}"
     if name != named:
         span.update_name(name)
-    return {"http.route": route}
 
 
 def echo_value(value: object) -> bytes | None:

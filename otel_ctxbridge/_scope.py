@@ -29,19 +29,11 @@ F = TypeVar("F", bound=Callable[..., Any])
 S = TypeVar("S", bound="PyScopeCore")
 
 
-def stamp(
-    bridge: ContextBridge,
-    span: object,
-    values: Mapping[str, Any],
-    also: Mapping[str, Any] | None = None,
-    overwrite: bool = True,
-) -> None:
-    """Set the attributes of ``values`` (and the attributes ``also``) on ``span`` when it is
-    recording, in one write. Never raises.
+def stamp(bridge: ContextBridge, span: object, values: Mapping[str, Any]) -> None:
+    """Set the attributes of ``values`` on ``span`` when it is recording. Never raises.
 
     Values are shown as the fields say (redacted); objects that are not attribute values
-    (a connection, a dict) are left out, and an unset (None) value leaves the span as it is.
-    ``overwrite=False`` keeps attributes the span already has."""
+    (a connection, a dict) are left out, and an unset (None) value leaves the span as it is."""
     if span is None:
         return
     try:
@@ -58,10 +50,8 @@ def stamp(
             shown = attribute_value(field.shown(value))
             if shown is not None:
                 attributes[str(field.attribute)] = shown
-        if also:
-            attributes.update(also)
         if attributes:
-            write_attributes(span, attributes, overwrite)
+            write_attributes(span, attributes)
     except Exception:  # telemetry never throws on the request path
         rt._logger.debug("otel_ctxbridge: could not stamp a span", exc_info=True)
 

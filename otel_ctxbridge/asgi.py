@@ -12,9 +12,8 @@ application (FastAPI, Starlette, ...) with, from the outside in:
    (``GET /items/{item_id}``, with ``http.route``) as FastAPI's own instrumentation names
    it, rather than after the raw path;
 3. :class:`ContextBridgeMiddleware`: the request context, inside the server span, whose
-   attributes get the request's fields (and ``http.route``) in one write when the response
-   starts (a sampler does not see them; ``update()`` stamps its values at once, and
-   attributes the span has by then, the application's own included, are kept).
+   attributes get the request's fields as soon as they are read (just after the span
+   started: a sampler does not see them).
 
 The order matters: OTel's middleware attaches a fresh context extracted from the headers (so a
 context attached outside it is lost) and starts the server span before inner middleware runs.
@@ -205,7 +204,7 @@ class ContextBridgeMiddleware:
     def span_details(self, scope: Scope) -> tuple[str, dict[str, Any]]:
         """OTel's ``default_span_details`` hook: the default span name (remembered, to name
         the span after its route later) and no extra attributes: the request's fields are
-        set on the span when the response starts."""
+        set on the span as soon as the request context is built, just after it starts."""
         name = default_span_name(scope)
         scope[_NAMED] = name
         return name, {}
@@ -242,11 +241,8 @@ class ContextBridgeMiddleware:
                     values.pop(exc.field, None)
         else:  # pragma: no cover - every value dropped above
             ctx = bridge.derive(base, {}, frame=frame)
-        unstamped: dict[str, Any] | None = values  # HTTP: with http.route, in one write
-        if scope["type"] == "websocket":
-            unstamped = None
-            if frame.spans and values:
-                stamp(bridge, span, values)
+        if frame.spans and values:
+            stamp(bridge, span, values)
         self._guard_native_telemetry(scope, span)
         original = scope.pop(ORIGINAL_HEADERS, None)
         if original is not None:
@@ -256,7 +252,7 @@ class ContextBridgeMiddleware:
             if any(name == secret for name, _ in scope.get("headers") or ()):
                 scope["headers"] = [h for h in scope["headers"] if h[0] != secret]
         echo = echo_value(values.get(self._rid))
-        return Exchange(self, scope, send, ctx, frame, echo, named, unstamped)
+        return Exchange(self, scope, send, ctx, frame, echo, named)
 
     def _guard_native_telemetry(self, scope: Scope, span: Any) -> None:
         if self.traced_outside or (span is not None and span.get_span_context().is_valid):

@@ -330,18 +330,21 @@ def test_update_in_a_dependency_reaches_server_span_and_access_log(
     assert access_lines(records)[0].user_id == user
 
 
-def test_server_span_gets_fields_and_route_keeping_what_the_app_set(
+def test_server_span_gets_fields_and_route_and_the_app_may_overwrite_them(
     bridge: cb.ContextBridge, spans: InMemorySpanExporter
 ) -> None:
-    """The server span gets the request's fields and ``http.route`` (named after the route
-    template); an attribute the application set on it itself is kept, and a field unset
-    with update() keeps the value the span had, as update() leaves spans."""
+    """The server span gets the request's fields as soon as the request context is built,
+    and ``http.route`` (named after the route template) once routed; an attribute the
+    application sets on it afterwards wins, and a field unset with update() keeps the value
+    the span had (update() leaves spans as they are for unset values)."""
     api = FastAPI()
 
     @api.get("/items/{item_id}")
-    async def item(item_id: str) -> dict[str, str]:
-        trace.get_current_span().set_attribute("app.request_id", "set-by-app")
-        return {"item": item_id}
+    async def item(item_id: str) -> dict[str, Any]:
+        span: Any = trace.get_current_span()
+        seen_on_span = span.attributes.get("app.request_id")
+        span.set_attribute("app.request_id", "set-by-app")
+        return {"item": item_id, "seen": seen_on_span}
 
     @api.get("/unset")
     async def unset() -> dict[str, Any]:
@@ -349,7 +352,8 @@ def test_server_span_gets_fields_and_route_keeping_what_the_app_set(
         return dict(bridge.current())
 
     with serve(instrument_asgi(api, bridge)) as base:
-        assert httpx.get(base + "/items/7", headers={"x-request-id": "r-1"}).status_code == 200
+        response = httpx.get(base + "/items/7", headers={"x-request-id": "r-1"})
+        assert response.json() == {"item": "7", "seen": "r-1"}  # there during the request
         (span,) = server_spans(spans)
         assert span.name == "GET /items/{item_id}"
         assert span.attributes["http.route"] == "/items/{item_id}"
