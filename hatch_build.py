@@ -1,8 +1,9 @@
 """Hatchling build hook: compile ``otel_ctxbridge/_speedups.c`` when a C compiler is there.
 
 The extension is optional. Without a compiler, on an interpreter other than CPython, or with
-``OTEL_CTXBRIDGE_NO_EXTENSIONS=1`` set, the build makes a pure-Python wheel that behaves the
-same, only slower on scope entry (a failed compilation says so in a warning). With
+``OTEL_CTXBRIDGE_NO_EXTENSIONS`` set (to any non-empty value), the build makes a pure-Python
+wheel that behaves the same, only slower on scope entry (a failed compilation says so in a
+warning, which pip shows with ``-v``). With
 ``OTEL_CTXBRIDGE_REQUIRE_EXTENSIONS=1`` a failed compilation fails the build instead (CI sets
 it). Editable installs (``pip install -e .``) build the module in place, next to
 ``_speedups.c``, and remove an earlier in-place build when they do not build one.
@@ -36,7 +37,10 @@ class SpeedupsBuildHook(BuildHookInterface):  # type: ignore[type-arg] # hatchli
         editable = version == "editable"
         if editable:  # never leave a build of older sources where Python would import it
             suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
-            (Path(self.root) / "otel_ctxbridge" / f"_speedups{suffix}").unlink(missing_ok=True)
+            try:
+                (Path(self.root) / "otel_ctxbridge" / f"_speedups{suffix}").unlink(missing_ok=True)
+            except OSError as exc:  # loaded by a running process (Windows): rebuilt over below
+                self.app.display_warning(f"otel_ctxbridge: could not remove the old build: {exc}")
         if os.environ.get("OTEL_CTXBRIDGE_NO_EXTENSIONS"):
             self.app.display_info("otel_ctxbridge: OTEL_CTXBRIDGE_NO_EXTENSIONS set, pure Python")
             return
@@ -48,6 +52,7 @@ class SpeedupsBuildHook(BuildHookInterface):  # type: ignore[type-arg] # hatchli
             built = self._compile(inplace=editable)
         except Exception as exc:  # any build failure falls back to pure Python
             if os.environ.get("OTEL_CTXBRIDGE_REQUIRE_EXTENSIONS"):
+                shutil.rmtree(self._work, ignore_errors=True)
                 raise
             self.app.display_warning(
                 f"otel_ctxbridge: the C accelerator was not built ({exc}); "

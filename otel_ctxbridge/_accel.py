@@ -9,14 +9,13 @@ pure-Python form (``PyState``, ``PyScopeCore``) that behaves the same.
 from __future__ import annotations
 
 import os
-import warnings
 from types import ModuleType
 
 from . import _runtime as rt
 
 __all__ = ["API", "speedups"]
 
-API = 3
+API = 4
 """The ``SPEEDUPS_API`` of ``_speedups.c`` this Python code works with."""
 
 
@@ -25,17 +24,25 @@ def _load() -> ModuleType | None:
         return None
     try:
         from . import _speedups  # noqa: PLC0415 - optional: built when a compiler was found
-    except ImportError:
+    except ModuleNotFoundError as exc:
+        if exc.name != __package__ + "._speedups":
+            _unusable(exc)
+        return None  # not built: the pure-Python code, as installed
+    except ImportError as exc:  # built, but not loadable here (another platform, say)
+        _unusable(exc)
         return None
     if getattr(_speedups, "API", None) != API:  # a stale build left next to newer sources
-        warnings.warn(
-            "otel_ctxbridge: the compiled accelerator does not match this version (reinstall "
-            "the package to rebuild it); running on the pure-Python code",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+        _unusable(f"built for another version of the package (API {_speedups.API!r})")
         return None
     return _speedups
+
+
+def _unusable(reason: object) -> None:
+    rt._logger.warning(
+        "otel_ctxbridge: the compiled accelerator cannot be used (%s); running on the "
+        "pure-Python code (reinstall the package to rebuild it)",
+        reason,
+    )
 
 
 speedups: ModuleType | None = _load()

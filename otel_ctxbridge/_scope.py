@@ -109,30 +109,39 @@ class PyScopeCore:
 
 
 def _configured() -> Any:
-    """The compiled module, told what it works with; None when it is not in use."""
+    """The compiled module, told what it works with; None when it is not in use (not
+    built, switched off, or refusing this OpenTelemetry: then a warning says so)."""
     if speedups is None:
         return None
-    speedups.configure(
-        var=rt._VAR,
-        context_type=Context,
-        baggage_key=rt.BAGGAGE_KEY,
-        span_key=rt.SPAN_KEY,
-        derive=derive_in_python,  # the compiled enter has tried its own fast path
-        stamp=stamp,
-        detach_failed=rt.detach_failed,
-        child_state=child_state,
-        empty=EMPTY,
-        may_exceed_limits=may_exceed_limits,
-        member_limit=MAX_MEMBER_BYTES,
-        # What inspect.signature() shows of the compiled bridge.scope and bridge.get:
-        scope_signature=Signature([Parameter("values", Parameter.VAR_KEYWORD)]),
-        get_signature=Signature(
-            [
-                Parameter("name", Parameter.POSITIONAL_OR_KEYWORD, annotation="str"),
-                Parameter("default", Parameter.POSITIONAL_OR_KEYWORD, default=None),
-            ]
-        ),
-    )
+    try:
+        speedups.configure(
+            var=rt._VAR,
+            context_type=Context,
+            baggage_key=rt.BAGGAGE_KEY,
+            span_key=rt.SPAN_KEY,
+            derive=derive_in_python,  # the compiled enter has tried its own fast path
+            stamp=stamp,
+            detach_failed=rt.detach_failed,
+            child_state=child_state,
+            empty=EMPTY,
+            may_exceed_limits=may_exceed_limits,
+            member_limit=MAX_MEMBER_BYTES,
+            # What inspect.signature() shows of the compiled bridge.scope and bridge.get:
+            scope_signature=Signature([Parameter("values", Parameter.VAR_KEYWORD)]),
+            get_signature=Signature(
+                [
+                    Parameter("name", Parameter.POSITIONAL_OR_KEYWORD, annotation="str"),
+                    Parameter("default", Parameter.POSITIONAL_OR_KEYWORD, default=None),
+                ]
+            ),
+        )
+    except Exception as exc:  # an OpenTelemetry change the compiled code does not accept
+        rt._logger.warning(
+            "otel_ctxbridge: the compiled accelerator is not used (%s); running on the "
+            "pure-Python code",
+            exc,
+        )
+        return None
     return speedups
 
 
@@ -200,12 +209,16 @@ class Scope(ScopeCore):
 def use_compiled(bridge: ContextBridge, base: type[ContextBridge]) -> None:
     """Give ``bridge`` the compiled ``scope`` and ``get`` when the accelerator is in use:
     the same behaviour in one C call (``get`` answers cached reads and calls ``base.get``
-    for the rest). A subclass's own ``scope`` or ``get`` is kept."""
+    for the rest). Each checks, cheaply, that the bridge's class still has ``base``'s
+    method, and calls the class's own otherwise: a subclass's ``scope`` or ``get``, or one
+    patched onto the class (``mock.patch.object(ContextBridge, "get")``), is honoured."""
     if _compiled is None:
         return
     attributes = bridge.__dict__
-    if type(bridge).scope is base.scope:
-        attributes["scope"] = _compiled.ScopeMaker(bridge, Scope)
-    if type(bridge).get is base.get:
-        python_get = MethodType(base.get, bridge)
-        attributes["get"] = _compiled.FieldGetter(attributes, MISSING, python_get)
+    scope: Callable[..., Any] = base.__dict__["scope"]
+    get: Callable[..., Any] = base.__dict__["get"]
+    if getattr(type(bridge), "scope", None) is scope:
+        attributes["scope"] = _compiled.ScopeMaker(bridge, Scope, scope)
+    if getattr(type(bridge), "get", None) is get:
+        python_get = MethodType(get, bridge)
+        attributes["get"] = _compiled.FieldGetter(bridge, attributes, MISSING, python_get, get)

@@ -12,7 +12,7 @@
 #define PY_SSIZE_T_CLEAN
 /* What _accel.py expects: a module built from other sources (a stale in-place build) whose
  * API differs is not used. Raise it whenever the Python side starts relying on a change. */
-#define SPEEDUPS_API 3
+#define SPEEDUPS_API 4
 #include <Python.h>
 #include <structmember.h>
 
@@ -45,6 +45,8 @@ static PyObject *str_frame;    /* "frame" */
 static PyObject *str_local;    /* "local" */
 static PyObject *str_updates;  /* "updates" */
 static PyObject *zero;         /* 0 */
+static PyObject *str_get;      /* "get" */
+static PyObject *str_scope;    /* "scope" */
 
 
 /* State: what _state.PyState is (the process-local values of a context, its frame and
@@ -415,6 +417,89 @@ done:
     return result;
 }
 
+/* Stand: which method of the bridge's class a compiled callable stands in for, so that it
+ * notices when the class's is replaced (mock.patch.object(ContextBridge, "get"), a
+ * monkeypatched subclass) and then calls what the class has now, as a method would. */
+typedef struct {
+    PyObject *name;       /* "get" or "scope" */
+    PyObject *original;   /* the function the class had; NULL: never replaced */
+    unsigned int version; /* the class's version tag when it last had the original */
+} Stand;
+
+/* The attribute `name` of `type` as its class dictionaries hold it (borrowed), or NULL. */
+static PyObject *
+class_attribute(PyTypeObject *type, PyObject *name)
+{
+    PyObject *mro = type->tp_mro;
+    if (mro == NULL) {
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(mro); i++) {
+        PyObject *dict = ((PyTypeObject *)PyTuple_GET_ITEM(mro, i))->tp_dict;
+        if (dict == NULL) { /* a static builtin type on 3.12+: not where methods are */
+            continue;
+        }
+        PyObject *found = PyDict_GetItemWithError(dict, name);
+        if (found != NULL || PyErr_Occurred()) {
+            return found;
+        }
+    }
+    return NULL;
+}
+
+/* 1: `instance`'s class still has the original method; 0: it has another; -1: an error. */
+static int
+stand_holds(Stand *stand, PyObject *instance)
+{
+    PyTypeObject *type = Py_TYPE(instance);
+    if (stand->original == NULL) {
+        return 1;
+    }
+    if (stand->version != 0 && (type->tp_flags & Py_TPFLAGS_VALID_VERSION_TAG) &&
+        type->tp_version_tag == stand->version) {
+        return 1; /* the class has not changed since */
+    }
+    PyObject *found = class_attribute(type, stand->name);
+    if (found == NULL && PyErr_Occurred()) {
+        return -1;
+    }
+    if (found != stand->original) {
+        return 0;
+    }
+    if (type->tp_flags & Py_TPFLAGS_VALID_VERSION_TAG) {
+        stand->version = type->tp_version_tag;
+    }
+    return 1;
+}
+
+/* Call what `instance`'s class has now under the stand's name, bound as a method. */
+static PyObject *
+call_replacement(Stand *stand, PyObject *instance, PyObject *const *args, size_t nargsf,
+                 PyObject *kwnames)
+{
+    PyTypeObject *type = Py_TYPE(instance);
+    PyObject *found = class_attribute(type, stand->name);
+    if (found == NULL) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetObject(PyExc_AttributeError, stand->name);
+        }
+        return NULL;
+    }
+    Py_INCREF(found);
+    PyObject *callable = found;
+    descrgetfunc bind = Py_TYPE(found)->tp_descr_get;
+    if (bind != NULL) {
+        callable = bind(found, instance, (PyObject *)type);
+        Py_DECREF(found);
+        if (callable == NULL) {
+            return NULL;
+        }
+    }
+    PyObject *result = PyObject_Vectorcall(callable, args, nargsf, kwnames);
+    Py_DECREF(callable);
+    return result;
+}
+
 /* ScopeMaker: what bridge.scope is when this module is built, a callable made once per
  * bridge that holds what entering needs (the bridge's context key and field plans). */
 typedef struct {
@@ -423,6 +508,7 @@ typedef struct {
     PyObject *key;        /* bridge._key */
     PyObject *plans;      /* bridge._plans */
     PyTypeObject *scope;  /* the class of the scopes it makes (_scope.Scope) */
+    Stand stand;          /* ContextBridge.scope */
     vectorcallfunc vectorcall;
 } ScopeMaker;
 
@@ -464,6 +550,9 @@ new_maker(PyObject *bridge, PyTypeObject *scope)
     maker->key = key;
     maker->plans = plans;
     maker->scope = scope;
+    maker->stand.name = str_scope;
+    maker->stand.original = NULL;
+    maker->stand.version = 0;
     maker->vectorcall = (vectorcallfunc)maker_vectorcall;
     PyObject_GC_Track(maker);
     return (PyObject *)maker;
@@ -487,19 +576,28 @@ new_scope(ScopeMaker *maker, PyObject *values)
 static PyObject *
 maker_new(PyTypeObject *Py_UNUSED(type), PyObject *args, PyObject *kwargs)
 {
-    PyObject *bridge, *scope;
-    static char *names[] = {"bridge", "scope_type", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO!:ScopeMaker", names, &bridge,
-                                     &PyType_Type, &scope)) {
+    PyObject *bridge, *scope, *original = NULL;
+    static char *names[] = {"bridge", "scope_type", "original", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO!|O:ScopeMaker", names, &bridge,
+                                     &PyType_Type, &scope, &original)) {
         return NULL;
     }
-    return new_maker(bridge, (PyTypeObject *)scope);
+    ScopeMaker *maker = (ScopeMaker *)new_maker(bridge, (PyTypeObject *)scope);
+    if (maker != NULL && original != NULL && original != Py_None) {
+        Py_INCREF(original);
+        maker->stand.original = original;
+    }
+    return (PyObject *)maker;
 }
 
 /* bridge.scope(**values): a new scope of the values (keywords only), in a dict of its own. */
 static PyObject *
 maker_vectorcall(ScopeMaker *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
+    int holds = self->bridge == NULL ? -1 : stand_holds(&self->stand, self->bridge);
+    if (holds <= 0) {
+        return holds < 0 ? NULL : call_replacement(&self->stand, self->bridge, args, nargsf, kwnames);
+    }
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
     if (nargs != 0) {
         PyErr_SetString(PyExc_TypeError,
@@ -530,6 +628,7 @@ maker_traverse(ScopeMaker *self, visitproc visit, void *arg)
     Py_VISIT(self->key);
     Py_VISIT(self->plans);
     Py_VISIT(self->scope);
+    Py_VISIT(self->stand.original);
     return 0;
 }
 
@@ -540,6 +639,7 @@ maker_clear(ScopeMaker *self)
     Py_CLEAR(self->key);
     Py_CLEAR(self->plans);
     Py_CLEAR(self->scope);
+    Py_CLEAR(self->stand.original);
     return 0;
 }
 
@@ -810,17 +910,23 @@ static PyType_Spec scope_spec = {
  * in it, MISSING when unset) and leaves every other case to the Python method. */
 typedef struct {
     PyObject_HEAD
+    PyObject *bridge;
     PyObject *attributes; /* the bridge's __dict__, where _last is kept */
     PyObject *missing;    /* _state.MISSING */
     PyObject *fallback;   /* the bridge's Python get, bound */
+    Stand stand;          /* ContextBridge.get */
     vectorcallfunc vectorcall;
 } FieldGetter;
 
-static PyObject *str_last; /* "_last" */
+static PyObject *str_last;  /* "_last" */
 
 static PyObject *
 getter_vectorcall(FieldGetter *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
+    int holds = self->bridge == NULL ? -1 : stand_holds(&self->stand, self->bridge);
+    if (holds <= 0) {
+        return holds < 0 ? NULL : call_replacement(&self->stand, self->bridge, args, nargsf, kwnames);
+    }
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
     if (kwnames == NULL && (nargs == 1 || nargs == 2) && PyUnicode_CheckExact(args[0]) &&
         configured && self->attributes != NULL) {
@@ -862,22 +968,32 @@ getter_vectorcall(FieldGetter *self, PyObject *const *args, size_t nargsf, PyObj
 static PyObject *
 getter_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 {
-    PyObject *attributes, *missing, *fallback;
-    static char *names[] = {"attributes", "missing", "fallback", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!OO:FieldGetter", names, &PyDict_Type,
-                                     &attributes, &missing, &fallback)) {
+    PyObject *bridge, *attributes, *missing, *fallback, *original = NULL;
+    static char *names[] = {"bridge", "attributes", "missing", "fallback", "original", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO!OO|O:FieldGetter", names, &bridge,
+                                     &PyDict_Type, &attributes, &missing, &fallback,
+                                     &original)) {
         return NULL;
     }
     FieldGetter *self = PyObject_GC_New(FieldGetter, type);
     if (self == NULL) {
         return NULL;
     }
+    if (original == Py_None) {
+        original = NULL;
+    }
+    Py_INCREF(bridge);
     Py_INCREF(attributes);
     Py_INCREF(missing);
     Py_INCREF(fallback);
+    Py_XINCREF(original);
+    self->bridge = bridge;
     self->attributes = attributes;
     self->missing = missing;
     self->fallback = fallback;
+    self->stand.name = str_get;
+    self->stand.original = original;
+    self->stand.version = 0;
     self->vectorcall = (vectorcallfunc)getter_vectorcall;
     PyObject_GC_Track(self);
     return (PyObject *)self;
@@ -887,18 +1003,22 @@ static int
 getter_traverse(FieldGetter *self, visitproc visit, void *arg)
 {
     Py_VISIT(Py_TYPE(self));
+    Py_VISIT(self->bridge);
     Py_VISIT(self->attributes);
     Py_VISIT(self->missing);
     Py_VISIT(self->fallback);
+    Py_VISIT(self->stand.original);
     return 0;
 }
 
 static int
 getter_clear(FieldGetter *self)
 {
+    Py_CLEAR(self->bridge);
     Py_CLEAR(self->attributes);
     Py_CLEAR(self->missing);
     Py_CLEAR(self->fallback);
+    Py_CLEAR(self->stand.original);
     return 0;
 }
 
@@ -1076,9 +1196,11 @@ module_exec(PyObject *module)
         str_local = PyUnicode_InternFromString("local");
         str_updates = PyUnicode_InternFromString("updates");
         str_last = PyUnicode_InternFromString("_last");
+        str_get = PyUnicode_InternFromString("get");
+        str_scope = PyUnicode_InternFromString("scope");
         zero = PyLong_FromLong(0);
         if (!str_key || !str_plans || !str_frame || !str_local || !str_updates || !str_last ||
-            !zero) {
+            !str_get || !str_scope || !zero) {
             Py_CLEAR(zero);
             return -1;
         }

@@ -7,6 +7,8 @@ from typing import Any
 
 from opentelemetry.context import Context
 
+API: int
+
 class State:
     local: Mapping[str, object]
     frame: Any
@@ -27,12 +29,17 @@ class ScopeCore:
     ) -> None: ...
 
 class ScopeMaker:
-    def __init__(self, bridge: Any, scope_type: type[ScopeCore]) -> None: ...
+    def __init__(self, bridge: Any, scope_type: type[ScopeCore], original: Any = None) -> None: ...
     def __call__(self, **values: Any) -> ScopeCore: ...
 
 class FieldGetter:
     def __init__(
-        self, attributes: dict[str, Any], missing: object, fallback: Callable[..., Any]
+        self,
+        bridge: Any,
+        attributes: dict[str, Any],
+        missing: object,
+        fallback: Callable[..., Any],
+        original: Any = None,
     ) -> None: ...
     def __call__(self, name: str, default: Any = None) -> Any: ...
 

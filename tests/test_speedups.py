@@ -120,7 +120,11 @@ def test_compiled_scope_gives_the_same_context_or_error_as_python(
     pure-Python one give equal contexts (baggage in the same order, the same state), or the
     same error with the same message."""
     compiled_outcome = _outcome(lambda v: BRIDGE.scope(**v), STARTS[start], values)
-    python_outcome = _outcome(lambda v: _scope.PyScopeCore(BRIDGE, v), STARTS[start], values)
+    saved, _derive._compiled = _derive._compiled, None  # the reference: Python only
+    try:
+        python_outcome = _outcome(lambda v: _scope.PyScopeCore(BRIDGE, v), STARTS[start], values)
+    finally:
+        _derive._compiled = saved
     assert compiled_outcome == python_outcome
 
 
@@ -209,6 +213,7 @@ def _get_outcome(get: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tup
         (("plain", 1, 2), {}),
     ],
 )
+@compiled
 @pytest.mark.parametrize("reads_before", [0, 1, 2])
 def test_compiled_get_answers_like_the_python_method(
     args: tuple[Any, ...], kwargs: dict[str, Any], reads_before: int
@@ -425,6 +430,34 @@ def test_scope_and_get_show_the_same_signature_compiled_or_not() -> None:
     assert get["default"].default is None
 
 
+def test_patching_scope_or_get_on_the_class_reaches_every_bridge() -> None:
+    """mock.patch.object(ContextBridge, "get"/"scope") is honoured by bridges made before
+    the patch and inside it, compiled or not, and undone with the patch."""
+    from unittest import mock
+
+    before = _bridge()
+    with before.scope(plain="p"):
+        with mock.patch.object(cb.ContextBridge, "get", return_value="mocked") as get:
+            inside = _bridge()
+            assert before.get("plain") == "mocked"
+            assert inside.get("plain") == "mocked"
+        assert get.call_count == 2
+        assert before.get("plain") == "p"
+        original = cb.ContextBridge.scope
+        seen: list[dict[str, Any]] = []
+
+        def spy(self: cb.ContextBridge, /, **values: Any) -> Any:
+            seen.append(values)
+            return original(self, **values)
+
+        with mock.patch.object(cb.ContextBridge, "scope", spy), before.scope(renamed="r"):
+            assert before.get("renamed") == "r"
+        assert seen == [{"renamed": "r"}]
+        with before.scope(renamed="s"):
+            assert before.get("renamed") == "s"
+        assert seen == [{"renamed": "r"}]
+
+
 def test_a_field_named_self_works_like_any_other() -> None:
     """scope() and update() take their values as keywords only, so a field may be named
     like their first parameter."""
@@ -477,7 +510,12 @@ ROOT = Path(__file__).resolve().parent.parent
 def _build_wheel(out: Path, **env: str) -> Path:
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(ROOT)],
-        env={**os.environ, "OTEL_CTXBRIDGE_NO_EXTENSIONS": "", **env},
+        env={
+            **os.environ,
+            "OTEL_CTXBRIDGE_NO_EXTENSIONS": "",
+            "OTEL_CTXBRIDGE_REQUIRE_EXTENSIONS": "",
+            **env,
+        },
         check=True,
         timeout=300,
         capture_output=True,
@@ -486,6 +524,13 @@ def _build_wheel(out: Path, **env: str) -> Path:
     return wheel
 
 
+wheels = pytest.mark.skipif(
+    bool(os.environ.get("OTEL_CTXBRIDGE_NO_EXTENSIONS")),
+    reason="wheels are built once, in the run with the accelerator",
+)
+
+
+@wheels
 def test_a_wheel_built_without_a_c_compiler_is_pure_python_and_works(tmp_path: Path) -> None:
     """Installing from source where no C compiler works still succeeds: the build falls
     back to a pure-Python wheel, and the package runs from it on the Python code."""
@@ -513,6 +558,11 @@ def test_a_wheel_built_without_a_c_compiler_is_pure_python_and_works(tmp_path: P
     assert ran.stdout.split() == ["True", "acme"]
 
 
+@wheels
+@pytest.mark.skipif(
+    _accel.speedups is None and os.environ.get("CI") != "true",
+    reason="no compiled module here: this machine may have no C compiler",
+)
 def test_a_wheel_built_with_a_c_compiler_carries_the_accelerator(tmp_path: Path) -> None:
     """With a compiler, the wheel is platform-specific and holds the compiled module (not
     its C source)."""
