@@ -458,6 +458,27 @@ def test_patching_scope_or_get_on_the_class_reaches_every_bridge() -> None:
         assert seen == [{"renamed": "r"}]
 
 
+@compiled
+def test_a_compiled_module_refusing_this_opentelemetry_is_skipped_with_a_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """When the compiled module refuses its configuration (an OpenTelemetry it does not
+    know), the package says so on its logger and runs on the Python code; importing it
+    never fails for the sake of the accelerator."""
+
+    def refuse(**kwargs: Any) -> None:
+        raise TypeError("context_type must be a dict subclass")
+
+    monkeypatch.setattr(_accel.speedups, "configure", refuse)
+    try:
+        with caplog.at_level("WARNING", logger="otel_ctxbridge"):
+            assert _scope._configured() is None
+        assert "accelerator is not used (context_type must be a dict subclass)" in caplog.text
+    finally:
+        monkeypatch.undo()
+        assert _scope._configured() is _accel.speedups
+
+
 def test_a_field_named_self_works_like_any_other() -> None:
     """scope() and update() take their values as keywords only, so a field may be named
     like their first parameter."""
