@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
@@ -61,12 +62,7 @@ class ContextBridge:
         # within max_length is checked on the hot path: True for the default printable
         # check, a regex validator's fullmatch (a match: valid), False for Field.problem().
         self._plans: dict[str, tuple[str | None, int, Callable[[str], object] | bool]] = {
-            f.name: (
-                self._where[f.name],
-                f.max_length,
-                True if f.validator is None else (f._fullmatch or False),
-            )
-            for f in resolved.values()
+            f.name: (self._where[f.name], f.max_length, _quick_check(f)) for f in resolved.values()
         }
         # get() and current(): the last context read twice in a row, every field's value in it
         # (MISSING when unset) and a view of the set ones; _missed: the context of the last
@@ -313,6 +309,12 @@ class ContextBridge:
 
     def __repr__(self) -> str:
         return f"ContextBridge(fields={list(self.fields)!r})"
+
+
+def _quick_check(field: Field) -> Callable[[str], object] | bool:
+    if field.validator is None:
+        return True
+    return field._check if isinstance(field.validator, (str, re.Pattern)) else False
 
 
 def _is_power_of_ten(n: int) -> bool:

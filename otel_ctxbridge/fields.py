@@ -134,9 +134,8 @@ class Field:
     max_length: int = 256
     generate: Callable[[], str] | None = None
     redact: Redaction = False
-    _check: Callable[[str], bool] = field(init=False, repr=False, compare=False)
+    _check: Callable[[str], object] = field(init=False, repr=False, compare=False)
     _shown: Callable[[str], str] | None = field(init=False, repr=False, compare=False)
-    _fullmatch: Callable[[str], object] | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         def fail(reason: str) -> FieldConfigError:
@@ -174,11 +173,13 @@ class Field:
             raise fail(f"max_length must be an int from 1 to {MAX_MEMBER_BYTES}")
         if self.generate is not None and not callable(self.generate):
             raise fail("generate must be callable")
-        object.__setattr__(self, "_fullmatch", None)  # set when the validator is a regex
         object.__setattr__(self, "_check", self._compile_validator(fail))
         object.__setattr__(self, "_shown", self._compile_redaction(fail))
 
-    def _compile_validator(self, fail: Callable[[str], FieldConfigError]) -> Callable[[str], bool]:
+    def _compile_validator(
+        self, fail: Callable[[str], FieldConfigError]
+    ) -> Callable[[str], object]:
+        """The check of a value: a truthy result means valid (a regex's match object)."""
         validator = self.validator
         if validator is None:
             return str.isprintable
@@ -188,9 +189,7 @@ class Field:
             except re.error as exc:
                 raise fail(f"validator is not a valid regular expression: {exc}") from None
         if isinstance(validator, re.Pattern):
-            pattern = validator
-            object.__setattr__(self, "_fullmatch", pattern.fullmatch)
-            return lambda value: pattern.fullmatch(value) is not None
+            return validator.fullmatch
         if callable(validator):
             return validator
         raise fail("validator must be a regex string, a compiled pattern or a callable")
