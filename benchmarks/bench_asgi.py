@@ -15,7 +15,9 @@ Variants (one server process each, all started first, then measured in interleav
 
 Every server uses an SDK ``TracerProvider`` with a ``BatchSpanProcessor`` into an exporter that
 drops the spans. The load generator keeps 32 keep-alive connections busy with raw HTTP/1.1
-requests (no ``X-Request-ID``: both middlewares generate one) and counts responses.
+requests (no ``X-Request-ID``: both middlewares generate one) and counts responses. With two
+CPUs or more, the load generator runs on one and the servers (one measured at a time) on
+another.
 """
 
 from __future__ import annotations
@@ -31,11 +33,13 @@ from pathlib import Path
 from typing import Any
 
 Row = tuple[str, float, float]
-VARIANTS = ("bare", "otel", "otel-nospans", "cid", "otel+cid", "otel-nospans+cid", "ctxbridge")
+VARIANTS = ("bare", "cid", "otel", "otel-nospans+cid", "otel+cid", "ctxbridge", "otel-nospans")
+"""In measuring order: each ratio with a target compares neighbours (``ctxbridge`` between
+its two anchors), measured about a second apart, so drift in the machine's load cancels."""
 CONNECTIONS = 32
 WARMUP_S = 0.5
-ROUND_S = 0.6
-ROUNDS = 9
+ROUND_S = 0.5
+ROUNDS = 15
 REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: bench\r\n\r\n"
 
 
@@ -190,10 +194,25 @@ def _wait(port: int, process: subprocess.Popen[bytes]) -> None:
     raise RuntimeError("benchmark server did not start")
 
 
+def _pin() -> int | None:
+    """With two CPUs or more: this process (the load) on one, and the CPU returned for the
+    servers. Sharing a CPU with the load generator makes a server's CPU time per request
+    swing by 20% from round to round; on CPUs of their own, by a few percent."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            return None
+        os.sched_setaffinity(0, {cpus[0]})
+    except (AttributeError, OSError):  # not Linux, or not allowed
+        return None
+    return cpus[1]
+
+
 def measure(variants: Sequence[str] = VARIANTS, rounds: int = ROUNDS) -> list[dict[str, float]]:
     """Per round, the requests per server-CPU-second of each variant. Rounds alternate the
     order (ABC, CBA, ...) so that drift in the machine's load hits every variant alike."""
     servers: dict[str, tuple[int, subprocess.Popen[bytes]]] = {}
+    server_cpu = _pin()
     try:
         for variant in variants:
             port = _free_port()
@@ -201,6 +220,8 @@ def measure(variants: Sequence[str] = VARIANTS, rounds: int = ROUNDS) -> list[di
                 [sys.executable, str(Path(__file__).resolve()), variant, str(port)]
             )
             servers[variant] = (port, process)
+            if server_cpu is not None:
+                os.sched_setaffinity(process.pid, {server_cpu})
         for port, process in servers.values():
             _wait(port, process)
             _round(port, process.pid, WARMUP_S)
