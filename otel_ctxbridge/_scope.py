@@ -10,6 +10,7 @@ from inspect import Parameter, Signature
 from types import MethodType
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
+from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.context import Context
 
 from . import _runtime as rt
@@ -126,6 +127,7 @@ def _configured() -> Any:
             empty=EMPTY,
             may_exceed_limits=may_exceed_limits,
             member_limit=MAX_MEMBER_BYTES,
+            bounded_type=BoundedAttributes,
             # What inspect.signature() shows of the compiled bridge.scope and bridge.get:
             scope_signature=Signature([Parameter("values", Parameter.VAR_KEYWORD)]),
             get_signature=Signature(

@@ -4,8 +4,9 @@ The SDK's public ``Span.set_attributes`` validates and copies every value (about
 of the write itself). The bridge's attributes are already valid: keys are declared attribute
 names, values plain ``str``/``bool``/``int``/``float`` (see ``fields.attribute_value``). When
 the span's store is the SDK's ``BoundedAttributes`` and none of its limits could apply, they go
-straight into it, under its lock like the SDK's own writes. Anything else (a length limit, a
-store of another shape, another SDK) takes the public path.
+straight into it, under the span's lock: every SDK write to a span's attributes holds that
+lock (and then the store's own, which is therefore never contended here). Anything else (a
+length limit, a store of another shape, another SDK) takes the public path.
 """
 
 from __future__ import annotations
@@ -15,7 +16,14 @@ from typing import Any
 
 from opentelemetry.attributes import BoundedAttributes
 
-__all__ = ["write_attributes"]
+from ._accel import speedups
+
+__all__ = ["rename_span", "write_attributes"]
+
+_write_span = speedups.write_span if speedups is not None else None
+"""The compiled direct path (the same checks and writes as below, in one C call): True when
+it wrote (or there was nothing to do), False when the span is not one it applies to, or
+before the accelerator is configured."""
 
 
 def write_attributes(span: Any, attributes: Mapping[str, Any], overwrite: bool = True) -> None:
@@ -24,17 +32,18 @@ def write_attributes(span: Any, attributes: Mapping[str, Any], overwrite: bool =
     ``overwrite=False`` keeps an attribute the span already has. A span that has ended is left
     as it is (checked under the span's lock, which ``end()`` holds while it ends the span, as
     the SDK's own ``set_attributes`` does), so an exporter never sees its attributes change."""
+    if overwrite and _write_span is not None and _write_span(span, attributes, None, None):
+        return
     store: Any = getattr(span, "_attributes", None)
-    if (
-        type(store) is BoundedAttributes
-        and store.max_value_len is None
-        and (store.maxlen is None or len(store) + len(attributes) <= store.maxlen)
-    ):
+    if type(store) is BoundedAttributes:
         try:
-            with span._lock:
-                if span._end_time is not None:
-                    return
-                with store._lock:
+            if store.max_value_len is None and (
+                store.maxlen is None or len(store._dict) + len(attributes) <= store.maxlen
+            ):
+                # The span's lock is enough: every SDK write to its attributes holds it.
+                with span._lock:
+                    if span._end_time is not None:
+                        return
                     existing = store._dict
                     if overwrite or not existing:
                         existing.update(attributes)
@@ -42,8 +51,8 @@ def write_attributes(span: Any, attributes: Mapping[str, Any], overwrite: bool =
                         for key, value in attributes.items():
                             if key not in existing:
                                 existing[key] = value
-            return
-        except AttributeError:  # the SDK changed BoundedAttributes: the public path
+                return
+        except AttributeError:  # the SDK changed: the public path
             pass
     if not overwrite:
         present = span.attributes
@@ -51,3 +60,30 @@ def write_attributes(span: Any, attributes: Mapping[str, Any], overwrite: bool =
             attributes = {k: v for k, v in attributes.items() if k not in present}
     if attributes:
         span.set_attributes(attributes)
+
+
+def rename_span(span: Any, expected: str, name: str, attributes: Mapping[str, Any]) -> None:
+    """Rename ``span`` from ``expected`` to ``name`` and set ``attributes`` (checked values),
+    in one write, if it is recording and still named ``expected`` (a span renamed since, by
+    the application or a hook, is left as it is)."""
+    if _write_span is not None and _write_span(span, attributes, expected, name):
+        return
+    store: Any = getattr(span, "_attributes", None)
+    if type(store) is BoundedAttributes:
+        try:
+            if store.max_value_len is None and (
+                store.maxlen is None or len(store._dict) + len(attributes) <= store.maxlen
+            ):
+                with span._lock:  # as in write_attributes
+                    if span._end_time is not None or span._name != expected:
+                        return
+                    store._dict.update(attributes)
+                    span._name = name
+                return
+        except AttributeError:  # the SDK changed: the public path
+            pass
+    if getattr(span, "name", None) != expected or not span.is_recording():
+        return
+    span.set_attributes(attributes)
+    if name != expected:
+        span.update_name(name)

@@ -12,7 +12,7 @@
 #define PY_SSIZE_T_CLEAN
 /* What _accel.py expects: a module built from other sources (a stale in-place build) whose
  * API differs is not used. Raise it whenever the Python side starts relying on a change. */
-#define SPEEDUPS_API 4
+#define SPEEDUPS_API 5
 #include <Python.h>
 #include <structmember.h>
 
@@ -30,6 +30,7 @@ typedef struct {
     Py_ssize_t member_limit;     /* limits.MAX_MEMBER_BYTES */
     PyObject *scope_signature;   /* inspect.Signature of bridge.scope */
     PyObject *get_signature;     /* inspect.Signature of bridge.get */
+    PyObject *bounded_type;      /* opentelemetry.attributes.BoundedAttributes */
 } Config;
 
 static Config config;
@@ -47,6 +48,15 @@ static PyObject *str_updates;  /* "updates" */
 static PyObject *zero;         /* 0 */
 static PyObject *str_get;      /* "get" */
 static PyObject *str_scope;    /* "scope" */
+static PyObject *str_span_attributes; /* "_attributes" */
+static PyObject *str_max_value_len;   /* "max_value_len" */
+static PyObject *str_maxlen;          /* "maxlen" */
+static PyObject *str_dict;            /* "_dict" */
+static PyObject *str_lock;            /* "_lock" */
+static PyObject *str_acquire;         /* "acquire" */
+static PyObject *str_release;         /* "release" */
+static PyObject *str_end_time;        /* "_end_time" */
+static PyObject *str_name;            /* "_name" */
 
 
 /* State: what _state.PyState is (the process-local values of a context, its frame and
@@ -219,6 +229,19 @@ derived_state(PyObject *state, PyObject *parent_frame, PyObject *frame)
             PyObject *result = new_state(local, Py_None, zero);
             Py_DECREF(local);
             return result;
+        }
+    }
+    else if (frame != parent_frame && (state == NULL || Py_TYPE(state) == state_type)) {
+        /* A request frame to start: fresh (no updates recorded yet), its state has generation
+         * 0, as child_state() says. */
+        PyObject *updates = PyObject_GetAttr(frame, str_updates);
+        if (updates == NULL) {
+            return NULL;
+        }
+        int fresh = updates == config.empty;
+        Py_DECREF(updates);
+        if (fresh) {
+            return new_state(state != NULL ? ((State *)state)->local : config.empty, frame, zero);
         }
     }
     PyObject *args[3] = {state != NULL ? state : Py_None, Py_None, frame != NULL ? frame : Py_None};
@@ -1124,14 +1147,14 @@ configure(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwargs)
     static char *names[] = {"var",           "context_type", "baggage_key", "span_key",
                             "derive",        "stamp",        "detach_failed", "child_state",
                             "empty",         "may_exceed_limits", "member_limit",
-                            "scope_signature", "get_signature", NULL};
+                            "scope_signature", "get_signature", "bounded_type", NULL};
     Config given;
     if (!PyArg_ParseTupleAndKeywords(
-            args, kwargs, "$OOUUOOOOOOnOO:configure", names, &given.var, &given.context_type,
+            args, kwargs, "$OOUUOOOOOOnOOO:configure", names, &given.var, &given.context_type,
             &given.baggage_key, &given.span_key, &given.derive, &given.stamp,
             &given.detach_failed, &given.child_state, &given.empty,
             &given.may_exceed_limits, &given.member_limit, &given.scope_signature,
-            &given.get_signature)) {
+            &given.get_signature, &given.bounded_type)) {
         return NULL;
     }
     if (!PyType_Check(given.context_type) ||
@@ -1150,7 +1173,8 @@ configure(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwargs)
                             &given.span_key, &given.derive,      &given.stamp,
                             &given.detach_failed, &given.child_state,
                             &given.empty,  &given.may_exceed_limits,
-                            &given.scope_signature, &given.get_signature};
+                            &given.scope_signature, &given.get_signature,
+                            &given.bounded_type};
     for (size_t i = 0; i < sizeof(objects) / sizeof(objects[0]); i++) {
         Py_INCREF(*objects[i]);
     }
@@ -1159,7 +1183,8 @@ configure(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwargs)
                             &config.span_key, &config.derive,      &config.stamp,
                             &config.detach_failed, &config.child_state,
                             &config.empty,  &config.may_exceed_limits,
-                            &config.scope_signature, &config.get_signature};
+                            &config.scope_signature, &config.get_signature,
+                            &config.bounded_type};
         for (size_t i = 0; i < sizeof(old) / sizeof(old[0]); i++) {
             Py_DECREF(*old[i]);
         }
@@ -1169,7 +1194,137 @@ configure(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwargs)
     Py_RETURN_NONE;
 }
 
+/* ---- Writing checked attributes onto an SDK span (_span_write's direct path) ---------- */
+
+/* An attribute of `obj`, or NULL: with an exception set, or without one (cleared) when it
+ * is an AttributeError, which means "not the SDK this code knows". */
+static PyObject *
+sdk_attribute(PyObject *obj, PyObject *name)
+{
+    PyObject *value = PyObject_GetAttr(obj, name);
+    if (value == NULL && PyErr_ExceptionMatches(PyExc_AttributeError)) {
+        PyErr_Clear();
+    }
+    return value;
+}
+
+/* Under the span's lock (held): write `attributes`, and when `expected` is not None rename
+ * the span from `expected` to `name`. 1: done or nothing to do (ended, renamed since); 0:
+ * not the SDK this code knows (nothing written); -1: an error (set). */
+static int
+write_span_locked(PyObject *span, PyObject *items, PyObject *attributes, PyObject *expected,
+                  PyObject *name)
+{
+    PyObject *end = sdk_attribute(span, str_end_time);
+    if (end == NULL) {
+        return PyErr_Occurred() ? -1 : 0;
+    }
+    int ended = end != Py_None;
+    Py_DECREF(end);
+    if (ended) {
+        return 1; /* an ended span stays as its exporter saw it */
+    }
+    if (expected != Py_None) {
+        PyObject *current = sdk_attribute(span, str_name);
+        if (current == NULL) {
+            return PyErr_Occurred() ? -1 : 0;
+        }
+        int same = PyObject_RichCompareBool(current, expected, Py_EQ);
+        Py_DECREF(current);
+        if (same < 0) {
+            return -1;
+        }
+        if (!same) {
+            return 1; /* renamed since (by the application or a hook): left as it is */
+        }
+    }
+    if (PyDict_Update(items, attributes) < 0) {
+        return -1;
+    }
+    if (expected != Py_None && PyObject_SetAttr(span, str_name, name) < 0) {
+        return -1;
+    }
+    return 1;
+}
+
+/* write_span(span, attributes, expected, name): see _span_write.write_attributes and
+ * rename_span. True: written (or nothing to do); False: the caller takes the public path. */
+static PyObject *
+write_span(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "write_span() takes 4 arguments");
+        return NULL;
+    }
+    PyObject *span = args[0], *attributes = args[1], *expected = args[2], *name = args[3];
+    PyObject *store = NULL, *probe = NULL, *items = NULL, *lock = NULL, *held = NULL;
+    int done = 0;
+    if (!configured || !PyDict_CheckExact(attributes) ||
+        (expected != Py_None && !PyUnicode_Check(name))) {
+        Py_RETURN_FALSE;
+    }
+    if ((store = sdk_attribute(span, str_span_attributes)) == NULL) {
+        goto out;
+    }
+    if ((PyObject *)Py_TYPE(store) != config.bounded_type) {
+        goto out;
+    }
+    if ((probe = sdk_attribute(store, str_max_value_len)) == NULL || probe != Py_None) {
+        goto out; /* a length limit: the SDK truncates */
+    }
+    Py_CLEAR(probe);
+    if ((items = sdk_attribute(store, str_dict)) == NULL || !PyDict_CheckExact(items)) {
+        goto out;
+    }
+    if ((probe = sdk_attribute(store, str_maxlen)) == NULL) {
+        goto out;
+    }
+    if (probe != Py_None) {
+        Py_ssize_t maxlen = PyLong_Check(probe) ? PyLong_AsSsize_t(probe) : -1;
+        if (maxlen < 0) {
+            PyErr_Clear();
+            goto out;
+        }
+        if (PyDict_GET_SIZE(items) + PyDict_GET_SIZE(attributes) > maxlen) {
+            goto out; /* the SDK would drop some: its own path counts them */
+        }
+    }
+    if ((lock = sdk_attribute(span, str_lock)) == NULL) {
+        goto out;
+    }
+    if ((held = PyObject_CallMethodNoArgs(lock, str_acquire)) == NULL) {
+        goto out;
+    }
+    Py_CLEAR(held);
+    done = write_span_locked(span, items, attributes, expected, name);
+    PyObject *exc_type, *exc_value, *exc_tb;
+    PyErr_Fetch(&exc_type, &exc_value, &exc_tb); /* release the lock whatever happened */
+    PyObject *released = PyObject_CallMethodNoArgs(lock, str_release);
+    if (released == NULL) {
+        Py_XDECREF(exc_type);
+        Py_XDECREF(exc_value);
+        Py_XDECREF(exc_tb);
+        done = -1;
+    }
+    else {
+        Py_DECREF(released);
+        PyErr_Restore(exc_type, exc_value, exc_tb);
+    }
+out:
+    Py_XDECREF(store);
+    Py_XDECREF(probe);
+    Py_XDECREF(items);
+    Py_XDECREF(lock);
+    if (done < 0 || (done == 0 && PyErr_Occurred())) {
+        return NULL;
+    }
+    return PyBool_FromLong(done);
+}
+
 static PyMethodDef module_methods[] = {
+    {"write_span", (PyCFunction)(void (*)(void))write_span, METH_FASTCALL,
+     "write_span(span, attributes, expected, name): the direct path of _span_write (True), or "
+     "False when the caller must take the public one."},
     {"uuid4_texts", uuid4_texts, METH_O,
      "uuid4_texts(raw): the text of a version-4 UUID for each 16 bytes of raw (random bytes)."},
     {"derive", (PyCFunction)(void (*)(void))derive, METH_FASTCALL,
@@ -1194,13 +1349,24 @@ module_exec(PyObject *module)
         str_plans = PyUnicode_InternFromString("_plans");
         str_frame = PyUnicode_InternFromString("frame");
         str_local = PyUnicode_InternFromString("local");
+        str_span_attributes = PyUnicode_InternFromString("_attributes");
+        str_max_value_len = PyUnicode_InternFromString("max_value_len");
+        str_maxlen = PyUnicode_InternFromString("maxlen");
+        str_dict = PyUnicode_InternFromString("_dict");
+        str_lock = PyUnicode_InternFromString("_lock");
+        str_acquire = PyUnicode_InternFromString("acquire");
+        str_release = PyUnicode_InternFromString("release");
+        str_end_time = PyUnicode_InternFromString("_end_time");
+        str_name = PyUnicode_InternFromString("_name");
         str_updates = PyUnicode_InternFromString("updates");
         str_last = PyUnicode_InternFromString("_last");
         str_get = PyUnicode_InternFromString("get");
         str_scope = PyUnicode_InternFromString("scope");
         zero = PyLong_FromLong(0);
         if (!str_key || !str_plans || !str_frame || !str_local || !str_updates || !str_last ||
-            !str_get || !str_scope || !zero) {
+            !str_get || !str_scope || !str_span_attributes || !str_max_value_len ||
+            !str_maxlen || !str_dict || !str_lock || !str_acquire || !str_release ||
+            !str_end_time || !str_name || !zero) {
             Py_CLEAR(zero);
             return -1;
         }

@@ -47,6 +47,9 @@ def derive(
     key: str, plans: Mapping[str, Any], ctx: Context, values: Mapping[str, Any], frame: Any
 ) -> Context | None: ...
 def uuid4_texts(raw: bytes) -> list[str]: ...
+def write_span(
+    span: Any, attributes: dict[str, Any], expected: str | None, name: str | None
+) -> bool: ...
 def configure(
     *,
     var: ContextVar[Context],
@@ -62,4 +65,5 @@ def configure(
     member_limit: int,
     scope_signature: Any,
     get_signature: Any,
+    bounded_type: type,
 ) -> None: ...

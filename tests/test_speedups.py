@@ -593,3 +593,76 @@ def test_a_wheel_built_with_a_c_compiler_carries_the_accelerator(tmp_path: Path)
         names = archive.namelist()
     assert [n for n in names if n.startswith("otel_ctxbridge/_speedups.") and ".so" in n]
     assert "otel_ctxbridge/_speedups.c" not in names
+
+
+def _span_cases() -> Iterator[tuple[str, Any, str]]:
+    """(case, a span in that state, its name): spans the direct write handles, and spans it
+    must leave to the public path (limits that apply, an object that is not an SDK span)."""
+    from opentelemetry.sdk.trace import SpanLimits, TracerProvider
+
+    tracer = TracerProvider().get_tracer("t")
+    yield "fresh", tracer.start_span("GET /items/7", attributes={"a": "1"}), "GET /items/7"
+    ended = tracer.start_span("GET /items/7")
+    ended.end()
+    yield "ended", ended, "GET /items/7"
+    renamed = tracer.start_span("GET /items/7")
+    renamed.update_name("chosen by the app")
+    yield "renamed", renamed, "GET /items/7"
+    full = TracerProvider(span_limits=SpanLimits(max_span_attributes=1)).get_tracer("t")
+    yield "count limit", full.start_span("GET /x", attributes={"a": "1"}), "GET /x"
+    short = TracerProvider(span_limits=SpanLimits(max_span_attribute_length=3)).get_tracer("t")
+    yield "length limit", short.start_span("GET /x"), "GET /x"
+
+
+def _span_state(span: Any) -> tuple[str, dict[str, Any], int]:
+    return span.name, dict(span.attributes), span.dropped_attributes
+
+
+@compiled
+@pytest.mark.parametrize("rename", [False, True], ids=["write", "rename"])
+def test_compiled_span_write_matches_python(monkeypatch: pytest.MonkeyPatch, rename: bool) -> None:
+    """The compiled direct write (``write_span``) leaves each span exactly as the Python
+    code does: attributes written, the span renamed only while it keeps the expected name,
+    an ended span untouched, and limits that apply left to the SDK's public path."""
+    from otel_ctxbridge import _span_write
+
+    def act(span: Any, named: str) -> None:
+        attributes = {"http.route": "/items/{item_id}", "app.tenant": "acme"}
+        if rename:
+            _span_write.rename_span(span, named, "GET /items/{item_id}", attributes)
+        else:
+            _span_write.write_attributes(span, attributes)
+
+    compiled_states = []
+    for _, span, named in _span_cases():
+        act(span, named)
+        compiled_states.append(_span_state(span))
+    monkeypatch.setattr(_span_write, "_write_span", None)
+    python_states = []
+    for _, span, named in _span_cases():
+        act(span, named)
+        python_states.append(_span_state(span))
+    assert compiled_states == python_states
+    fresh = dict(zip([case for case, _, _ in _span_cases()], compiled_states, strict=True))
+    assert fresh["fresh"][1]["http.route"] == "/items/{item_id}"
+    assert fresh["ended"][1] == {}
+    assert fresh["renamed"][0] == "chosen by the app"
+    assert (fresh["renamed"][1] == {}) is rename
+    assert fresh["length limit"][1]["app.tenant"] == "acm"  # truncated by the SDK
+
+
+@compiled
+def test_compiled_span_write_refuses_what_it_does_not_know() -> None:
+    """``write_span`` says False (the caller takes the public path) for objects that are not
+    SDK spans or attributes that are not a dict, and never raises for a missing attribute."""
+    from opentelemetry.sdk.trace import TracerProvider
+
+    write_span = _accel.speedups.write_span  # type: ignore[union-attr] # compiled: loaded
+    span = TracerProvider().get_tracer("t").start_span("s")
+    assert write_span(object(), {"a": "b"}, None, None) is False
+    assert write_span(span, [("a", "b")], None, None) is False
+    assert write_span(span, {"a": "b"}, "s", 42) is False  # a new name that is not text
+    assert write_span(span, {"a": "b"}, None, None) is True
+    assert dict(span.attributes) == {"a": "b"}
+    with pytest.raises(TypeError):
+        write_span(span, {"a": "b"})
