@@ -13,7 +13,7 @@ from opentelemetry.trace import format_span_id, format_trace_id
 
 from ._inbound import Message, Scope, Send
 from ._runtime import SPAN_KEY
-from ._span_write import write_attributes
+from ._span_write import rename_span
 from ._state import Frame
 
 if TYPE_CHECKING:
@@ -23,6 +23,7 @@ _logger = logging.getLogger("otel_ctxbridge.asgi")
 _METHODS = frozenset(
     ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "QUERY")
 )
+_ROUTE = "http.route"
 _500 = [(b"content-type", b"text/plain; charset=utf-8"), (b"connection", b"close")]
 
 
@@ -63,14 +64,15 @@ class Exchange:
         self.frame = frame
         self.echo = echo
         self.start = perf_counter()
-        self.logged = False
+        self.logged = not mw.access_log  # True: no access-log line to write
         self.status = 0  # 0 until the response starts
         self.named = named  # the server span's name, when the middleware's hook gave it
 
     def _add_echo(self, message: Message) -> None:
         mw = self.mw
         echo = self.echo
-        if self.frame.updates and mw._rid in self.frame.updates:  # changed with update()
+        updates = self.frame.updates
+        if updates and mw._rid in updates:  # changed with update()
             echo = echo_value(mw.bridge.values_in(self.ctx).get(mw._rid))
         if echo is None:
             return
@@ -81,15 +83,30 @@ class Exchange:
                 return  # the application set its own
         message["headers"] = [*headers, (name, echo)]
 
+    def _started(self, message: Message) -> None:
+        """The response starts: echo the request id; once the router has matched a route,
+        rename the server span from ``"GET /items/42"`` to ``"GET /items/{item_id}"`` (the
+        template Starlette and FastAPI leave in ``scope["route"]``, mount prefix included) and
+        set ``http.route``, as FastAPI's instrumentation does. A span renamed since (by the
+        application or a hook) keeps its name."""
+        self._add_echo(message)
+        named = self.named
+        if named is not None and self.frame.spans:  # routed by now
+            template = getattr(self.scope.get("route"), "path_format", None)
+            if isinstance(template, str) and template:
+                root = self.scope.get("root_path")
+                route = f"{root}{template}" if root else template
+                method, sep, _ = named.partition(" ")
+                if sep:
+                    rename_span(self.frame.spans[0], named, f"{method} {route}", {_ROUTE: route})
+
     async def send(self, message: Message) -> None:
         """The ``send`` the application sees for an HTTP request."""
         kind = message["type"]
         if kind == "http.response.start":
             self.status = message.get("status", 200)
             try:
-                self._add_echo(message)
-                if self.named is not None and self.frame.spans:  # routed by now
-                    name_after_route(self.frame.spans[0], self.named, self.scope)
+                self._started(message)
             except Exception:  # telemetry never throws on the request path
                 _logger.debug("otel_ctxbridge: could not add the request id", exc_info=True)
         elif kind == "http.response.body" and not message.get("more_body", False):
@@ -176,30 +193,6 @@ def default_span_name(scope: Scope) -> str:
     if method and path:
         return f"{method} {path}"
     return path or method
-
-
-def route_template(scope: Scope) -> str | None:
-    """The route template the router matched (``/items/{item_id}``, mount prefix included),
-    as Starlette and FastAPI leave it in ``scope["route"]``; None without a matched route."""
-    template = getattr(scope.get("route"), "path_format", None)
-    if not isinstance(template, str) or not template:
-        return None
-    return f"{scope.get('root_path') or ''}{template}"
-
-
-def name_after_route(span: Any, named: str, scope: Scope) -> None:
-    """Rename ``span`` from ``named`` (``"GET /items/42"``) to ``"GET /items/{item_id}"`` and
-    set ``http.route``, as FastAPI's instrumentation does, once the router has matched a route.
-    A span renamed since (by the application or a hook) keeps its name. ``span`` is the
-    request's server span, recording until the request is over."""
-    route = route_template(scope)
-    method, sep, _ = named.partition(" ")
-    if route is None or not sep or getattr(span, "name", None) != named:
-        return
-    write_attributes(span, {"http.route": route})
-    name = f"{method} {route}"
-    if name != named:
-        span.update_name(name)
 
 
 def echo_value(value: object) -> bytes | None:

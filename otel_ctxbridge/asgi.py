@@ -3,9 +3,12 @@
 ``app = instrument_asgi(app, bridge, trust=TrustPolicy(networks=["10.0.0.0/8"]))`` wraps an ASGI
 application (FastAPI, Starlette, ...) with, from the outside in:
 
-1. :class:`~otel_ctxbridge._inbound.TraceHeaderShield`: ``traceparent``/``tracestate`` checked as
-   W3C Trace Context Level 1 says; ``baggage``, the trust secret and headers OTel cannot decode
-   (it would answer 500) hidden from OTel;
+1. the header shield: ``traceparent``/``tracestate`` checked as W3C Trace Context Level 1
+   says; ``baggage``, the trust secret and headers OTel cannot decode (it would answer 500)
+   hidden from OTel. It runs in OTel's ``default_span_details`` hook, which OTel calls just
+   before it reads the headers (no middleware layer of its own); when you pass your own
+   ``default_span_details``, it is a :class:`~otel_ctxbridge._inbound.TraceHeaderShield`
+   layer outside OTel's middleware instead;
 2. ``opentelemetry-instrumentation-asgi``'s ``OpenTelemetryMiddleware``: the server span, a
    child of a valid inbound ``traceparent`` (send/receive spans off unless ``exclude_spans``
    is given), named, once the router has matched a route, after its template
@@ -46,11 +49,16 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from opentelemetry.context import Context
+
 from . import _runtime as rt
+from ._derive import derive_context
 from ._exchange import Exchange, default_span_name, echo_value
 from ._inbound import (
+    BACKSLASH,
     ORIGINAL_HEADERS,
     ASGIApp,
+    HeaderCheck,
     InboundReader,
     Receive,
     Scope,
@@ -58,9 +66,11 @@ from ._inbound import (
     TraceHeaderShield,
 )
 from ._scope import stamp
+from ._span_write import write_attributes
 from ._state import Frame
 from .bridge import ContextBridge
 from .errors import ContextValueError, requires_extra
+from .fields import new_request_id
 from .trust import TrustPolicy
 
 __all__ = ["ACCESS_LOGGER", "ContextBridgeMiddleware", "TraceHeaderShield", "instrument_asgi"]
@@ -114,15 +124,19 @@ def instrument_asgi(
         log_errors=log_errors,
     )
     otel_kwargs.setdefault("exclude_spans", ["receive", "send"])
-    if "default_span_details" not in otel_kwargs:
-        # The default span name without OTel's per-request environment lookups, remembered so
-        # that the span can be named after its route once the router has matched one.
-        otel_kwargs["default_span_details"] = inner.span_details
     # OTel's middleware is outside for every request: even when it records nothing (an unsampled
     # request, an excluded URL) no inner telemetry may start a span on a fresh context.
     inner.traced_outside = True
-    traced = OpenTelemetryMiddleware(inner, **otel_kwargs)
-    return TraceHeaderShield(traced, bridge=bridge, hidden=(trust.secret_header,))
+    hidden = (trust.secret_header,)
+    if "default_span_details" in otel_kwargs:  # the user's hook: the shield is a layer outside
+        traced = OpenTelemetryMiddleware(inner, **otel_kwargs)
+        return TraceHeaderShield(traced, bridge=bridge, hidden=hidden)
+    # The default span name without OTel's per-request environment lookups, remembered so that
+    # the span can be named after its route once the router has matched one. OTel calls the
+    # hook just before it reads the headers (and only then): the hook shields them too.
+    inner.header_check = HeaderCheck(bridge, hidden)
+    otel_kwargs["default_span_details"] = inner.span_details
+    return OpenTelemetryMiddleware(inner, **otel_kwargs)
 
 
 class ContextBridgeMiddleware:
@@ -174,6 +188,13 @@ class ContextBridgeMiddleware:
         if access_log and self._access.level == logging.NOTSET:
             self._access.setLevel(logging.INFO)  # asked for: on even under a WARNING root
         self._stack_checked = False
+        self.header_check: HeaderCheck | None = None
+        """Set by ``instrument_asgi``: :meth:`span_details` shields the headers from OTel."""
+        self._plain_attributes = {
+            name: str(field.attribute)
+            for name, field in bridge.fields.items()
+            if not field.redacted
+        }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Run the app inside the request context."""
@@ -205,45 +226,48 @@ class ContextBridgeMiddleware:
         """OTel's ``default_span_details`` hook: the default span name (remembered, to name
         the span after its route later) and no extra attributes: the request's fields are
         set on the span as soon as the request context is built, just after it starts."""
+        check = self.header_check
+        if check is not None:  # under instrument_asgi: OTel reads the headers next
+            headers = scope.get("headers")
+            if headers:
+                names = check.names
+                for name, value in headers:  # the common case: nothing to hide
+                    if name in names or BACKSLASH in value or BACKSLASH in name:
+                        check.apply(scope)
+                        break
         name = default_span_name(scope)
         scope[_NAMED] = name
         return name, {}
 
-    def _inbound(self, scope: Scope) -> tuple[dict[str, Any], dict[str, object] | None]:
+    def _enter(self, scope: Scope, send: Send) -> Exchange:
+        named: str | None = scope.pop(_NAMED, None)  # set by span_details: OTel named the span
         values: dict[str, Any]
         values, extra = self._reader.read(scope)
+        rid = self._rid
+        echo: bytes | None = None
         for name, generate in self._generators:
             if name not in values:
-                values[name] = generate()
-        return values, extra
-
-    def _enter(self, scope: Scope, send: Send) -> Exchange:
-        bridge = self.bridge
-        values: dict[str, Any]
-        named: str | None = scope.pop(_NAMED, None)  # set by span_details: OTel named the span
-        values, extra = self._inbound(scope)
+                values[name] = value = generate()
+                if name == rid and generate is new_request_id:  # a UUID: a valid header value
+                    echo = value.encode("ascii")
         base = rt.get_current()
         if extra or base.get(rt.BAGGAGE_KEY) is not None:
             # Only accepted fields (and a trusted peer's members) become the request's baggage.
             base = rt.with_entry(base, rt.BAGGAGE_KEY, extra or {})
         span: Any = base.get(rt.SPAN_KEY)
         frame = Frame((span,) if span is not None and span.is_recording() else ())
-        for _ in range(len(values) + 2):
-            try:
-                ctx = bridge.derive(base, values, frame=frame)
-                break
-            except ContextValueError as exc:  # a generated value or the baggage limits
-                bridge.count_drop(exc.field, exc.reason)
-                if extra:
-                    extra = None
-                    base = rt.with_entry(base, rt.BAGGAGE_KEY, {})
-                else:
-                    values.pop(exc.field, None)
-        else:  # pragma: no cover - every value dropped above
-            ctx = bridge.derive(base, {}, frame=frame)
+        try:
+            ctx = derive_context(self.bridge, base, values, frame)
+        except ContextValueError:  # a generated value, or the baggage limits
+            ctx = self._derive_dropping(base, values, extra, frame)
+            echo = None  # the request id may be among the dropped values
         if frame.spans and values:
-            stamp(bridge, span, values)
-        self._guard_native_telemetry(scope, span)
+            self._stamp(span, values)
+        if self.traced_outside:
+            scope.setdefault(_FASTAPI_TELEMETRY, None)
+            scope.setdefault(_STARLETTE_TELEMETRY, True)
+        else:
+            self._guard_native_telemetry(scope, span)
         original = scope.pop(ORIGINAL_HEADERS, None)
         if original is not None:
             scope["headers"] = original  # the app sees the headers as they came
@@ -251,8 +275,43 @@ class ContextBridgeMiddleware:
             secret = self._secret  # a trust secret is for this middleware only
             if any(name == secret for name, _ in scope.get("headers") or ()):
                 scope["headers"] = [h for h in scope["headers"] if h[0] != secret]
-        echo = echo_value(values.get(self._rid))
+        if echo is None:
+            echo = echo_value(values.get(rid))
         return Exchange(self, scope, send, ctx, frame, echo, named)
+
+    def _derive_dropping(
+        self, base: Context, values: dict[str, Any], extra: dict[str, object] | None, frame: Frame
+    ) -> Context:
+        """The request context when a value would not go in: the trusted peer's extra baggage
+        first, then each refused value, is dropped (counted) until the rest does."""
+        bridge = self.bridge
+        for _ in range(len(values) + 2):
+            try:
+                return derive_context(bridge, base, values, frame)
+            except ContextValueError as exc:
+                bridge.count_drop(exc.field, exc.reason)
+                if extra:
+                    extra = None
+                    base = rt.with_entry(base, rt.BAGGAGE_KEY, {})
+                else:
+                    values.pop(exc.field, None)
+        values.clear()  # pragma: no cover - every value dropped above
+        return derive_context(bridge, base, {}, frame)  # pragma: no cover
+
+    def _stamp(self, span: Any, values: dict[str, Any]) -> None:
+        """The server span gets the request's fields (plain text ones without more checks)."""
+        plain = self._plain_attributes
+        attributes: dict[str, Any] = {}
+        for name, value in values.items():
+            attribute = plain.get(name)
+            if attribute is None or value.__class__ is not str:
+                stamp(self.bridge, span, values)  # a redacted field, or not text: in full
+                return
+            attributes[attribute] = value
+        try:
+            write_attributes(span, attributes)
+        except Exception:  # telemetry never throws on the request path
+            _logger.debug("otel_ctxbridge: could not stamp the server span", exc_info=True)
 
     def _guard_native_telemetry(self, scope: Scope, span: Any) -> None:
         if self.traced_outside or (span is not None and span.get_span_context().is_valid):

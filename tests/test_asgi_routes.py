@@ -191,3 +191,31 @@ def test_middleware_added_outside_otels_warns_and_inside_does_not(
     (record,) = caplog.records
     assert "outside OpenTelemetry" in record.getMessage()
     assert "instrument_asgi" in record.getMessage()
+
+
+@pytest.mark.parametrize("own_hook", [False, True], ids=["default-hook", "user-hook"])
+def test_trace_headers_are_shielded_with_either_span_details_hook(
+    bridge: cb.ContextBridge, spans: InMemorySpanExporter, own_hook: bool
+) -> None:
+    """The header shield runs in the span-details hook of ``instrument_asgi``, or as a layer
+    outside OTel's middleware when the user passes a hook of their own: either way a valid
+    ``traceparent`` is continued, duplicated ones start a new trace, and untrusted baggage
+    never reaches the request's context."""
+    kwargs: dict[str, Any] = {}
+    if own_hook:
+        kwargs["default_span_details"] = lambda scope: ("custom", {})
+    app = instrument_asgi(make_api(bridge), bridge, **kwargs)
+    with serve(app) as base:
+        kept = httpx.get(base + "/seen", headers={"traceparent": SAMPLED})
+        both = [("traceparent", SAMPLED), ("traceparent", SAMPLED.replace("-01", "-00"))]
+        duplicated = httpx.get(base + "/seen", headers=both)
+        hostile = httpx.get(
+            base + "/seen", headers={"traceparent": SAMPLED, "baggage": HOSTILE_BAGGAGE}
+        )
+        continued, restarted, with_baggage = server_spans(spans)
+    assert kept.status_code == duplicated.status_code == hostile.status_code == 200
+    assert format(continued.context.trace_id, "032x") == TRACE
+    assert format(restarted.context.trace_id, "032x") != TRACE
+    assert format(with_baggage.context.trace_id, "032x") == TRACE
+    assert "tenant_id" not in hostile.json()["fields"]
+    assert hostile.json()["baggage"] == {"request_id": hostile.headers["x-request-id"]}
