@@ -42,8 +42,8 @@ _TRACEPARENT = b"traceparent"
 _TRACESTATE = b"tracestate"
 _BAGGAGE = b"baggage"
 _SHIELDED = frozenset((_TRACEPARENT, _TRACESTATE, _BAGGAGE))
-BACKSLASH = 0x5C
-"""``BACKSLASH in raw`` scans the bytes with memchr; ``b"\\" in raw`` costs 5x more on
+_BACKSLASH = 0x5C
+"""``_BACKSLASH in raw`` scans the bytes with memchr; ``b"\\" in raw`` costs 5x more on
 CPython 3.11 (it first tries the needle as an int, raising and clearing a TypeError)."""
 _REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
 
@@ -78,8 +78,8 @@ def shield_headers(
             states.append(value.decode("latin-1"))
         elif name == _BAGGAGE or name in hidden:
             continue
-        elif (BACKSLASH in value and _undecodable(value)) or (
-            BACKSLASH in name and _undecodable(name)
+        elif (_BACKSLASH in value and _undecodable(value)) or (
+            _BACKSLASH in name and _undecodable(name)
         ):
             continue  # OTel would answer 500 if it read this header
         else:
@@ -91,7 +91,7 @@ def shield_headers(
 
 def _needs_shield(headers: Iterable[tuple[bytes, bytes]], hidden: frozenset[bytes]) -> bool:
     for name, value in headers:
-        if name in _SHIELDED or name in hidden or BACKSLASH in value or BACKSLASH in name:
+        if name in _SHIELDED or name in hidden or _BACKSLASH in value or _BACKSLASH in name:
             return True
     return False
 
@@ -111,44 +111,6 @@ def _trace_pair(parents: list[str], states: list[str], bridge: ContextBridge | N
     return pair
 
 
-class HeaderCheck:
-    """What OpenTelemetry may see of a request's headers (see the module documentation):
-    the check :class:`TraceHeaderShield` makes, and :func:`~otel_ctxbridge.asgi.
-    instrument_asgi` makes in OTel's span-details hook (called before OTel reads the headers),
-    which spares a middleware layer. ``hidden``: names of more headers to hide (the trust
-    secret); ``bridge`` counts refused trace headers."""
-
-    def __init__(self, bridge: ContextBridge | None, hidden: Iterable[str] = ()) -> None:
-        self.bridge = bridge
-        self.hidden = frozenset(h.lower().encode("latin-1") for h in hidden)
-        self.names = _SHIELDED | self.hidden
-        """A header with one of these names (or a backslash) needs :meth:`cleaned`."""
-
-    def cleaned(self, headers: Headers) -> Headers | None:
-        """The headers OTel may see, or None when ``headers`` can be shown unchanged."""
-        names = self.names
-        for name, value in headers:  # the common case: nothing to change, no copy
-            if name in names or BACKSLASH in value or BACKSLASH in name:
-                break
-        else:
-            return None
-        try:
-            return shield_headers(headers, self.hidden, self.bridge)
-        except Exception:  # telemetry never throws on the request path
-            _logger.exception("otel_ctxbridge: could not check the trace headers; hiding them")
-            return []
-
-    def apply(self, scope: Scope) -> None:
-        """Show OTel ``scope`` with safe headers; the headers as received go under
-        :data:`ORIGINAL_HEADERS`, where the inner middleware takes them back."""
-        headers = scope.get("headers")
-        if headers:
-            cleaned = self.cleaned(headers)
-            if cleaned is not None:
-                scope["headers"] = cleaned
-                scope[ORIGINAL_HEADERS] = headers
-
-
 class TraceHeaderShield:
     """ASGI middleware for *outside* OpenTelemetry's: validates ``traceparent``/``tracestate``
     per W3C Trace Context Level 1 and hides ``baggage``, the ``hidden`` headers (the trust
@@ -162,7 +124,9 @@ class TraceHeaderShield:
         self, app: ASGIApp, bridge: ContextBridge | None = None, hidden: Iterable[str] = ()
     ) -> None:
         self.app = app
-        self.check = HeaderCheck(bridge, hidden)
+        self._bridge = bridge
+        self._hidden = frozenset(h.lower().encode("latin-1") for h in hidden)
+        self._names = _SHIELDED | self._hidden
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Run the wrapped app with a scope whose tracing headers are safe for OTel."""
@@ -170,7 +134,19 @@ class TraceHeaderShield:
         if kind != "http" and kind != "websocket":  # noqa: PLR1714 - the fast comparison
             return await self.app(scope, receive, send)
         headers = scope.get("headers")
-        cleaned = self.check.cleaned(headers) if headers else None
+        if not headers:
+            return await self.app(scope, receive, send)
+        names = self._names
+        for name, value in headers:  # the common case: nothing to change, no copy
+            if name in names or _BACKSLASH in value or _BACKSLASH in name:
+                break
+        else:
+            return await self.app(scope, receive, send)
+        try:
+            cleaned = shield_headers(headers, self._hidden, self._bridge)
+        except Exception:  # telemetry never throws on the request path
+            _logger.exception("otel_ctxbridge: could not check the trace headers; hiding them")
+            cleaned = []
         if cleaned is None:
             return await self.app(scope, receive, send)
         inner = dict(scope)

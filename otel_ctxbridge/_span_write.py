@@ -4,9 +4,8 @@ The SDK's public ``Span.set_attributes`` validates and copies every value (about
 of the write itself). The bridge's attributes are already valid: keys are declared attribute
 names, values plain ``str``/``bool``/``int``/``float`` (see ``fields.attribute_value``). When
 the span's store is the SDK's ``BoundedAttributes`` and none of its limits could apply, they go
-straight into it, under the span's lock: every SDK write to a span's attributes holds that
-lock (and then the store's own, which is therefore never contended here). Anything else (a
-length limit, a store of another shape, another SDK) takes the public path.
+straight into it, under the span's lock and then the store's, as the SDK's own writes.
+Anything else (a length limit, a store of another shape, another SDK) takes the public path.
 """
 
 from __future__ import annotations
@@ -26,6 +25,21 @@ it wrote (or there was nothing to do), False when the span is not one it applies
 before the accelerator is configured."""
 
 
+def _fits(store: Any, existing: dict[str, Any], attributes: Mapping[str, Any]) -> bool:
+    """True when ``attributes`` go in without the store's count limit dropping any (checked
+    before taking the locks, and again under them: another thread may have added some)."""
+    return store.maxlen is None or len(existing) + len(attributes) <= store.maxlen
+
+
+def _put(existing: dict[str, Any], attributes: Mapping[str, Any], overwrite: bool) -> None:
+    if overwrite or not existing:
+        existing.update(attributes)
+    else:
+        for key, value in attributes.items():
+            if key not in existing:
+                existing[key] = value
+
+
 def write_attributes(span: Any, attributes: Mapping[str, Any], overwrite: bool = True) -> None:
     """Set ``attributes`` (checked attribute values) on ``span`` while it is recording.
 
@@ -37,21 +51,15 @@ def write_attributes(span: Any, attributes: Mapping[str, Any], overwrite: bool =
     store: Any = getattr(span, "_attributes", None)
     if type(store) is BoundedAttributes:
         try:
-            if store.max_value_len is None and (
-                store.maxlen is None or len(store._dict) + len(attributes) <= store.maxlen
-            ):
-                # The span's lock is enough: every SDK write to its attributes holds it.
+            if store.max_value_len is None and _fits(store, store._dict, attributes):
                 with span._lock:
                     if span._end_time is not None:
                         return
-                    existing = store._dict
-                    if overwrite or not existing:
-                        existing.update(attributes)
-                    else:
-                        for key, value in attributes.items():
-                            if key not in existing:
-                                existing[key] = value
-                return
+                    with store._lock:  # BoundedAttributes' readers (deepcopy) take it
+                        existing = store._dict
+                        if _fits(store, existing, attributes):
+                            _put(existing, attributes, overwrite)
+                            return
         except AttributeError:  # the SDK changed: the public path
             pass
     if not overwrite:
@@ -71,15 +79,17 @@ def rename_span(span: Any, expected: str, name: str, attributes: Mapping[str, An
     store: Any = getattr(span, "_attributes", None)
     if type(store) is BoundedAttributes:
         try:
-            if store.max_value_len is None and (
-                store.maxlen is None or len(store._dict) + len(attributes) <= store.maxlen
-            ):
+            if store.max_value_len is None and _fits(store, store._dict, attributes):
                 with span._lock:  # as in write_attributes
                     if span._end_time is not None or span._name != expected:
                         return
-                    store._dict.update(attributes)
-                    span._name = name
-                return
+                    with store._lock:
+                        fits = _fits(store, store._dict, attributes)
+                        if fits:
+                            store._dict.update(attributes)
+                    if fits:
+                        span._name = name
+                        return
         except AttributeError:  # the SDK changed: the public path
             pass
     if getattr(span, "name", None) != expected or not span.is_recording():

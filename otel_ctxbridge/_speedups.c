@@ -1208,12 +1208,26 @@ sdk_attribute(PyObject *obj, PyObject *name)
     return value;
 }
 
-/* Under the span's lock (held): write `attributes`, and when `expected` is not None rename
- * the span from `expected` to `name`. 1: done or nothing to do (ended, renamed since); 0:
- * not the SDK this code knows (nothing written); -1: an error (set). */
+/* Call `method` ("acquire" or "release") of `lock`: 0 or -1 (error set). */
 static int
-write_span_locked(PyObject *span, PyObject *items, PyObject *attributes, PyObject *expected,
-                  PyObject *name)
+call_lock(PyObject *lock, PyObject *method)
+{
+    PyObject *result = PyObject_CallMethodNoArgs(lock, method);
+    if (result == NULL) {
+        return -1;
+    }
+    Py_DECREF(result);
+    return 0;
+}
+
+/* Under the span's lock (held): write `attributes` into `items` (the store's dict, under the
+ * store's lock too, as the SDK's own writes and BoundedAttributes' readers take it), and when
+ * `expected` is not None rename the span from `expected` to `name`. `maxlen`: the store's
+ * count limit, or -1. 1: done or nothing to do (ended, renamed since); 0: not the SDK this
+ * code knows, or a limit that now applies (nothing written); -1: an error (set). */
+static int
+write_span_locked(PyObject *span, PyObject *store, PyObject *items, Py_ssize_t maxlen,
+                  PyObject *attributes, PyObject *expected, PyObject *name)
 {
     PyObject *end = sdk_attribute(span, str_end_time);
     if (end == NULL) {
@@ -1238,13 +1252,36 @@ write_span_locked(PyObject *span, PyObject *items, PyObject *attributes, PyObjec
             return 1; /* renamed since (by the application or a hook): left as it is */
         }
     }
-    if (PyDict_Update(items, attributes) < 0) {
+    PyObject *store_lock = sdk_attribute(store, str_lock);
+    if (store_lock == NULL) {
+        return PyErr_Occurred() ? -1 : 0;
+    }
+    if (call_lock(store_lock, str_acquire) < 0) {
+        Py_DECREF(store_lock);
         return -1;
     }
-    if (expected != Py_None && PyObject_SetAttr(span, str_name, name) < 0) {
+    int done = 1;
+    if (maxlen >= 0 && PyDict_GET_SIZE(items) + PyDict_GET_SIZE(attributes) > maxlen) {
+        done = 0; /* grown since the check before the lock: the SDK's path counts drops */
+    }
+    else if (PyDict_Update(items, attributes) < 0) {
+        done = -1;
+    }
+    PyObject *exc_type, *exc_value, *exc_tb;
+    PyErr_Fetch(&exc_type, &exc_value, &exc_tb);
+    int released = call_lock(store_lock, str_release);
+    Py_DECREF(store_lock);
+    if (released < 0) {
+        Py_XDECREF(exc_type);
+        Py_XDECREF(exc_value);
+        Py_XDECREF(exc_tb);
         return -1;
     }
-    return 1;
+    PyErr_Restore(exc_type, exc_value, exc_tb);
+    if (done == 1 && expected != Py_None && PyObject_SetAttr(span, str_name, name) < 0) {
+        return -1;
+    }
+    return done;
 }
 
 /* write_span(span, attributes, expected, name): see _span_write.write_attributes and
@@ -1279,8 +1316,9 @@ write_span(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
     if ((probe = sdk_attribute(store, str_maxlen)) == NULL) {
         goto out;
     }
+    Py_ssize_t maxlen = -1;
     if (probe != Py_None) {
-        Py_ssize_t maxlen = PyLong_Check(probe) ? PyLong_AsSsize_t(probe) : -1;
+        maxlen = PyLong_Check(probe) ? PyLong_AsSsize_t(probe) : -1;
         if (maxlen < 0) {
             PyErr_Clear();
             goto out;
@@ -1296,7 +1334,7 @@ write_span(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
         goto out;
     }
     Py_CLEAR(held);
-    done = write_span_locked(span, items, attributes, expected, name);
+    done = write_span_locked(span, store, items, maxlen, attributes, expected, name);
     PyObject *exc_type, *exc_value, *exc_tb;
     PyErr_Fetch(&exc_type, &exc_value, &exc_tb); /* release the lock whatever happened */
     PyObject *released = PyObject_CallMethodNoArgs(lock, str_release);

@@ -3,12 +3,9 @@
 ``app = instrument_asgi(app, bridge, trust=TrustPolicy(networks=["10.0.0.0/8"]))`` wraps an ASGI
 application (FastAPI, Starlette, ...) with, from the outside in:
 
-1. the header shield: ``traceparent``/``tracestate`` checked as W3C Trace Context Level 1
-   says; ``baggage``, the trust secret and headers OTel cannot decode (it would answer 500)
-   hidden from OTel. It runs in OTel's ``default_span_details`` hook, which OTel calls just
-   before it reads the headers (no middleware layer of its own); when you pass your own
-   ``default_span_details``, it is a :class:`~otel_ctxbridge._inbound.TraceHeaderShield`
-   layer outside OTel's middleware instead;
+1. :class:`~otel_ctxbridge._inbound.TraceHeaderShield`: ``traceparent``/``tracestate`` checked as
+   W3C Trace Context Level 1 says; ``baggage``, the trust secret and headers OTel cannot decode
+   (it would answer 500) hidden from OTel;
 2. ``opentelemetry-instrumentation-asgi``'s ``OpenTelemetryMiddleware``: the server span, a
    child of a valid inbound ``traceparent`` (send/receive spans off unless ``exclude_spans``
    is given), named, once the router has matched a route, after its template
@@ -55,10 +52,8 @@ from . import _runtime as rt
 from ._derive import derive_context
 from ._exchange import Exchange, default_span_name, echo_value
 from ._inbound import (
-    BACKSLASH,
     ORIGINAL_HEADERS,
     ASGIApp,
-    HeaderCheck,
     InboundReader,
     Receive,
     Scope,
@@ -124,19 +119,16 @@ def instrument_asgi(
         log_errors=log_errors,
     )
     otel_kwargs.setdefault("exclude_spans", ["receive", "send"])
+    if "default_span_details" not in otel_kwargs:
+        # The default span name without OTel's per-request environment lookups, remembered so
+        # that the span can be named after its route once the router has matched one.
+        otel_kwargs["default_span_details"] = inner.span_details
     # OTel's middleware is outside for every request: even when it records nothing (an unsampled
     # request, an excluded URL) no inner telemetry may start a span on a fresh context.
     inner.traced_outside = True
-    hidden = (trust.secret_header,)
-    if "default_span_details" in otel_kwargs:  # the user's hook: the shield is a layer outside
-        traced = OpenTelemetryMiddleware(inner, **otel_kwargs)
-        return TraceHeaderShield(traced, bridge=bridge, hidden=hidden)
-    # The default span name without OTel's per-request environment lookups, remembered so that
-    # the span can be named after its route once the router has matched one. OTel calls the
-    # hook just before it reads the headers (and only then): the hook shields them too.
-    inner.header_check = HeaderCheck(bridge, hidden)
-    otel_kwargs["default_span_details"] = inner.span_details
-    return OpenTelemetryMiddleware(inner, **otel_kwargs)
+    traced = OpenTelemetryMiddleware(inner, **otel_kwargs)
+    # A layer outside OTel's: OTel decodes the Host header before it calls any hook.
+    return TraceHeaderShield(traced, bridge=bridge, hidden=(trust.secret_header,))
 
 
 class ContextBridgeMiddleware:
@@ -188,8 +180,6 @@ class ContextBridgeMiddleware:
         if access_log and self._access.level == logging.NOTSET:
             self._access.setLevel(logging.INFO)  # asked for: on even under a WARNING root
         self._stack_checked = False
-        self.header_check: HeaderCheck | None = None
-        """Set by ``instrument_asgi``: :meth:`span_details` shields the headers from OTel."""
         self._plain_attributes = {
             name: str(field.attribute)
             for name, field in bridge.fields.items()
@@ -226,15 +216,6 @@ class ContextBridgeMiddleware:
         """OTel's ``default_span_details`` hook: the default span name (remembered, to name
         the span after its route later) and no extra attributes: the request's fields are
         set on the span as soon as the request context is built, just after it starts."""
-        check = self.header_check
-        if check is not None:  # under instrument_asgi: OTel reads the headers next
-            headers = scope.get("headers")
-            if headers:
-                names = check.names
-                for name, value in headers:  # the common case: nothing to hide
-                    if name in names or BACKSLASH in value or BACKSLASH in name:
-                        check.apply(scope)
-                        break
         name = default_span_name(scope)
         scope[_NAMED] = name
         return name, {}

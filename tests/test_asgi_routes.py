@@ -197,10 +197,9 @@ def test_middleware_added_outside_otels_warns_and_inside_does_not(
 def test_trace_headers_are_shielded_with_either_span_details_hook(
     bridge: cb.ContextBridge, spans: InMemorySpanExporter, own_hook: bool
 ) -> None:
-    """The header shield runs in the span-details hook of ``instrument_asgi``, or as a layer
-    outside OTel's middleware when the user passes a hook of their own: either way a valid
-    ``traceparent`` is continued, duplicated ones start a new trace, and untrusted baggage
-    never reaches the request's context."""
+    """With OTel's span-details hook set by ``instrument_asgi`` or by the user, the header
+    shield outside OTel's middleware continues a valid ``traceparent``, starts a new trace
+    for duplicated ones, and keeps untrusted baggage out of the request's context."""
     kwargs: dict[str, Any] = {}
     if own_hook:
         kwargs["default_span_details"] = lambda scope: ("custom", {})
