@@ -41,13 +41,14 @@ def stamp(bridge: ContextBridge, span: object, values: Mapping[str, Any]) -> Non
         if not span.is_recording():  # type: ignore[attr-defined] # any Span-like object
             return
         attributes: dict[str, Any] = {}
+        plain = bridge._plain_attributes
         for name, value in values.items():
             if value is None:
                 continue
-            field = bridge.fields[name]
-            if value.__class__ is str and not field.redacted:  # plain text: shown as it is
-                attributes[str(field.attribute)] = value
+            if value.__class__ is str and name in plain:  # plain text: shown as it is
+                attributes[plain[name]] = value
                 continue
+            field = bridge.fields[name]
             shown = attribute_value(field.shown(value))
             if shown is not None:
                 attributes[str(field.attribute)] = shown

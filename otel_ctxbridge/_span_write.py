@@ -31,13 +31,36 @@ def _fits(store: Any, existing: dict[str, Any], attributes: Mapping[str, Any]) -
     return store.maxlen is None or len(existing) + len(attributes) <= store.maxlen
 
 
-def _put(existing: dict[str, Any], attributes: Mapping[str, Any], overwrite: bool) -> None:
-    if overwrite or not existing:
-        existing.update(attributes)
-    else:
-        for key, value in attributes.items():
-            if key not in existing:
-                existing[key] = value
+def _write_direct(
+    span: Any, attributes: Mapping[str, Any], overwrite: bool, expected: str | None, name: str
+) -> bool:
+    """The direct path in Python (what the compiled ``write_span`` does): True when written,
+    or nothing to do (the span has ended, or no longer has the ``expected`` name); False when
+    the span is not one it applies to (a limit, another SDK): nothing written."""
+    store: Any = getattr(span, "_attributes", None)
+    if type(store) is not BoundedAttributes:
+        return False
+    try:
+        if store.max_value_len is not None or not _fits(store, store._dict, attributes):
+            return False
+        with span._lock:
+            if span._end_time is not None or (expected is not None and span._name != expected):
+                return True
+            with store._lock:  # BoundedAttributes' readers (deepcopy) take it
+                existing = store._dict
+                if not _fits(store, existing, attributes):
+                    return False
+                if overwrite or not existing:
+                    existing.update(attributes)
+                else:
+                    for key, value in attributes.items():
+                        if key not in existing:
+                            existing[key] = value
+            if expected is not None:
+                span._name = name
+        return True
+    except AttributeError:  # the SDK changed: the public path
+        return False
 
 
 def write_attributes(span: Any, attributes: Mapping[str, Any], overwrite: bool = True) -> None:
@@ -48,20 +71,8 @@ def write_attributes(span: Any, attributes: Mapping[str, Any], overwrite: bool =
     the SDK's own ``set_attributes`` does), so an exporter never sees its attributes change."""
     if overwrite and _write_span is not None and _write_span(span, attributes, None, None):
         return
-    store: Any = getattr(span, "_attributes", None)
-    if type(store) is BoundedAttributes:
-        try:
-            if store.max_value_len is None and _fits(store, store._dict, attributes):
-                with span._lock:
-                    if span._end_time is not None:
-                        return
-                    with store._lock:  # BoundedAttributes' readers (deepcopy) take it
-                        existing = store._dict
-                        if _fits(store, existing, attributes):
-                            _put(existing, attributes, overwrite)
-                            return
-        except AttributeError:  # the SDK changed: the public path
-            pass
+    if _write_direct(span, attributes, overwrite, None, ""):
+        return
     if not overwrite:
         present = span.attributes
         if present:
@@ -76,22 +87,8 @@ def rename_span(span: Any, expected: str, name: str, attributes: Mapping[str, An
     the application or a hook, is left as it is)."""
     if _write_span is not None and _write_span(span, attributes, expected, name):
         return
-    store: Any = getattr(span, "_attributes", None)
-    if type(store) is BoundedAttributes:
-        try:
-            if store.max_value_len is None and _fits(store, store._dict, attributes):
-                with span._lock:  # as in write_attributes
-                    if span._end_time is not None or span._name != expected:
-                        return
-                    with store._lock:
-                        fits = _fits(store, store._dict, attributes)
-                        if fits:
-                            store._dict.update(attributes)
-                    if fits:
-                        span._name = name
-                        return
-        except AttributeError:  # the SDK changed: the public path
-            pass
+    if _write_direct(span, attributes, True, expected, name):
+        return
     if getattr(span, "name", None) != expected or not span.is_recording():
         return
     span.set_attributes(attributes)

@@ -61,7 +61,6 @@ from ._inbound import (
     TraceHeaderShield,
 )
 from ._scope import stamp
-from ._span_write import write_attributes
 from ._state import Frame
 from .bridge import ContextBridge
 from .errors import ContextValueError, requires_extra
@@ -180,11 +179,6 @@ class ContextBridgeMiddleware:
         if access_log and self._access.level == logging.NOTSET:
             self._access.setLevel(logging.INFO)  # asked for: on even under a WARNING root
         self._stack_checked = False
-        self._plain_attributes = {
-            name: str(field.attribute)
-            for name, field in bridge.fields.items()
-            if not field.redacted
-        }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Run the app inside the request context."""
@@ -243,7 +237,7 @@ class ContextBridgeMiddleware:
             ctx = self._derive_dropping(base, values, extra, frame)
             echo = None  # the request id may be among the dropped values
         if frame.spans and values:
-            self._stamp(span, values)
+            stamp(self.bridge, span, values)
         if self.traced_outside:
             scope.setdefault(_FASTAPI_TELEMETRY, None)
             scope.setdefault(_STARLETTE_TELEMETRY, True)
@@ -278,21 +272,6 @@ class ContextBridgeMiddleware:
                     values.pop(exc.field, None)
         values.clear()  # pragma: no cover - every value dropped above
         return derive_context(bridge, base, {}, frame)  # pragma: no cover
-
-    def _stamp(self, span: Any, values: dict[str, Any]) -> None:
-        """The server span gets the request's fields (plain text ones without more checks)."""
-        plain = self._plain_attributes
-        attributes: dict[str, Any] = {}
-        for name, value in values.items():
-            attribute = plain.get(name)
-            if attribute is None or value.__class__ is not str:
-                stamp(self.bridge, span, values)  # a redacted field, or not text: in full
-                return
-            attributes[attribute] = value
-        try:
-            write_attributes(span, attributes)
-        except Exception:  # telemetry never throws on the request path
-            _logger.debug("otel_ctxbridge: could not stamp the server span", exc_info=True)
 
     def _guard_native_telemetry(self, scope: Scope, span: Any) -> None:
         if self.traced_outside or (span is not None and span.get_span_context().is_valid):

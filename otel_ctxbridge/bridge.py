@@ -64,6 +64,11 @@ class ContextBridge:
         self._plans: dict[str, tuple[str | None, int, Callable[[str], object] | bool]] = {
             f.name: (self._where[f.name], f.max_length, _quick_check(f)) for f in resolved.values()
         }
+        # name -> span attribute of the fields whose text values spans show as they are
+        # (not redacted): stamp() writes those without a look at the field.
+        self._plain_attributes: dict[str, str] = {
+            f.name: str(f.attribute) for f in resolved.values() if not f.redacted
+        }
         # get() and current(): the last context read twice in a row, every field's value in it
         # (MISSING when unset) and a view of the set ones; _missed: the context of the last
         # read that found another one cached.
