@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import threading
 from collections.abc import Callable, Mapping
 from contextvars import Token
 from inspect import Parameter, Signature
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.context import Context
+from opentelemetry.sdk.trace import _Span as SDKSpan  # the class of the SDK's spans
 
 from . import _runtime as rt
 from ._accel import speedups
@@ -30,6 +32,24 @@ F = TypeVar("F", bound=Callable[..., Any])
 S = TypeVar("S", bound="PyScopeCore")
 
 
+def span_attributes(bridge: ContextBridge, values: Mapping[str, Any]) -> dict[str, Any]:
+    """The span attributes of ``values``: each set field under its attribute name, shown as the
+    field says (redacted); objects that are not attribute values are left out."""
+    attributes: dict[str, Any] = {}
+    plain = bridge._plain_attributes
+    for name, value in values.items():
+        if value is None:
+            continue
+        if value.__class__ is str and name in plain:  # plain text: shown as it is
+            attributes[plain[name]] = value
+            continue
+        field = bridge.fields[name]
+        shown = attribute_value(field.shown(value))
+        if shown is not None:
+            attributes[str(field.attribute)] = shown
+    return attributes
+
+
 def stamp(bridge: ContextBridge, span: object, values: Mapping[str, Any]) -> None:
     """Set the attributes of ``values`` on ``span`` when it is recording. Never raises.
 
@@ -40,18 +60,7 @@ def stamp(bridge: ContextBridge, span: object, values: Mapping[str, Any]) -> Non
     try:
         if not span.is_recording():  # type: ignore[attr-defined] # any Span-like object
             return
-        attributes: dict[str, Any] = {}
-        plain = bridge._plain_attributes
-        for name, value in values.items():
-            if value is None:
-                continue
-            if value.__class__ is str and name in plain:  # plain text: shown as it is
-                attributes[plain[name]] = value
-                continue
-            field = bridge.fields[name]
-            shown = attribute_value(field.shown(value))
-            if shown is not None:
-                attributes[str(field.attribute)] = shown
+        attributes = span_attributes(bridge, values)
         if attributes:
             write_attributes(span, attributes)
     except Exception:  # telemetry never throws on the request path
@@ -129,6 +138,8 @@ def _configured() -> Any:
             may_exceed_limits=may_exceed_limits,
             member_limit=MAX_MEMBER_BYTES,
             bounded_type=BoundedAttributes,
+            span_type=SDKSpan,  # its writes may skip free locks under the GIL (_speedups.c)
+            lock_type=type(threading.Lock()),
             # What inspect.signature() shows of the compiled bridge.scope and bridge.get:
             scope_signature=Signature([Parameter("values", Parameter.VAR_KEYWORD)]),
             get_signature=Signature(

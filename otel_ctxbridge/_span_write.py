@@ -4,8 +4,10 @@ The SDK's public ``Span.set_attributes`` validates and copies every value (about
 of the write itself). The bridge's attributes are already valid: keys are declared attribute
 names, values plain ``str``/``bool``/``int``/``float`` (see ``fields.attribute_value``). When
 the span's store is the SDK's ``BoundedAttributes`` and none of its limits could apply, they go
-straight into it, under the span's lock and then the store's, as the SDK's own writes.
-Anything else (a length limit, a store of another shape, another SDK) takes the public path.
+straight into it, under the span's lock and then the store's, as the SDK's own writes (the
+compiled path skips taking locks nobody holds: under the GIL, with no Python code running
+during its write, no other thread could enter what they guard). Anything else (a length
+limit, a store of another shape, another SDK) takes the public path.
 """
 
 from __future__ import annotations
@@ -25,42 +27,59 @@ it wrote (or there was nothing to do), False when the span is not one it applies
 before the accelerator is configured."""
 
 
-def _fits(store: Any, existing: dict[str, Any], attributes: Mapping[str, Any]) -> bool:
-    """True when ``attributes`` go in without the store's count limit dropping any (checked
-    before taking the locks, and again under them: another thread may have added some)."""
-    return store.maxlen is None or len(existing) + len(attributes) <= store.maxlen
+_NOTHING: dict[str, Any] = {}
 
 
-def _write_direct(
-    span: Any, attributes: Mapping[str, Any], overwrite: bool, expected: str | None, name: str
+def _fits(store: Any, existing: dict[str, Any], adding: int) -> bool:
+    """True when ``adding`` attributes go in without the store's count limit dropping any
+    (checked before taking the locks, and again under them: another thread may have added
+    some)."""
+    return store.maxlen is None or len(existing) + adding <= store.maxlen
+
+
+def _write_direct(  # noqa: PLR0917 - private, the twin of the compiled write_span
+    span: Any,
+    attributes: Mapping[str, Any],
+    overwrite: bool,
+    expected: str | None,
+    name: str,
+    renamed: Mapping[str, Any],
 ) -> bool:
     """The direct path in Python (what the compiled ``write_span`` does): True when written,
-    or nothing to do (the span has ended, or no longer has the ``expected`` name); False when
-    the span is not one it applies to (a limit, another SDK): nothing written."""
+    or nothing to do (the span has ended); False when the span is not one it applies to (a
+    limit, another SDK): nothing written. ``renamed`` is written, and the span renamed to
+    ``name``, only while it keeps the ``expected`` name."""
     store: Any = getattr(span, "_attributes", None)
     if type(store) is not BoundedAttributes:
         return False
     try:
-        if store.max_value_len is not None or not _fits(store, store._dict, attributes):
+        adding = len(attributes) + (len(renamed) if expected is not None else 0)
+        if store.max_value_len is not None or not _fits(store, store._dict, adding):
             return False
         with span._lock:
-            if span._end_time is not None or (expected is not None and span._name != expected):
+            if span._end_time is not None:
                 return True
+            if expected is not None and span._name != expected:
+                expected = None  # renamed since (by the application or a hook): kept
             with store._lock:  # BoundedAttributes' readers (deepcopy) take it
-                existing = store._dict
-                if not _fits(store, existing, attributes):
+                if not _fits(store, store._dict, adding):
                     return False
-                if overwrite or not existing:
-                    existing.update(attributes)
-                else:
-                    for key, value in attributes.items():
-                        if key not in existing:
-                            existing[key] = value
+                _update(store._dict, attributes, overwrite)
+                if expected is not None:
+                    store._dict.update(renamed)
             if expected is not None:
                 span._name = name
         return True
     except AttributeError:  # the SDK changed: the public path
         return False
+
+
+def _update(existing: dict[str, Any], attributes: Mapping[str, Any], overwrite: bool) -> None:
+    if overwrite or not existing:
+        existing.update(attributes)
+    else:
+        for key, value in attributes.items():
+            existing.setdefault(key, value)
 
 
 def write_attributes(span: Any, attributes: Mapping[str, Any], overwrite: bool = True) -> None:
@@ -69,9 +88,9 @@ def write_attributes(span: Any, attributes: Mapping[str, Any], overwrite: bool =
     ``overwrite=False`` keeps an attribute the span already has. A span that has ended is left
     as it is (checked under the span's lock, which ``end()`` holds while it ends the span, as
     the SDK's own ``set_attributes`` does), so an exporter never sees its attributes change."""
-    if overwrite and _write_span is not None and _write_span(span, attributes, None, None):
+    if _write_span is not None and _write_span(span, attributes, overwrite, None, None, None):
         return
-    if _write_direct(span, attributes, overwrite, None, ""):
+    if _write_direct(span, attributes, overwrite, None, "", _NOTHING):
         return
     if not overwrite:
         present = span.attributes
@@ -81,16 +100,25 @@ def write_attributes(span: Any, attributes: Mapping[str, Any], overwrite: bool =
         span.set_attributes(attributes)
 
 
-def rename_span(span: Any, expected: str, name: str, attributes: Mapping[str, Any]) -> None:
-    """Rename ``span`` from ``expected`` to ``name`` and set ``attributes`` (checked values),
-    in one write, if it is recording and still named ``expected`` (a span renamed since, by
-    the application or a hook, is left as it is)."""
-    if _write_span is not None and _write_span(span, attributes, expected, name):
+def rename_span(
+    span: Any,
+    expected: str,
+    name: str,
+    renamed: Mapping[str, Any],
+    fields: Mapping[str, Any] = _NOTHING,
+) -> None:
+    """In one write, if ``span`` is recording: set ``fields`` (checked values) it does not have
+    yet (the application's own attributes, and values ``update()`` wrote, win), and if it is
+    still named ``expected``, rename it to ``name`` and set ``renamed`` (a span renamed since,
+    by the application or a hook, keeps its name)."""
+    if _write_span is not None and _write_span(span, fields, False, expected, name, renamed):
         return
-    if _write_direct(span, attributes, True, expected, name):
+    if _write_direct(span, fields, False, expected, name, renamed):
         return
-    if getattr(span, "name", None) != expected or not span.is_recording():
+    if not span.is_recording():
         return
-    span.set_attributes(attributes)
-    if name != expected:
-        span.update_name(name)
+    write_attributes(span, fields, overwrite=False)
+    if getattr(span, "name", None) == expected:
+        span.set_attributes(renamed)
+        if name != expected:
+            span.update_name(name)

@@ -12,7 +12,7 @@
 #define PY_SSIZE_T_CLEAN
 /* What _accel.py expects: a module built from other sources (a stale in-place build) whose
  * API differs is not used. Raise it whenever the Python side starts relying on a change. */
-#define SPEEDUPS_API 5
+#define SPEEDUPS_API 6
 #include <Python.h>
 #include <structmember.h>
 
@@ -31,6 +31,8 @@ typedef struct {
     PyObject *scope_signature;   /* inspect.Signature of bridge.scope */
     PyObject *get_signature;     /* inspect.Signature of bridge.get */
     PyObject *bounded_type;      /* opentelemetry.attributes.BoundedAttributes */
+    PyObject *span_type;         /* the SDK's span class (opentelemetry.sdk.trace._Span) */
+    PyObject *lock_type;         /* type(threading.Lock()) */
 } Config;
 
 static Config config;
@@ -55,6 +57,7 @@ static PyObject *str_dict;            /* "_dict" */
 static PyObject *str_lock;            /* "_lock" */
 static PyObject *str_acquire;         /* "acquire" */
 static PyObject *str_release;         /* "release" */
+static PyObject *str_locked;          /* "locked" */
 static PyObject *str_end_time;        /* "_end_time" */
 static PyObject *str_name;            /* "_name" */
 
@@ -1147,14 +1150,15 @@ configure(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwargs)
     static char *names[] = {"var",           "context_type", "baggage_key", "span_key",
                             "derive",        "stamp",        "detach_failed", "child_state",
                             "empty",         "may_exceed_limits", "member_limit",
-                            "scope_signature", "get_signature", "bounded_type", NULL};
+                            "scope_signature", "get_signature", "bounded_type",
+                            "span_type",     "lock_type",    NULL};
     Config given;
     if (!PyArg_ParseTupleAndKeywords(
-            args, kwargs, "$OOUUOOOOOOnOOO:configure", names, &given.var, &given.context_type,
+            args, kwargs, "$OOUUOOOOOOnOOOOO:configure", names, &given.var, &given.context_type,
             &given.baggage_key, &given.span_key, &given.derive, &given.stamp,
             &given.detach_failed, &given.child_state, &given.empty,
             &given.may_exceed_limits, &given.member_limit, &given.scope_signature,
-            &given.get_signature, &given.bounded_type)) {
+            &given.get_signature, &given.bounded_type, &given.span_type, &given.lock_type)) {
         return NULL;
     }
     if (!PyType_Check(given.context_type) ||
@@ -1174,7 +1178,7 @@ configure(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwargs)
                             &given.detach_failed, &given.child_state,
                             &given.empty,  &given.may_exceed_limits,
                             &given.scope_signature, &given.get_signature,
-                            &given.bounded_type};
+                            &given.bounded_type, &given.span_type, &given.lock_type};
     for (size_t i = 0; i < sizeof(objects) / sizeof(objects[0]); i++) {
         Py_INCREF(*objects[i]);
     }
@@ -1184,7 +1188,7 @@ configure(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwargs)
                             &config.detach_failed, &config.child_state,
                             &config.empty,  &config.may_exceed_limits,
                             &config.scope_signature, &config.get_signature,
-                            &config.bounded_type};
+                            &config.bounded_type, &config.span_type, &config.lock_type};
         for (size_t i = 0; i < sizeof(old) / sizeof(old[0]); i++) {
             Py_DECREF(*old[i]);
         }
@@ -1220,14 +1224,31 @@ call_lock(PyObject *lock, PyObject *method)
     return 0;
 }
 
-/* Under the span's lock (held): write `attributes` into `items` (the store's dict, under the
- * store's lock too, as the SDK's own writes and BoundedAttributes' readers take it), and when
- * `expected` is not None rename the span from `expected` to `name`. `maxlen`: the store's
- * count limit, or -1. 1: done or nothing to do (ended, renamed since); 0: not the SDK this
- * code knows, or a limit that now applies (nothing written); -1: an error (set). */
+/* Add the items of `attributes` that `items` does not have: 0, or -1 (error set). */
 static int
-write_span_locked(PyObject *span, PyObject *store, PyObject *items, Py_ssize_t maxlen,
-                  PyObject *attributes, PyObject *expected, PyObject *name)
+keep_existing_update(PyObject *items, PyObject *attributes)
+{
+    Py_ssize_t pos = 0;
+    PyObject *key, *value;
+    while (PyDict_Next(attributes, &pos, &key, &value)) {
+        if (PyDict_SetDefault(items, key, value) == NULL) {
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* Under the span's lock (held, or free as locks_free() found it): write `attributes` into
+ * `items` (the store's dict; under `store_lock` when it is given, as the SDK's own writes and
+ * BoundedAttributes' readers take it; with `overwrite` 0, only those it does not have yet),
+ * and when `expected` is not None and the span still has that name, `renamed` too, and
+ * rename the span to `name`. `maxlen`: the store's count limit,
+ * or -1. 1: done or nothing to do (ended); 0: not the SDK this code knows, or a limit that now
+ * applies (nothing written); -1: an error (set). */
+static int
+write_span_locked(PyObject *span, PyObject *store_lock, PyObject *items, Py_ssize_t maxlen,
+                  PyObject *attributes, int overwrite, PyObject *expected, PyObject *name,
+                  PyObject *renamed)
 {
     PyObject *end = sdk_attribute(span, str_end_time);
     if (end == NULL) {
@@ -1249,57 +1270,105 @@ write_span_locked(PyObject *span, PyObject *store, PyObject *items, Py_ssize_t m
             return -1;
         }
         if (!same) {
-            return 1; /* renamed since (by the application or a hook): left as it is */
+            expected = Py_None; /* renamed since (by the application or a hook): kept */
         }
     }
-    PyObject *store_lock = sdk_attribute(store, str_lock);
-    if (store_lock == NULL) {
-        return PyErr_Occurred() ? -1 : 0;
+    int rename = expected != Py_None;
+    if (!rename && PyDict_GET_SIZE(attributes) == 0) {
+        return 1;
     }
-    if (call_lock(store_lock, str_acquire) < 0) {
-        Py_DECREF(store_lock);
+    if (store_lock != NULL && call_lock(store_lock, str_acquire) < 0) {
         return -1;
     }
     int done = 1;
-    if (maxlen >= 0 && PyDict_GET_SIZE(items) + PyDict_GET_SIZE(attributes) > maxlen) {
+    if (maxlen >= 0 && PyDict_GET_SIZE(items) + PyDict_GET_SIZE(attributes) +
+                               (rename ? PyDict_GET_SIZE(renamed) : 0) > maxlen) {
         done = 0; /* grown since the check before the lock: the SDK's path counts drops */
     }
-    else if (PyDict_Update(items, attributes) < 0) {
+    else if (overwrite ? PyDict_Update(items, attributes) < 0
+                       : keep_existing_update(items, attributes) < 0) {
         done = -1;
     }
-    PyObject *exc_type, *exc_value, *exc_tb;
-    PyErr_Fetch(&exc_type, &exc_value, &exc_tb);
-    int released = call_lock(store_lock, str_release);
-    Py_DECREF(store_lock);
-    if (released < 0) {
-        Py_XDECREF(exc_type);
-        Py_XDECREF(exc_value);
-        Py_XDECREF(exc_tb);
-        return -1;
+    else if (rename && PyDict_Update(items, renamed) < 0) {
+        done = -1;
     }
-    PyErr_Restore(exc_type, exc_value, exc_tb);
-    if (done == 1 && expected != Py_None && PyObject_SetAttr(span, str_name, name) < 0) {
+    if (store_lock != NULL) {
+        PyObject *exc_type, *exc_value, *exc_tb;
+        PyErr_Fetch(&exc_type, &exc_value, &exc_tb);
+        if (call_lock(store_lock, str_release) < 0) {
+            Py_XDECREF(exc_type);
+            Py_XDECREF(exc_value);
+            Py_XDECREF(exc_tb);
+            return -1;
+        }
+        PyErr_Restore(exc_type, exc_value, exc_tb);
+    }
+    if (done == 1 && rename && PyObject_SetAttr(span, str_name, name) < 0) {
         return -1;
     }
     return done;
 }
 
-/* write_span(span, attributes, expected, name): see _span_write.write_attributes and
- * rename_span. True: written (or nothing to do); False: the caller takes the public path. */
+/* 1 when `lock` is a threading.Lock nobody holds, 0 when it is held or of another type, -1 on
+ * an error (set). */
+static int
+lock_is_free(PyObject *lock)
+{
+    if ((PyObject *)Py_TYPE(lock) != config.lock_type) {
+        return 0;
+    }
+    PyObject *held = PyObject_CallMethodNoArgs(lock, str_locked);
+    if (held == NULL) {
+        return -1;
+    }
+    int free = held == Py_False;
+    Py_DECREF(held);
+    return free;
+}
+
+/* 1 when the write may skip taking the two locks: the span is the SDK's own class (plain
+ * attributes: reading and writing them runs no Python code) and nobody holds its lock or its
+ * store's. The GIL is held from here to the end of the write and no Python code runs in
+ * between, so no other thread can enter the sections those locks guard (end(), the SDK's
+ * writes, BoundedAttributes' deepcopy) until the write is done: taking them would change
+ * nothing but the cost (four method calls). A build without the GIL re-enables it for this
+ * module (no Py_mod_gil slot). 0: take the locks; -1: an error (set). */
+static int
+locks_free(PyObject *span, PyObject *lock, PyObject *store_lock)
+{
+    if ((PyObject *)Py_TYPE(span) != config.span_type) {
+        return 0;
+    }
+    int free = lock_is_free(lock);
+    if (free != 1) {
+        return free;
+    }
+    return lock_is_free(store_lock);
+}
+
+/* write_span(span, attributes, overwrite, expected, name, renamed): see
+ * _span_write.write_attributes and rename_span. True: written (or nothing to do); False: the caller takes the public path. */
 static PyObject *
 write_span(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "write_span() takes 4 arguments");
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "write_span() takes 6 arguments");
         return NULL;
     }
-    PyObject *span = args[0], *attributes = args[1], *expected = args[2], *name = args[3];
-    PyObject *store = NULL, *probe = NULL, *items = NULL, *lock = NULL, *held = NULL;
+    PyObject *span = args[0], *attributes = args[1], *expected = args[3], *name = args[4];
+    PyObject *renamed = args[5];
+    int overwrite = PyObject_IsTrue(args[2]);
+    if (overwrite < 0) {
+        return NULL;
+    }
+    PyObject *store = NULL, *probe = NULL, *items = NULL, *lock = NULL, *store_lock = NULL;
     int done = 0;
     if (!configured || !PyDict_CheckExact(attributes) ||
-        (expected != Py_None && !PyUnicode_Check(name))) {
+        (expected != Py_None && (!PyUnicode_Check(name) || !PyDict_CheckExact(renamed)))) {
         Py_RETURN_FALSE;
     }
+    Py_ssize_t adding = PyDict_GET_SIZE(attributes) +
+                        (expected != Py_None ? PyDict_GET_SIZE(renamed) : 0);
     if ((store = sdk_attribute(span, str_span_attributes)) == NULL) {
         goto out;
     }
@@ -1323,29 +1392,35 @@ write_span(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
             PyErr_Clear();
             goto out;
         }
-        if (PyDict_GET_SIZE(items) + PyDict_GET_SIZE(attributes) > maxlen) {
+        if (PyDict_GET_SIZE(items) + adding > maxlen) {
             goto out; /* the SDK would drop some: its own path counts them */
         }
     }
-    if ((lock = sdk_attribute(span, str_lock)) == NULL) {
+    if ((lock = sdk_attribute(span, str_lock)) == NULL ||
+        (store_lock = sdk_attribute(store, str_lock)) == NULL) {
         goto out;
     }
-    if ((held = PyObject_CallMethodNoArgs(lock, str_acquire)) == NULL) {
+    int free = locks_free(span, lock, store_lock);
+    if (free != 0) {
+        done = free < 0 ? -1 : write_span_locked(span, NULL, items, maxlen, attributes,
+                                                 overwrite, expected, name, renamed);
         goto out;
     }
-    Py_CLEAR(held);
-    done = write_span_locked(span, store, items, maxlen, attributes, expected, name);
+    if (call_lock(lock, str_acquire) < 0) {
+        done = -1;
+        goto out;
+    }
+    done = write_span_locked(span, store_lock, items, maxlen, attributes, overwrite, expected,
+                             name, renamed);
     PyObject *exc_type, *exc_value, *exc_tb;
     PyErr_Fetch(&exc_type, &exc_value, &exc_tb); /* release the lock whatever happened */
-    PyObject *released = PyObject_CallMethodNoArgs(lock, str_release);
-    if (released == NULL) {
+    if (call_lock(lock, str_release) < 0) {
         Py_XDECREF(exc_type);
         Py_XDECREF(exc_value);
         Py_XDECREF(exc_tb);
         done = -1;
     }
     else {
-        Py_DECREF(released);
         PyErr_Restore(exc_type, exc_value, exc_tb);
     }
 out:
@@ -1353,6 +1428,7 @@ out:
     Py_XDECREF(probe);
     Py_XDECREF(items);
     Py_XDECREF(lock);
+    Py_XDECREF(store_lock);
     if (done < 0 || (done == 0 && PyErr_Occurred())) {
         return NULL;
     }
@@ -1361,7 +1437,7 @@ out:
 
 static PyMethodDef module_methods[] = {
     {"write_span", (PyCFunction)(void (*)(void))write_span, METH_FASTCALL,
-     "write_span(span, attributes, expected, name): the direct path of _span_write (True), or "
+     "write_span(span, attributes, overwrite, expected, name, renamed): the direct path of _span_write (True), or "
      "False when the caller must take the public one."},
     {"uuid4_texts", uuid4_texts, METH_O,
      "uuid4_texts(raw): the text of a version-4 UUID for each 16 bytes of raw (random bytes)."},
@@ -1394,6 +1470,7 @@ module_exec(PyObject *module)
         str_lock = PyUnicode_InternFromString("_lock");
         str_acquire = PyUnicode_InternFromString("acquire");
         str_release = PyUnicode_InternFromString("release");
+        str_locked = PyUnicode_InternFromString("locked");
         str_end_time = PyUnicode_InternFromString("_end_time");
         str_name = PyUnicode_InternFromString("_name");
         str_updates = PyUnicode_InternFromString("updates");
@@ -1403,7 +1480,7 @@ module_exec(PyObject *module)
         zero = PyLong_FromLong(0);
         if (!str_key || !str_plans || !str_frame || !str_local || !str_updates || !str_last ||
             !str_get || !str_scope || !str_span_attributes || !str_max_value_len ||
-            !str_maxlen || !str_dict || !str_lock || !str_acquire || !str_release ||
+            !str_maxlen || !str_dict || !str_lock || !str_acquire || !str_release || !str_locked ||
             !str_end_time || !str_name || !zero) {
             Py_CLEAR(zero);
             return -1;

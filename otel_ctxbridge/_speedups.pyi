@@ -48,7 +48,12 @@ def derive(
 ) -> Context | None: ...
 def uuid4_texts(raw: bytes) -> list[str]: ...
 def write_span(
-    span: Any, attributes: dict[str, Any], expected: str | None, name: str | None
+    span: Any,
+    attributes: dict[str, Any],
+    overwrite: bool,
+    expected: str | None,
+    name: str | None,
+    renamed: dict[str, Any] | None,
 ) -> bool: ...
 def configure(
     *,
@@ -66,4 +71,6 @@ def configure(
     scope_signature: Any,
     get_signature: Any,
     bounded_type: type,
+    span_type: type,
+    lock_type: type,
 ) -> None: ...

@@ -333,18 +333,17 @@ def test_update_in_a_dependency_reaches_server_span_and_access_log(
 def test_server_span_gets_fields_and_route_and_the_app_may_overwrite_them(
     bridge: cb.ContextBridge, spans: InMemorySpanExporter
 ) -> None:
-    """The server span gets the request's fields as soon as the request context is built,
-    and ``http.route`` (named after the route template) once routed; an attribute the
-    application sets on it afterwards wins, and a field unset with update() keeps the value
-    the span had (update() leaves spans as they are for unset values)."""
+    """The server span gets the request's fields and ``http.route`` (named after the route
+    template) in one write when the response starts; an attribute the application set on it
+    during the request wins, and a field unset with update() keeps the value the request
+    came with (update() leaves spans as they are for unset values)."""
     api = FastAPI()
 
     @api.get("/items/{item_id}")
     async def item(item_id: str) -> dict[str, Any]:
         span: Any = trace.get_current_span()
-        seen_on_span = span.attributes.get("app.request_id")
         span.set_attribute("app.request_id", "set-by-app")
-        return {"item": item_id, "seen": seen_on_span}
+        return {"item": item_id, "seen": bridge.get("request_id")}
 
     @api.get("/unset")
     async def unset() -> dict[str, Any]:
@@ -353,7 +352,7 @@ def test_server_span_gets_fields_and_route_and_the_app_may_overwrite_them(
 
     with serve(instrument_asgi(api, bridge)) as base:
         response = httpx.get(base + "/items/7", headers={"x-request-id": "r-1"})
-        assert response.json() == {"item": "7", "seen": "r-1"}  # there during the request
+        assert response.json() == {"item": "7", "seen": "r-1"}
         (span,) = server_spans(spans)
         assert span.name == "GET /items/{item_id}"
         assert span.attributes["http.route"] == "/items/{item_id}"
@@ -499,7 +498,23 @@ def test_pure_asgi_app_failing_before_responding_gets_a_500_with_the_id(
     assert response.status_code == 500
     assert response.headers["x-request-id"] == "rid-raw"
     assert server_spans(spans)[0].attributes["http.status_code"] == 500
+    assert server_spans(spans)[0].attributes["app.request_id"] == "rid-raw"
     assert access_lines(records)[0].status_code == 500
+
+
+def test_app_returning_without_a_response_still_stamps_the_server_span(
+    bridge: cb.ContextBridge, spans: InMemorySpanExporter
+) -> None:
+    """An app that returns without sending anything (the server answers 500 itself): the
+    request's fields still reach the server span, written as the app returns."""
+
+    async def silent(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        return None
+
+    with serve(instrument_asgi(silent, bridge)) as base:
+        response = httpx.get(base + "/", headers={"x-request-id": "rid-silent"})
+    assert response.status_code == 500
+    assert server_spans(spans)[0].attributes["app.request_id"] == "rid-silent"
 
 
 def test_lifespan_passes_through_untouched(

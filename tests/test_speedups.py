@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import tracemalloc
 import weakref
 import zipfile
@@ -619,19 +620,23 @@ def _span_state(span: Any) -> tuple[str, dict[str, Any], int]:
 
 
 @compiled
-@pytest.mark.parametrize("rename", [False, True], ids=["write", "rename"])
-def test_compiled_span_write_matches_python(monkeypatch: pytest.MonkeyPatch, rename: bool) -> None:
+@pytest.mark.parametrize("mode", ["write", "keep", "rename"])
+def test_compiled_span_write_matches_python(monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
     """The compiled direct write (``write_span``) leaves each span exactly as the Python
-    code does: attributes written, the span renamed only while it keeps the expected name,
-    an ended span untouched, and limits that apply left to the SDK's public path."""
+    code does: the fields written (over the span's own, or only where it has none), the
+    route written and the span renamed only while it keeps the expected name, an ended span
+    untouched, and limits that apply left to the SDK's public path."""
     from otel_ctxbridge import _span_write
 
+    fields = {"app.tenant": "acme", "a": "2"}  # "a": the fresh span has "1"
+
     def act(span: Any, named: str) -> None:
-        attributes = {"http.route": "/items/{item_id}", "app.tenant": "acme"}
-        if rename:
-            _span_write.rename_span(span, named, "GET /items/{item_id}", attributes)
+        if mode == "rename":
+            route = {"http.route": "/items/{item_id}"}
+            _span_write.rename_span(span, named, "GET /items/{item_id}", route, fields)
         else:
-            _span_write.write_attributes(span, attributes)
+            attributes = {"http.route": "/items/{item_id}", **fields}
+            _span_write.write_attributes(span, attributes, overwrite=mode == "write")
 
     compiled_states = []
     for _, span, named in _span_cases():
@@ -645,9 +650,12 @@ def test_compiled_span_write_matches_python(monkeypatch: pytest.MonkeyPatch, ren
     assert compiled_states == python_states
     fresh = dict(zip([case for case, _, _ in _span_cases()], compiled_states, strict=True))
     assert fresh["fresh"][1]["http.route"] == "/items/{item_id}"
+    assert fresh["fresh"][1]["a"] == ("2" if mode == "write" else "1")
+    assert fresh["fresh"][0] == ("GET /items/{item_id}" if mode == "rename" else "GET /items/7")
     assert fresh["ended"][1] == {}
     assert fresh["renamed"][0] == "chosen by the app"
-    assert (fresh["renamed"][1] == {}) is rename
+    assert fresh["renamed"][1]["app.tenant"] == "acme"  # the fields, whatever the name
+    assert ("http.route" not in fresh["renamed"][1]) is (mode == "rename")
     assert fresh["length limit"][1]["app.tenant"] == "acm"  # truncated by the SDK
 
 
@@ -659,10 +667,33 @@ def test_compiled_span_write_refuses_what_it_does_not_know() -> None:
 
     write_span = _accel.speedups.write_span  # type: ignore[union-attr] # compiled: loaded
     span = TracerProvider().get_tracer("t").start_span("s")
-    assert write_span(object(), {"a": "b"}, None, None) is False
-    assert write_span(span, [("a", "b")], None, None) is False
-    assert write_span(span, {"a": "b"}, "s", 42) is False  # a new name that is not text
-    assert write_span(span, {"a": "b"}, None, None) is True
+    assert write_span(object(), {"a": "b"}, True, None, None, None) is False
+    assert write_span(span, [("a", "b")], True, None, None, None) is False
+    assert write_span(span, {"a": "b"}, True, "s", 42, {}) is False  # a name that is not text
+    assert write_span(span, {"a": "b"}, True, "s", "t", [("c", "d")]) is False  # not a dict
+    assert write_span(span, {"a": "b"}, True, None, None, None) is True
     assert dict(span.attributes) == {"a": "b"}
     with pytest.raises(TypeError):
         write_span(span, {"a": "b"})
+
+
+@pytest.mark.parametrize("held", ["span", "store"])
+def test_span_write_waits_for_a_lock_another_thread_holds(held: str) -> None:
+    """While another thread holds the span's lock (``end()``, the SDK's writes) or its
+    store's (``BoundedAttributes``' deepcopy), the direct write waits for it instead of
+    writing under it (the compiled path skips only locks nobody holds)."""
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from otel_ctxbridge._span_write import write_attributes
+
+    span: Any = TracerProvider().get_tracer("t").start_span("s")
+    lock = span._lock if held == "span" else span._attributes._lock
+    with lock:
+        writer = threading.Thread(target=write_attributes, args=(span, {"app.tenant": "acme"}))
+        writer.start()
+        writer.join(0.3)
+        assert writer.is_alive()  # waiting for the lock
+        assert "app.tenant" not in span._attributes._dict
+    writer.join(10)
+    assert not writer.is_alive()
+    assert span.attributes["app.tenant"] == "acme"
