@@ -5,6 +5,7 @@ before answering. Used by :class:`~otel_ctxbridge.asgi.ContextBridgeMiddleware`.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
@@ -125,8 +126,10 @@ class Exchange:
         except Exception:  # telemetry never throws on the request path
             _logger.debug("otel_ctxbridge: could not stamp the server span", exc_info=True)
 
-    async def send(self, message: Message) -> None:
-        """The ``send`` the application sees for an HTTP request."""
+    def send(self, message: Message) -> Awaitable[None]:
+        """The ``send`` the application sees for an HTTP request: it returns the awaitable of
+        the ``send`` it wraps (no coroutine of its own), except for the last body message
+        when the access-log line is still to be written after it."""
         kind = message["type"]
         if kind == "http.response.start":
             self.status = message.get("status", 200)
@@ -134,12 +137,16 @@ class Exchange:
                 self._started(message)
             except Exception:  # telemetry never throws on the request path
                 _logger.debug("otel_ctxbridge: could not add the request id", exc_info=True)
-        elif kind == "http.response.body" and not message.get("more_body", False):
-            await self.send_next(message)
-            if not self.logged:
-                self.finish()
-            return
+        elif (
+            not self.logged and kind == "http.response.body" and not message.get("more_body", False)
+        ):
+            return self._send_last(message)
+        return self.send_next(message)
+
+    async def _send_last(self, message: Message) -> None:
         await self.send_next(message)
+        if not self.logged:
+            self.finish()
 
     async def send_ws(self, message: Message) -> None:
         """The ``send`` the application sees for a websocket connection."""
