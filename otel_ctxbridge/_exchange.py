@@ -5,7 +5,6 @@ before answering. Used by :class:`~otel_ctxbridge.asgi.ContextBridgeMiddleware`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
@@ -14,8 +13,7 @@ from opentelemetry.trace import format_span_id, format_trace_id
 
 from ._inbound import Message, Scope, Send
 from ._runtime import SPAN_KEY
-from ._scope import span_attributes
-from ._span_write import rename_span, write_attributes
+from ._span_write import rename_span
 from ._state import Frame
 
 if TYPE_CHECKING:
@@ -34,9 +32,7 @@ class Exchange:
 
     ``mw`` is the middleware (its settings), ``send_next`` the ``send`` it wraps, ``ctx`` and
     ``frame`` the request context, ``echo`` the request id as a header value (or None),
-    ``named`` the name the server span was started with (None: not named by the middleware),
-    ``unstamped`` the values read for the request, not yet on the server span (they go on it
-    with the route, in one write, when the response starts: :meth:`stamp`)."""
+    ``named`` the name the server span was started with (None: not named by the middleware)."""
 
     __slots__ = (
         "ctx",
@@ -49,7 +45,6 @@ class Exchange:
         "send_next",
         "start",
         "status",
-        "unstamped",
     )
 
     def __init__(  # noqa: PLR0917 - private, called once per request
@@ -61,7 +56,6 @@ class Exchange:
         frame: Frame,
         echo: bytes | None,
         named: str | None = None,
-        unstamped: dict[str, Any] | None = None,
     ) -> None:
         self.mw = mw
         self.scope = scope
@@ -73,7 +67,6 @@ class Exchange:
         self.logged = not mw.access_log  # True: no access-log line to write
         self.status = 0  # 0 until the response starts
         self.named = named  # the server span's name, when the middleware's hook gave it
-        self.unstamped = unstamped
 
     def _add_echo(self, message: Message) -> None:
         mw = self.mw
@@ -91,45 +84,24 @@ class Exchange:
         message["headers"] = [*headers, (name, echo)]
 
     def _started(self, message: Message) -> None:
-        """The response starts: echo the request id, and :meth:`stamp` the server span."""
+        """The response starts: echo the request id; once the router has matched a route,
+        rename the server span from ``"GET /items/42"`` to ``"GET /items/{item_id}"`` (the
+        template Starlette and FastAPI leave in ``scope["route"]``, mount prefix included) and
+        set ``http.route``, as FastAPI's instrumentation does. A span renamed since (by the
+        application or a hook) keeps its name."""
         self._add_echo(message)
-        if self.unstamped is not None or self.named is not None:
-            self.stamp()
+        named = self.named
+        if named is not None and self.frame.spans:  # routed by now
+            template = getattr(self.scope.get("route"), "path_format", None)
+            if isinstance(template, str) and template:
+                root = self.scope.get("root_path")
+                route = f"{root}{template}" if root else template
+                method, sep, _ = named.partition(" ")
+                if sep:
+                    rename_span(self.frame.spans[0], named, f"{method} {route}", {_ROUTE: route})
 
-    def stamp(self) -> None:
-        """Write the request's fields on the server span (where it does not have them yet:
-        values written since by ``update()`` or by the application win) and, once the router
-        has matched a route, rename it from ``"GET /items/42"`` to ``"GET /items/{item_id}"``
-        (the template Starlette and FastAPI leave in ``scope["route"]``, mount prefix
-        included) with ``http.route``, as FastAPI's
-        instrumentation does: one write. A span renamed since (by the application or a hook)
-        keeps its name."""
-        values, self.unstamped = self.unstamped, None
-        named, self.named = self.named, None
-        spans = self.frame.spans
-        if not spans:
-            return
-        try:
-            fields = span_attributes(self.mw.bridge, values) if values else {}
-            if named is not None:  # routed by now
-                template = getattr(self.scope.get("route"), "path_format", None)
-                if isinstance(template, str) and template:
-                    root = self.scope.get("root_path")
-                    route = f"{root}{template}" if root else template
-                    method, sep, _ = named.partition(" ")
-                    if sep:
-                        renamed = f"{method} {route}"
-                        rename_span(spans[0], named, renamed, {_ROUTE: route}, fields)
-                        return
-            if fields:
-                write_attributes(spans[0], fields, overwrite=False)
-        except Exception:  # telemetry never throws on the request path
-            _logger.debug("otel_ctxbridge: could not stamp the server span", exc_info=True)
-
-    def send(self, message: Message) -> Awaitable[None]:
-        """The ``send`` the application sees for an HTTP request: it returns the awaitable of
-        the ``send`` it wraps (no coroutine of its own), except for the last body message
-        when the access-log line is still to be written after it."""
+    async def send(self, message: Message) -> None:
+        """The ``send`` the application sees for an HTTP request."""
         kind = message["type"]
         if kind == "http.response.start":
             self.status = message.get("status", 200)
@@ -137,16 +109,12 @@ class Exchange:
                 self._started(message)
             except Exception:  # telemetry never throws on the request path
                 _logger.debug("otel_ctxbridge: could not add the request id", exc_info=True)
-        elif (
-            not self.logged and kind == "http.response.body" and not message.get("more_body", False)
-        ):
-            return self._send_last(message)
-        return self.send_next(message)
-
-    async def _send_last(self, message: Message) -> None:
+        elif kind == "http.response.body" and not message.get("more_body", False):
+            await self.send_next(message)
+            if not self.logged:
+                self.finish()
+            return
         await self.send_next(message)
-        if not self.logged:
-            self.finish()
 
     async def send_ws(self, message: Message) -> None:
         """The ``send`` the application sees for a websocket connection."""

@@ -34,7 +34,8 @@ S = TypeVar("S", bound="PyScopeCore")
 
 def span_attributes(bridge: ContextBridge, values: Mapping[str, Any]) -> dict[str, Any]:
     """The span attributes of ``values``: each set field under its attribute name, shown as the
-    field says (redacted); objects that are not attribute values are left out."""
+    field says (redacted); objects that are not attribute values, and values whose redactor
+    raises, are left out."""
     attributes: dict[str, Any] = {}
     plain = bridge._plain_attributes
     for name, value in values.items():
@@ -44,7 +45,11 @@ def span_attributes(bridge: ContextBridge, values: Mapping[str, Any]) -> dict[st
             attributes[plain[name]] = value
             continue
         field = bridge.fields[name]
-        shown = attribute_value(field.shown(value))
+        try:
+            shown = attribute_value(field.shown(value))
+        except Exception:  # a user redactor that raises: the value is hidden, never shown
+            rt._logger.debug("otel_ctxbridge: redacting %r raised", name, exc_info=True)
+            continue
         if shown is not None:
             attributes[str(field.attribute)] = shown
     return attributes

@@ -100,25 +100,16 @@ def write_attributes(span: Any, attributes: Mapping[str, Any], overwrite: bool =
         span.set_attributes(attributes)
 
 
-def rename_span(
-    span: Any,
-    expected: str,
-    name: str,
-    renamed: Mapping[str, Any],
-    fields: Mapping[str, Any] = _NOTHING,
-) -> None:
-    """In one write, if ``span`` is recording: set ``fields`` (checked values) it does not have
-    yet (the application's own attributes, and values ``update()`` wrote, win), and if it is
-    still named ``expected``, rename it to ``name`` and set ``renamed`` (a span renamed since,
-    by the application or a hook, keeps its name)."""
-    if _write_span is not None and _write_span(span, fields, False, expected, name, renamed):
+def rename_span(span: Any, expected: str, name: str, attributes: Mapping[str, Any]) -> None:
+    """Rename ``span`` from ``expected`` to ``name`` and set ``attributes`` (checked values),
+    in one write, if it is recording and still named ``expected`` (a span renamed since, by
+    the application or a hook, is left as it is)."""
+    if _write_span is not None and _write_span(span, _NOTHING, True, expected, name, attributes):
         return
-    if _write_direct(span, fields, False, expected, name, renamed):
+    if _write_direct(span, _NOTHING, True, expected, name, attributes):
         return
-    if not span.is_recording():
+    if getattr(span, "name", None) != expected or not span.is_recording():
         return
-    write_attributes(span, fields, overwrite=False)
-    if getattr(span, "name", None) == expected:
-        span.set_attributes(renamed)
-        if name != expected:
-            span.update_name(name)
+    span.set_attributes(attributes)
+    if name != expected:
+        span.update_name(name)

@@ -1321,29 +1321,88 @@ lock_is_free(PyObject *lock)
     if (held == NULL) {
         return -1;
     }
-    int free = held == Py_False;
+    int nobody = held == Py_False;
     Py_DECREF(held);
-    return free;
+    return nobody;
+}
+
+/* 1 when `v` is an attribute value whose release runs no Python code: an exact str, int,
+ * float, bool or None, or an exact tuple of those. */
+static int
+plain_value(PyObject *v)
+{
+    if (PyUnicode_CheckExact(v) || PyLong_CheckExact(v) || PyFloat_CheckExact(v) ||
+        PyBool_Check(v) || v == Py_None) {
+        return 1;
+    }
+    if (!PyTuple_CheckExact(v)) {
+        return 0;
+    }
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(v); i++) {
+        PyObject *item = PyTuple_GET_ITEM(v, i);
+        if (!(PyUnicode_CheckExact(item) || PyLong_CheckExact(item) || PyFloat_CheckExact(item) ||
+              PyBool_Check(item) || item == Py_None)) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* 1 when every key of `dict` is an exact str and, with `values`, every value is plain: then
+ * looking keys up, inserting and replacing values run no Python code (no __eq__ of a str
+ * subclass, no __del__ of a replaced value). */
+static int
+plain_items(PyObject *dict, int values)
+{
+    Py_ssize_t pos = 0;
+    PyObject *key, *value;
+    while (PyDict_Next(dict, &pos, &key, &value)) {
+        if (!PyUnicode_CheckExact(key) || (values && !plain_value(value))) {
+            return 0;
+        }
+    }
+    return 1;
 }
 
 /* 1 when the write may skip taking the two locks: the span is the SDK's own class (plain
- * attributes: reading and writing them runs no Python code) and nobody holds its lock or its
- * store's. The GIL is held from here to the end of the write and no Python code runs in
- * between, so no other thread can enter the sections those locks guard (end(), the SDK's
- * writes, BoundedAttributes' deepcopy) until the write is done: taking them would change
- * nothing but the cost (four method calls). A build without the GIL re-enables it for this
- * module (no Py_mod_gil slot). 0: take the locks; -1: an error (set). */
+ * attributes: reading and writing them runs no Python code), its name (when it is to be
+ * compared and replaced) and its attributes are plain (see plain_items), and nobody holds
+ * its lock or its store's. The GIL is held from here to the end of the write and no Python
+ * code runs in between, so no other thread can enter the sections those locks guard (end(),
+ * the SDK's writes, BoundedAttributes' deepcopy) until the write is done: taking them would
+ * change nothing but the cost (four method calls). Without a GIL (a free-threaded build that
+ * runs with it off) the locks are always taken. 0: take the locks; -1: an error (set). */
 static int
-locks_free(PyObject *span, PyObject *lock, PyObject *store_lock)
+locks_free(PyObject *span, PyObject *lock, PyObject *store_lock, PyObject *items,
+           PyObject *attributes, PyObject *expected, PyObject *renamed)
 {
-    if ((PyObject *)Py_TYPE(span) != config.span_type) {
+#ifdef Py_GIL_DISABLED
+    return 0;
+#else
+    if ((PyObject *)Py_TYPE(span) != config.span_type || !plain_items(items, 1) ||
+        !plain_items(attributes, 0)) {
         return 0;
     }
-    int free = lock_is_free(lock);
-    if (free != 1) {
-        return free;
+    if (expected != Py_None) {
+        if (!PyUnicode_CheckExact(expected) || !plain_items(renamed, 0)) {
+            return 0;
+        }
+        PyObject *current = sdk_attribute(span, str_name);
+        if (current == NULL) {
+            return PyErr_Occurred() ? -1 : 0;
+        }
+        int plain = PyUnicode_CheckExact(current);
+        Py_DECREF(current);
+        if (!plain) {
+            return 0;
+        }
+    }
+    int nobody = lock_is_free(lock);
+    if (nobody != 1) {
+        return nobody;
     }
     return lock_is_free(store_lock);
+#endif
 }
 
 /* write_span(span, attributes, overwrite, expected, name, renamed): see
@@ -1400,10 +1459,10 @@ write_span(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
         (store_lock = sdk_attribute(store, str_lock)) == NULL) {
         goto out;
     }
-    int free = locks_free(span, lock, store_lock);
-    if (free != 0) {
-        done = free < 0 ? -1 : write_span_locked(span, NULL, items, maxlen, attributes,
-                                                 overwrite, expected, name, renamed);
+    int unlocked = locks_free(span, lock, store_lock, items, attributes, expected, renamed);
+    if (unlocked != 0) {
+        done = unlocked < 0 ? -1 : write_span_locked(span, NULL, items, maxlen, attributes,
+                                                     overwrite, expected, name, renamed);
         goto out;
     }
     if (call_lock(lock, str_acquire) < 0) {

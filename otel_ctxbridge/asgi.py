@@ -12,9 +12,8 @@ application (FastAPI, Starlette, ...) with, from the outside in:
    (``GET /items/{item_id}``, with ``http.route``) as FastAPI's own instrumentation names
    it, rather than after the raw path;
 3. :class:`ContextBridgeMiddleware`: the request context, inside the server span, whose
-   attributes get the request's fields with the route, in one write, when the response
-   starts (or when the application returns without one; values set with ``update()`` go on
-   it at once). A sampler does not see them.
+   attributes get the request's fields as soon as they are read (just after the span
+   started: a sampler does not see them).
 
 The order matters: OTel's middleware attaches a fresh context extracted from the headers (so a
 context attached outside it is lost) and starts the server span before inner middleware runs.
@@ -202,8 +201,6 @@ class ContextBridgeMiddleware:
                 await exchange.fail(exc)
                 raise
             finally:
-                if exchange.unstamped is not None:  # no response started
-                    exchange.stamp()
                 if not exchange.logged:
                     exchange.finish()
         finally:
@@ -212,7 +209,7 @@ class ContextBridgeMiddleware:
     def span_details(self, scope: Scope) -> tuple[str, dict[str, Any]]:
         """OTel's ``default_span_details`` hook: the default span name (remembered, to name
         the span after its route later) and no extra attributes: the request's fields are
-        set on the span with its route when the response starts."""
+        set on the span as soon as the request context is built, just after it starts."""
         name = default_span_name(scope)
         scope[_NAMED] = name
         return name, {}
@@ -239,32 +236,23 @@ class ContextBridgeMiddleware:
         except ContextValueError:  # a generated value, or the baggage limits
             ctx = self._derive_dropping(base, values, extra, frame)
             echo = None  # the request id may be among the dropped values
-        unstamped: dict[str, Any] | None = None
         if frame.spans and values:
-            if scope["type"] == "http":
-                unstamped = values  # on the span with the route, when the response starts
-            else:
-                stamp(self.bridge, span, values)
+            stamp(self.bridge, span, values)
         if self.traced_outside:
             scope.setdefault(_FASTAPI_TELEMETRY, None)
             scope.setdefault(_STARLETTE_TELEMETRY, True)
         else:
             self._guard_native_telemetry(scope, span)
-        if self._secret is not None or ORIGINAL_HEADERS in scope:
-            self._headers_for_app(scope)
-        if echo is None:
-            echo = echo_value(values.get(rid))
-        return Exchange(self, scope, send, ctx, frame, echo, named, unstamped)
-
-    def _headers_for_app(self, scope: Scope) -> None:
-        """The headers as they came (the shield's changes were for OTel), without the trust
-        secret (it is for this middleware only)."""
         original = scope.pop(ORIGINAL_HEADERS, None)
         if original is not None:
-            scope["headers"] = original
-        secret = self._secret
-        if secret is not None and any(name == secret for name, _ in scope.get("headers") or ()):
-            scope["headers"] = [h for h in scope["headers"] if h[0] != secret]
+            scope["headers"] = original  # the app sees the headers as they came
+        if self._secret is not None:
+            secret = self._secret  # a trust secret is for this middleware only
+            if any(name == secret for name, _ in scope.get("headers") or ()):
+                scope["headers"] = [h for h in scope["headers"] if h[0] != secret]
+        if echo is None:
+            echo = echo_value(values.get(rid))
+        return Exchange(self, scope, send, ctx, frame, echo, named)
 
     def _derive_dropping(
         self, base: Context, values: dict[str, Any], extra: dict[str, object] | None, frame: Frame

@@ -333,17 +333,18 @@ def test_update_in_a_dependency_reaches_server_span_and_access_log(
 def test_server_span_gets_fields_and_route_and_the_app_may_overwrite_them(
     bridge: cb.ContextBridge, spans: InMemorySpanExporter
 ) -> None:
-    """The server span gets the request's fields and ``http.route`` (named after the route
-    template) in one write when the response starts; an attribute the application set on it
-    during the request wins, and a field unset with update() keeps the value the request
-    came with (update() leaves spans as they are for unset values)."""
+    """The server span gets the request's fields as soon as the request context is built,
+    and ``http.route`` (named after the route template) once routed; an attribute the
+    application sets on it afterwards wins, and a field unset with update() keeps the value
+    the span had (update() leaves spans as they are for unset values)."""
     api = FastAPI()
 
     @api.get("/items/{item_id}")
     async def item(item_id: str) -> dict[str, Any]:
         span: Any = trace.get_current_span()
+        seen_on_span = span.attributes.get("app.request_id")
         span.set_attribute("app.request_id", "set-by-app")
-        return {"item": item_id, "seen": bridge.get("request_id")}
+        return {"item": item_id, "seen": seen_on_span}
 
     @api.get("/unset")
     async def unset() -> dict[str, Any]:
@@ -352,7 +353,7 @@ def test_server_span_gets_fields_and_route_and_the_app_may_overwrite_them(
 
     with serve(instrument_asgi(api, bridge)) as base:
         response = httpx.get(base + "/items/7", headers={"x-request-id": "r-1"})
-        assert response.json() == {"item": "7", "seen": "r-1"}
+        assert response.json() == {"item": "7", "seen": "r-1"}  # there during the request
         (span,) = server_spans(spans)
         assert span.name == "GET /items/{item_id}"
         assert span.attributes["http.route"] == "/items/{item_id}"
@@ -502,11 +503,11 @@ def test_pure_asgi_app_failing_before_responding_gets_a_500_with_the_id(
     assert access_lines(records)[0].status_code == 500
 
 
-def test_app_returning_without_a_response_still_stamps_the_server_span(
+def test_app_returning_without_a_response_still_has_fields_on_the_server_span(
     bridge: cb.ContextBridge, spans: InMemorySpanExporter
 ) -> None:
     """An app that returns without sending anything (the server answers 500 itself): the
-    request's fields still reach the server span, written as the app returns."""
+    request's fields are on the server span all the same."""
 
     async def silent(scope: dict[str, Any], receive: Any, send: Any) -> None:
         return None
@@ -515,6 +516,38 @@ def test_app_returning_without_a_response_still_stamps_the_server_span(
         response = httpx.get(base + "/", headers={"x-request-id": "rid-silent"})
     assert response.status_code == 500
     assert server_spans(spans)[0].attributes["app.request_id"] == "rid-silent"
+
+
+def test_a_raising_redactor_hides_its_field_and_leaves_the_rest_of_the_span(
+    spans: InMemorySpanExporter,
+) -> None:
+    """A field whose redactor raises is left off the server span (never shown in clear); the
+    other fields and the route name still reach it."""
+
+    def broken(value: str) -> str:
+        raise RuntimeError("redactor bug")
+
+    bridge = cb.ContextBridge(
+        [
+            cb.Field(
+                "request_id", header="x-request-id", inbound="always", generate=cb.new_request_id
+            ),
+            cb.Field("user_id", header="x-user-id", inbound="always", redact=broken),
+        ]
+    )
+    api = FastAPI()
+
+    @api.get("/items/{item_id}")
+    async def item(item_id: str) -> dict[str, Any]:
+        return {"item": item_id}
+
+    with serve(instrument_asgi(api, bridge)) as base:
+        headers = {"x-request-id": "rid-redact", "x-user-id": "alice"}
+        assert httpx.get(base + "/items/7", headers=headers).status_code == 200
+    (span,) = server_spans(spans)
+    assert span.name == "GET /items/{item_id}"
+    assert span.attributes["app.request_id"] == "rid-redact"
+    assert "alice" not in span.attributes.values()
 
 
 def test_lifespan_passes_through_untouched(

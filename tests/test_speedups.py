@@ -623,19 +623,18 @@ def _span_state(span: Any) -> tuple[str, dict[str, Any], int]:
 @pytest.mark.parametrize("mode", ["write", "keep", "rename"])
 def test_compiled_span_write_matches_python(monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
     """The compiled direct write (``write_span``) leaves each span exactly as the Python
-    code does: the fields written (over the span's own, or only where it has none), the
-    route written and the span renamed only while it keeps the expected name, an ended span
+    code does: attributes written (over the span's own, or only where it has none), the
+    span renamed with its route only while it keeps the expected name, an ended span
     untouched, and limits that apply left to the SDK's public path."""
     from otel_ctxbridge import _span_write
 
     fields = {"app.tenant": "acme", "a": "2"}  # "a": the fresh span has "1"
 
     def act(span: Any, named: str) -> None:
+        attributes = {"http.route": "/items/{item_id}", **fields}
         if mode == "rename":
-            route = {"http.route": "/items/{item_id}"}
-            _span_write.rename_span(span, named, "GET /items/{item_id}", route, fields)
+            _span_write.rename_span(span, named, "GET /items/{item_id}", attributes)
         else:
-            attributes = {"http.route": "/items/{item_id}", **fields}
             _span_write.write_attributes(span, attributes, overwrite=mode == "write")
 
     compiled_states = []
@@ -650,12 +649,11 @@ def test_compiled_span_write_matches_python(monkeypatch: pytest.MonkeyPatch, mod
     assert compiled_states == python_states
     fresh = dict(zip([case for case, _, _ in _span_cases()], compiled_states, strict=True))
     assert fresh["fresh"][1]["http.route"] == "/items/{item_id}"
-    assert fresh["fresh"][1]["a"] == ("2" if mode == "write" else "1")
+    assert fresh["fresh"][1]["a"] == ("1" if mode == "keep" else "2")
     assert fresh["fresh"][0] == ("GET /items/{item_id}" if mode == "rename" else "GET /items/7")
     assert fresh["ended"][1] == {}
     assert fresh["renamed"][0] == "chosen by the app"
-    assert fresh["renamed"][1]["app.tenant"] == "acme"  # the fields, whatever the name
-    assert ("http.route" not in fresh["renamed"][1]) is (mode == "rename")
+    assert (fresh["renamed"][1] == {}) is (mode == "rename")  # renamed since: left alone
     assert fresh["length limit"][1]["app.tenant"] == "acm"  # truncated by the SDK
 
 
@@ -697,3 +695,26 @@ def test_span_write_waits_for_a_lock_another_thread_holds(held: str) -> None:
     writer.join(10)
     assert not writer.is_alive()
     assert span.attributes["app.tenant"] == "acme"
+
+
+def test_span_write_takes_the_locks_when_a_replaced_value_could_run_code() -> None:
+    """A value the application put on the span that runs code when released (a ``str``
+    subclass with ``__del__``) is replaced under the span's lock: the write skips only locks
+    no thread could need, and only when nothing it does runs Python code."""
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from otel_ctxbridge._span_write import write_attributes
+
+    span: Any = TracerProvider().get_tracer("t").start_span("s")
+    held_while_released: list[bool] = []
+
+    class Tracked(str):
+        __slots__ = ()
+
+        def __del__(self) -> None:
+            held_while_released.append(span._lock.locked())
+
+    span.set_attribute("app.tenant", Tracked("old"))
+    write_attributes(span, {"app.tenant": "new"})
+    assert held_while_released == [True]
+    assert span.attributes["app.tenant"] == "new"
