@@ -12,14 +12,14 @@ limit, a store of another shape, another SDK) takes the public path.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from opentelemetry.attributes import BoundedAttributes
 
 from ._accel import speedups
 
-__all__ = ["rename_span", "write_attributes"]
+__all__ = ["remove_attributes", "rename_span", "write_attributes"]
 
 _write_span = speedups.write_span if speedups is not None else None
 """The compiled direct path (the same checks and writes as below, in one C call): True when
@@ -113,3 +113,24 @@ def rename_span(span: Any, expected: str, name: str, attributes: Mapping[str, An
     span.set_attributes(attributes)
     if name != expected:
         span.update_name(name)
+
+
+def remove_attributes(span: Any, keys: Iterable[str]) -> None:
+    """Remove ``keys`` from the attributes of ``span`` (an SDK span that has not ended), under
+    its lock and its store's. The API has no way to remove an attribute: on spans of another
+    SDK this does nothing."""
+    store: Any = getattr(span, "_attributes", None)
+    if type(store) is not BoundedAttributes:
+        return
+    try:
+        present = [key for key in keys if key in store._dict]
+        if not present:
+            return
+        with span._lock:
+            if span._end_time is not None:
+                return
+            with store._lock:
+                for key in present:
+                    store._dict.pop(key, None)
+    except AttributeError:  # the SDK changed: left as it is
+        return

@@ -60,7 +60,9 @@ from ._inbound import (
     Send,
     TraceHeaderShield,
 )
+from ._misplaced import warn_if_otel_middleware_inside
 from ._scope import stamp
+from ._span_write import remove_attributes
 from ._state import Frame
 from .bridge import ContextBridge
 from .errors import ContextValueError, requires_extra
@@ -135,7 +137,9 @@ class ContextBridgeMiddleware:
 
     It reads each field from its ``header`` and from ``baggage`` per its ``inbound`` policy and
     ``trust``, generates missing ones (``Field.generate``), keeps undeclared baggage only from
-    trusted peers, stamps the current (server) span, echoes the request id on every response
+    trusted peers, stamps the current (server) span (and, when OTel's middleware read the raw
+    ``baggage`` header, removes from it the fields this request did not set, which a span
+    processor copied from that baggage), echoes the request id on every response
     (500s included), and writes the access log. Non-HTTP scopes (lifespan) pass through
     untouched; websocket connections get the context for their whole life and the request id
     on ``websocket.accept``. Place it inside OTel's ``OpenTelemetryMiddleware``.
@@ -167,6 +171,7 @@ class ContextBridgeMiddleware:
         rid = bridge.fields.get(request_id_field)
         self._rid = request_id_field if rid is not None else ""
         self._rid_header = (rid.header or "x-request-id").encode("latin-1") if rid else b""
+        self._attributes = [(n, str(f.attribute)) for n, f in bridge.fields.items()]
         self._log_keys: dict[str, str] = {}
         for name, field in bridge.fields.items():
             if field.log_key in _RESERVED or field.log_key in _REQUEST_KEYS:
@@ -236,23 +241,39 @@ class ContextBridgeMiddleware:
         except ContextValueError:  # a generated value, or the baggage limits
             ctx = self._derive_dropping(base, values, extra, frame)
             echo = None  # the request id may be among the dropped values
-        if frame.spans and values:
-            stamp(self.bridge, span, values)
+        if frame.spans:
+            if values:
+                stamp(self.bridge, span, values)
+            if not self.traced_outside:  # no header shield: OTel saw the raw baggage header
+                self._forget_refused(span, values)
         if self.traced_outside:
             scope.setdefault(_FASTAPI_TELEMETRY, None)
             scope.setdefault(_STARLETTE_TELEMETRY, True)
         else:
             self._guard_native_telemetry(scope, span)
-        original = scope.pop(ORIGINAL_HEADERS, None)
-        if original is not None:
-            scope["headers"] = original  # the app sees the headers as they came
-        if self._secret is not None:
-            secret = self._secret  # a trust secret is for this middleware only
-            if any(name == secret for name, _ in scope.get("headers") or ()):
-                scope["headers"] = [h for h in scope["headers"] if h[0] != secret]
+        if self._secret is not None or ORIGINAL_HEADERS in scope:
+            self._headers_for_app(scope)
         if echo is None:
             echo = echo_value(values.get(rid))
         return Exchange(self, scope, send, ctx, frame, echo, named)
+
+    def _headers_for_app(self, scope: Scope) -> None:
+        """The headers as they came (the shield's changes were for OTel), without the trust
+        secret (it is for this middleware only)."""
+        original = scope.pop(ORIGINAL_HEADERS, None)
+        if original is not None:
+            scope["headers"] = original
+        secret = self._secret
+        if secret is not None and any(name == secret for name, _ in scope.get("headers") or ()):
+            scope["headers"] = [h for h in scope["headers"] if h[0] != secret]
+
+    def _forget_refused(self, span: Any, values: dict[str, Any]) -> None:
+        """Remove from the server span the fields this request did not set: a span processor
+        (``ContextSpanProcessor``) copied them from the baggage OTel's middleware extracted
+        as it came, before the trust policy saw it."""
+        refused = [attribute for name, attribute in self._attributes if name not in values]
+        if refused:
+            remove_attributes(span, refused)
 
     def _derive_dropping(
         self, base: Context, values: dict[str, Any], extra: dict[str, object] | None, frame: Frame
@@ -284,25 +305,4 @@ class ContextBridgeMiddleware:
             scope.setdefault(_STARLETTE_TELEMETRY, True)
         elif not self._stack_checked:  # no span outside: is OTel's middleware inside?
             self._stack_checked = True
-            if _otel_middleware_inside(self.app):
-                _logger.warning(
-                    "otel_ctxbridge: ContextBridgeMiddleware is outside OpenTelemetry's ASGI "
-                    "middleware, which attaches a fresh context under it: the application does "
-                    "not see the request context. Add ContextBridgeMiddleware before "
-                    "OpenTelemetry's (app.add_middleware puts the last one added outermost), "
-                    "or use instrument_asgi"
-                )
-
-
-def _otel_middleware_inside(app: object) -> bool:
-    """True when OTel's ASGI ``OpenTelemetryMiddleware`` is in the chain of ``.app`` below."""
-    seen: set[int] = set()
-    while app is not None and id(app) not in seen and len(seen) < 64:
-        seen.add(id(app))
-        kind = type(app)
-        if kind.__name__ == "OpenTelemetryMiddleware" and kind.__module__.startswith(
-            "opentelemetry.instrumentation.asgi"
-        ):
-            return True
-        app = getattr(app, "app", None)
-    return False
+            warn_if_otel_middleware_inside(self.app)

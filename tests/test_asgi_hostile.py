@@ -224,3 +224,41 @@ def test_secret_header_with_hostile_bytes(provider: TracerProvider) -> None:
     with serve(make_app(BRIDGE, TrustPolicy(secret="s"), provider)) as url:
         assert_survives(url, [(b"x-ctxbridge-secret", b"\xff\\x"), (b"x-tenant-id", b"acme")])
         assert_survives(url, [(b"x-ctxbridge-secret", b"s"), (b"x-ctxbridge-secret", b"s")])
+
+
+def test_spoofed_baggage_never_shows_on_the_server_span_under_the_users_own_otel(
+    bridge: cb.ContextBridge,
+) -> None:
+    """With ``ContextBridgeMiddleware`` inside the user's own OTel middleware (no header
+    shield: OTel extracts the raw ``baggage`` header, and ``ContextSpanProcessor`` copies it
+    onto the new server span), the server span ends up with the values the middleware
+    accepted only: an untrusted peer's ``tenant_id`` is not there, and a ``request_id`` in
+    baggage does not beat the one from the header."""
+    from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+
+    from otel_ctxbridge.asgi import ContextBridgeMiddleware
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(cb.ContextSpanProcessor(bridge))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    api = FastAPI()
+
+    @api.get("/")
+    async def index() -> dict[str, Any]:
+        return dict(bridge.current())
+
+    app = OpenTelemetryMiddleware(ContextBridgeMiddleware(api, bridge), tracer_provider=provider)
+    with serve(app) as base:
+        status, headers = raw_get(
+            base,
+            [
+                (b"x-request-id", b"rid-header"),
+                (b"baggage", b"tenant_id=evil,request_id=spoofed-1"),
+            ],
+        )
+    assert status == 200
+    assert headers["x-request-id"] == "rid-header"
+    (server,) = [s for s in exporter.get_finished_spans() if s.kind.name == "SERVER"]
+    assert server.attributes["app.request_id"] == "rid-header"
+    assert "app.tenant_id" not in server.attributes
