@@ -15,7 +15,7 @@ from . import _runtime as rt
 
 __all__ = ["API", "speedups"]
 
-API = 6
+API = 7
 """The ``SPEEDUPS_API`` of ``_speedups.c`` this Python code works with."""
 
 

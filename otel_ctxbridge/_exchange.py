@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from opentelemetry.context import Context
 from opentelemetry.trace import format_span_id, format_trace_id
 
+from ._accel import speedups
 from ._inbound import Message, Scope, Send
 from ._runtime import SPAN_KEY
 from ._span_write import rename_span
@@ -24,6 +25,7 @@ _METHODS = frozenset(
     ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "QUERY")
 )
 _ROUTE = "http.route"
+_append_header = speedups.append_header if speedups is not None else None
 _500 = [(b"content-type", b"text/plain; charset=utf-8"), (b"connection", b"close")]
 
 
@@ -77,6 +79,8 @@ class Exchange:
         if echo is None:
             return
         name = mw._rid_header
+        if _append_header is not None and _append_header(message, name, echo) is not None:
+            return  # the loop below, compiled
         headers = message.get("headers") or ()
         for key, _ in headers:
             if key.lower() == name:

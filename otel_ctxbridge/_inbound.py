@@ -19,6 +19,7 @@ import re
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
+from ._accel import speedups
 from .fields import REQUEST_ID_PATTERN, Field
 from .limits import parse_baggage
 from .tracecontext import parse_traceparent, parse_tracestate
@@ -46,6 +47,8 @@ _BACKSLASH = 0x5C
 """``_BACKSLASH in raw`` scans the bytes with memchr; ``b"\\" in raw`` costs 5x more on
 CPython 3.11 (it first tries the needle as an int, raising and clearing a TypeError)."""
 _REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
+_scan_headers = speedups.scan_headers if speedups is not None else None
+_collect_headers = speedups.collect_headers if speedups is not None else None
 
 
 def _undecodable(raw: bytes) -> bool:
@@ -66,7 +69,7 @@ def shield_headers(
     bridge: ContextBridge | None = None,
 ) -> Headers | None:
     """The headers OpenTelemetry may see, or None when ``headers`` can be shown unchanged."""
-    if not _needs_shield(headers, hidden):
+    if not needs_shield(headers, _SHIELDED | hidden):
         return None
     kept: Headers = []
     parents: list[str] = []
@@ -89,9 +92,15 @@ def shield_headers(
     return kept
 
 
-def _needs_shield(headers: Iterable[tuple[bytes, bytes]], hidden: frozenset[bytes]) -> bool:
+def needs_shield(headers: Iterable[tuple[bytes, bytes]], names: frozenset[bytes]) -> bool:
+    """True when a header is named in ``names`` or has a backslash in its name or value (OTel
+    would try to decode it as an escape sequence)."""
+    if _scan_headers is not None:  # the same loop, compiled
+        found: bool | None = _scan_headers(headers, names)
+        if found is not None:
+            return found
     for name, value in headers:
-        if name in _SHIELDED or name in hidden or _BACKSLASH in value or _BACKSLASH in name:
+        if name in names or _BACKSLASH in value or _BACKSLASH in name:
             return True
     return False
 
@@ -136,11 +145,7 @@ class TraceHeaderShield:
         headers = scope.get("headers")
         if not headers:
             return await self.app(scope, receive, send)
-        names = self._names
-        for name, value in headers:  # the common case: nothing to change, no copy
-            if name in names or _BACKSLASH in value or _BACKSLASH in name:
-                break
-        else:
+        if not needs_shield(headers, self._names):  # the common case: no copy
             return await self.app(scope, receive, send)
         try:
             cleaned = shield_headers(headers, self._hidden, self._bridge)
@@ -187,14 +192,15 @@ class InboundReader:
     def read(self, scope: Scope) -> tuple[dict[str, str], dict[str, object] | None]:
         """``(field values, extra baggage)``: the valid values this request may set, and for a
         trusted peer the valid undeclared baggage members to forward downstream."""
-        found: dict[bytes, list[bytes]] | None = None
-        wanted = self._wanted
         headers = scope.get(ORIGINAL_HEADERS) or scope.get("headers") or ()
-        for name, value in headers:
-            if name in wanted:
-                if found is None:
-                    found = {}
-                found.setdefault(name, []).append(value)
+        found = _collect_headers(headers, self._wanted) if _collect_headers is not None else None
+        if found is NotImplemented or _collect_headers is None:  # the same loop, in Python
+            found = None
+            for name, value in headers:
+                if name in self._wanted:
+                    if found is None:
+                        found = {}
+                    found.setdefault(name, []).append(value)
         if found is None:
             return {}, None
         return self._values(scope, found)

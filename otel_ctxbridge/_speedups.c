@@ -12,7 +12,7 @@
 #define PY_SSIZE_T_CLEAN
 /* What _accel.py expects: a module built from other sources (a stale in-place build) whose
  * API differs is not used. Raise it whenever the Python side starts relying on a change. */
-#define SPEEDUPS_API 6
+#define SPEEDUPS_API 7
 #include <Python.h>
 #include <structmember.h>
 
@@ -58,6 +58,7 @@ static PyObject *str_lock;            /* "_lock" */
 static PyObject *str_acquire;         /* "acquire" */
 static PyObject *str_release;         /* "release" */
 static PyObject *str_locked;          /* "locked" */
+static PyObject *str_headers;         /* "headers" */
 static PyObject *str_end_time;        /* "_end_time" */
 static PyObject *str_name;            /* "_name" */
 
@@ -1494,7 +1495,18 @@ out:
     return PyBool_FromLong(done);
 }
 
+#include "_speedups_headers.h"
+
 static PyMethodDef module_methods[] = {
+    {"scan_headers", (PyCFunction)(void (*)(void))scan_headers, METH_FASTCALL,
+     "scan_headers(headers, names): True when a header needs the shield, False when none "
+     "does, None for a shape the Python code handles."},
+    {"collect_headers", (PyCFunction)(void (*)(void))collect_headers, METH_FASTCALL,
+     "collect_headers(headers, wanted): {name: [values]} of the wanted headers, None when "
+     "none is there, NotImplemented for a shape the Python code handles."},
+    {"append_header", (PyCFunction)(void (*)(void))append_header, METH_FASTCALL,
+     "append_header(message, name, value): add the header unless it is there (True), None "
+     "for a shape the Python code handles."},
     {"write_span", (PyCFunction)(void (*)(void))write_span, METH_FASTCALL,
      "write_span(span, attributes, overwrite, expected, name, renamed): the direct path of _span_write (True), or "
      "False when the caller must take the public one."},
@@ -1530,6 +1542,7 @@ module_exec(PyObject *module)
         str_acquire = PyUnicode_InternFromString("acquire");
         str_release = PyUnicode_InternFromString("release");
         str_locked = PyUnicode_InternFromString("locked");
+        str_headers = PyUnicode_InternFromString("headers");
         str_end_time = PyUnicode_InternFromString("_end_time");
         str_name = PyUnicode_InternFromString("_name");
         str_updates = PyUnicode_InternFromString("updates");
@@ -1539,7 +1552,7 @@ module_exec(PyObject *module)
         zero = PyLong_FromLong(0);
         if (!str_key || !str_plans || !str_frame || !str_local || !str_updates || !str_last ||
             !str_get || !str_scope || !str_span_attributes || !str_max_value_len ||
-            !str_maxlen || !str_dict || !str_lock || !str_acquire || !str_release || !str_locked ||
+            !str_maxlen || !str_dict || !str_lock || !str_acquire || !str_release || !str_locked || !str_headers ||
             !str_end_time || !str_name || !zero) {
             Py_CLEAR(zero);
             return -1;

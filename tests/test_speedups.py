@@ -718,3 +718,56 @@ def test_span_write_takes_the_locks_when_a_replaced_value_could_run_code() -> No
     write_attributes(span, {"app.tenant": "new"})
     assert held_while_released == [True]
     assert span.attributes["app.tenant"] == "new"
+
+
+_HEADER_NAMES = st.sampled_from(
+    [b"host", b"traceparent", b"baggage", b"x-request-id", b"X-Request-ID", b"a\\b", b"accept"]
+)
+_HEADER_LISTS = st.lists(
+    st.tuples(_HEADER_NAMES | st.binary(max_size=12), st.binary(max_size=12)), max_size=8
+)
+
+
+@compiled
+@settings(max_examples=300)
+@given(headers=_HEADER_LISTS, names=st.frozensets(_HEADER_NAMES, max_size=3))
+def test_compiled_header_loops_match_python(
+    headers: list[tuple[bytes, bytes]], names: frozenset[bytes]
+) -> None:
+    """The compiled header loops answer as the Python ones: which headers need the shield,
+    which wanted headers a request has (values in order), and the echo appended unless the
+    application set the header (any case)."""
+    speedups: Any = _accel.speedups
+    shield = any(n in names or b"\\" in v or b"\\" in n for n, v in headers)
+    assert speedups.scan_headers(headers, names) is shield
+    assert speedups.scan_headers(tuple(headers), names) is shield
+
+    expected: dict[bytes, list[bytes]] = {}
+    for name, value in headers:
+        if name in names:
+            expected.setdefault(name, []).append(value)
+    assert speedups.collect_headers(headers, names) == (expected or None)
+
+    message: dict[str, Any] = {"type": "http.response.start", "headers": list(headers)}
+    assert speedups.append_header(message, b"x-request-id", b"rid") is True
+    if any(name.lower() == b"x-request-id" for name, _ in headers):
+        assert message["headers"] == headers
+    else:
+        assert message["headers"] == [*headers, (b"x-request-id", b"rid")]
+
+
+@compiled
+def test_compiled_header_loops_leave_other_shapes_to_python() -> None:
+    """Headers that are not a list or tuple of (bytes, bytes) tuples (lists of lists, a
+    generator, text) get "not mine" from the compiled loops, and the Python code handles them."""
+    from otel_ctxbridge import _inbound
+
+    speedups: Any = _accel.speedups
+    names = frozenset({b"baggage"})
+    for odd in ([[b"baggage", b"a=b"]], ((b"baggage", "a=b"),), (h for h in [(b"a", b"b")])):
+        assert speedups.scan_headers(odd, names) is None
+        assert speedups.collect_headers(odd, names) is NotImplemented
+        assert speedups.append_header({"headers": odd}, b"x-request-id", b"r") is None
+    assert _inbound.needs_shield([[b"baggage", b"a=b"]], names) is True
+    assert speedups.append_header({}, b"x-request-id", b"r") is True
+    assert speedups.append_header({"headers": None}, b"x-request-id", b"r") is True

@@ -1,0 +1,211 @@
+/* ASGI header lists, for TraceHeaderShield, InboundReader and the request-id echo: the loops
+ * over every header of every request. Included once by _speedups.c (one translation unit).
+ *
+ * Each function handles the shape every ASGI server sends (a list or tuple of (bytes, bytes)
+ * tuples) and answers None (or NotImplemented where None is an answer) for any other shape,
+ * which the Python code then handles as before. Nothing here runs Python code while it walks
+ * a list (bytes hashing and comparison only), so the list cannot change under it. */
+
+/* The number of headers in `headers`, or -1 when it is not a list or tuple. */
+static Py_ssize_t
+header_count(PyObject *headers)
+{
+    if (PyList_CheckExact(headers)) {
+        return PyList_GET_SIZE(headers);
+    }
+    if (PyTuple_CheckExact(headers)) {
+        return PyTuple_GET_SIZE(headers);
+    }
+    return -1;
+}
+
+/* Item `i` of `headers` (a list or tuple) as (name, value): 1 when it is a 2-tuple of
+ * bytes, 0 when it is not. */
+static int
+header_pair(PyObject *headers, Py_ssize_t i, PyObject **name, PyObject **value)
+{
+    PyObject *item = PyList_CheckExact(headers) ? PyList_GET_ITEM(headers, i)
+                                                : PyTuple_GET_ITEM(headers, i);
+    if (!PyTuple_CheckExact(item) || PyTuple_GET_SIZE(item) != 2) {
+        return 0;
+    }
+    *name = PyTuple_GET_ITEM(item, 0);
+    *value = PyTuple_GET_ITEM(item, 1);
+    return PyBytes_CheckExact(*name) && PyBytes_CheckExact(*value);
+}
+
+static int
+has_backslash(PyObject *raw)
+{
+    return memchr(PyBytes_AS_STRING(raw), '\\', (size_t)PyBytes_GET_SIZE(raw)) != NULL;
+}
+
+/* scan_headers(headers, names): True when a header is named in `names` (a frozenset of
+ * bytes) or has a backslash in its name or value, False when none is; None for another
+ * shape. See _inbound._needs_shield. */
+static PyObject *
+scan_headers(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "scan_headers() takes 2 arguments");
+        return NULL;
+    }
+    PyObject *headers = args[0], *names = args[1];
+    Py_ssize_t count = header_count(headers);
+    if (count < 0 || !PyFrozenSet_CheckExact(names)) {
+        Py_RETURN_NONE;
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *name, *value;
+        if (!header_pair(headers, i, &name, &value)) {
+            Py_RETURN_NONE;
+        }
+        int named = PySet_Contains(names, name);
+        if (named < 0) {
+            return NULL;
+        }
+        if (named || has_backslash(value) || has_backslash(name)) {
+            Py_RETURN_TRUE;
+        }
+    }
+    Py_RETURN_FALSE;
+}
+
+/* collect_headers(headers, wanted): {name: [value, ...]} of the headers named in `wanted` (a
+ * frozenset of bytes), values in arrival order; None when there are none; NotImplemented for
+ * another shape. See _inbound.InboundReader.read. */
+static PyObject *
+collect_headers(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "collect_headers() takes 2 arguments");
+        return NULL;
+    }
+    PyObject *headers = args[0], *wanted = args[1];
+    Py_ssize_t count = header_count(headers);
+    if (count < 0 || !PyFrozenSet_CheckExact(wanted)) {
+        Py_RETURN_NOTIMPLEMENTED;
+    }
+    for (Py_ssize_t i = 0; i < count; i++) { /* the shape first: no half-built answer */
+        PyObject *name, *value;
+        if (!header_pair(headers, i, &name, &value)) {
+            Py_RETURN_NOTIMPLEMENTED;
+        }
+    }
+    PyObject *found = NULL;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *name, *value;
+        header_pair(headers, i, &name, &value);
+        int named = PySet_Contains(wanted, name);
+        if (named < 0) {
+            goto error;
+        }
+        if (!named) {
+            continue;
+        }
+        if (found == NULL && (found = PyDict_New()) == NULL) {
+            return NULL;
+        }
+        PyObject *values = PyDict_GetItemWithError(found, name); /* borrowed */
+        if (values == NULL) {
+            if (PyErr_Occurred() || (values = PyList_New(0)) == NULL) {
+                goto error;
+            }
+            int stored = PyDict_SetItem(found, name, values);
+            Py_DECREF(values); /* the dict holds it */
+            if (stored < 0) {
+                goto error;
+            }
+        }
+        if (PyList_Append(values, value) < 0) {
+            goto error;
+        }
+    }
+    if (found == NULL) {
+        Py_RETURN_NONE;
+    }
+    return found;
+error:
+    Py_XDECREF(found);
+    return NULL;
+}
+
+/* 1 when `key` equals `name` (lower case) ignoring ASCII case, as `key.lower() == name`. */
+static int
+same_header_name(PyObject *key, PyObject *name)
+{
+    Py_ssize_t size = PyBytes_GET_SIZE(key);
+    if (size != PyBytes_GET_SIZE(name)) {
+        return 0;
+    }
+    const unsigned char *a = (const unsigned char *)PyBytes_AS_STRING(key);
+    const unsigned char *b = (const unsigned char *)PyBytes_AS_STRING(name);
+    for (Py_ssize_t i = 0; i < size; i++) {
+        unsigned char c = a[i];
+        if (c >= 'A' && c <= 'Z') {
+            c = (unsigned char)(c + ('a' - 'A'));
+        }
+        if (c != b[i]) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* append_header(message, name, value): unless a header named `name` (lower case; compared
+ * ignoring ASCII case) is in message["headers"], set message["headers"] to a new list of
+ * them and (name, value). True when done (added or already there), None for another shape.
+ * See _exchange.Exchange._add_echo. */
+static PyObject *
+append_header(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "append_header() takes 3 arguments");
+        return NULL;
+    }
+    PyObject *message = args[0], *name = args[1], *value = args[2];
+    if (!PyDict_CheckExact(message) || !PyBytes_CheckExact(name) || !PyBytes_CheckExact(value)) {
+        Py_RETURN_NONE;
+    }
+    PyObject *headers = PyDict_GetItemWithError(message, str_headers); /* borrowed */
+    if (headers == NULL && PyErr_Occurred()) {
+        return NULL;
+    }
+    Py_ssize_t count = 0;
+    if (headers != NULL && headers != Py_None) {
+        if ((count = header_count(headers)) < 0) {
+            Py_RETURN_NONE;
+        }
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *key, *present;
+        if (!header_pair(headers, i, &key, &present)) {
+            Py_RETURN_NONE;
+        }
+        if (same_header_name(key, name)) {
+            Py_RETURN_TRUE; /* the application set its own */
+        }
+    }
+    PyObject *added = PyList_New(count + 1);
+    if (added == NULL) {
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *item = PyList_CheckExact(headers) ? PyList_GET_ITEM(headers, i)
+                                                    : PyTuple_GET_ITEM(headers, i);
+        Py_INCREF(item);
+        PyList_SET_ITEM(added, i, item);
+    }
+    PyObject *pair = PyTuple_Pack(2, name, value);
+    if (pair == NULL) {
+        Py_DECREF(added);
+        return NULL;
+    }
+    PyList_SET_ITEM(added, count, pair);
+    int stored = PyDict_SetItem(message, str_headers, added);
+    Py_DECREF(added);
+    if (stored < 0) {
+        return NULL;
+    }
+    Py_RETURN_TRUE;
+}
