@@ -1,6 +1,7 @@
 """ASGI middleware throughput: uvicorn (one worker each) on loopback, load from this process.
 
-Variants (one server process each, all started first, then measured in interleaved rounds):
+Variants (three server processes each, all started first, then measured in interleaved
+rounds, each round on the next process of each variant):
 
 - ``bare``: a Starlette app answering ``GET /`` with ``ok``.
 - ``otel``: OTel's ``OpenTelemetryMiddleware`` with its default spans (send/receive on).
@@ -36,6 +37,10 @@ Row = tuple[str, float, float]
 VARIANTS = ("bare", "cid", "otel", "otel-nospans+cid", "otel+cid", "ctxbridge", "otel-nospans")
 """In measuring order: each ratio with a target compares neighbours (``ctxbridge`` between
 its two anchors), measured about a second apart, so drift in the machine's load cancels."""
+SERVERS_PER_VARIANT = 3
+"""Server processes per variant, taking turns round by round: a process's own layout (hash
+seed, addresses) moves its speed by a few percent for its whole life, which a run of one
+process per variant turned into run-to-run swings of the ratios (0.90-0.97)."""
 CONNECTIONS = 32
 WARMUP_S = 0.5
 ROUND_S = 0.5
@@ -209,35 +214,44 @@ def _pin() -> int | None:
 
 
 def measure(variants: Sequence[str] = VARIANTS, rounds: int = ROUNDS) -> list[dict[str, float]]:
-    """Per round, the requests per server-CPU-second of each variant. Rounds alternate the
-    order (ABC, CBA, ...) so that drift in the machine's load hits every variant alike."""
-    servers: dict[str, tuple[int, subprocess.Popen[bytes]]] = {}
+    """Per round, the requests per server-CPU-second of each variant, each round on the next
+    of its :data:`SERVERS_PER_VARIANT` server processes. Rounds alternate the order (ABC,
+    CBA, ...) so that drift in the machine's load hits every variant alike."""
+    servers: dict[str, list[tuple[int, subprocess.Popen[bytes]]]] = {v: [] for v in variants}
     server_cpu = _pin()
     try:
         for variant in variants:
-            port = _free_port()
-            process = subprocess.Popen(
-                [sys.executable, str(Path(__file__).resolve()), variant, str(port)]
-            )
-            servers[variant] = (port, process)
-            if server_cpu is not None:
-                os.sched_setaffinity(process.pid, {server_cpu})
-        for port, process in servers.values():
+            for _ in range(SERVERS_PER_VARIANT):
+                port = _free_port()
+                process = subprocess.Popen(
+                    [sys.executable, str(Path(__file__).resolve()), variant, str(port)]
+                )
+                servers[variant].append((port, process))
+                if server_cpu is not None:
+                    os.sched_setaffinity(process.pid, {server_cpu})
+        for port, process in _all(servers):
             _wait(port, process)
             _round(port, process.pid, WARMUP_S)
         results: list[dict[str, float]] = []
         for index in range(rounds):
             order = list(variants) if index % 2 == 0 else list(reversed(variants))
-            results.append({v: _round(*_port_pid(servers[v]), ROUND_S) for v in order})
+            turn = index % SERVERS_PER_VARIANT
+            results.append({v: _round(*_port_pid(servers[v][turn]), ROUND_S) for v in order})
         return results
     finally:
-        for _, process in servers.values():
+        for _, process in _all(servers):
             process.terminate()
-        for _, process in servers.values():
+        for _, process in _all(servers):
             try:
                 process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 process.kill()
+
+
+def _all(
+    servers: dict[str, list[tuple[int, subprocess.Popen[bytes]]]],
+) -> list[tuple[int, subprocess.Popen[bytes]]]:
+    return [server for group in servers.values() for server in group]
 
 
 def _port_pid(server: tuple[int, subprocess.Popen[bytes]]) -> tuple[int, int]:
