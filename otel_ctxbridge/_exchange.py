@@ -91,18 +91,24 @@ class Exchange:
         """The response starts: echo the request id; once the router has matched a route,
         rename the server span from ``"GET /items/42"`` to ``"GET /items/{item_id}"`` (the
         template Starlette and FastAPI leave in ``scope["route"]``, mount prefix included) and
-        set ``http.route``, as FastAPI's instrumentation does. A span renamed since (by the
-        application or a hook) keeps its name."""
+        set ``http.route``, as FastAPI's instrumentation does. A 404 or 405 that matched no
+        route is named after its method alone (``"GET"``), as FastAPI's instrumentation names
+        unmatched requests, so that scanners probing random paths do not make a span name
+        each. A span renamed since (by the application or a hook) keeps its name."""
         self._add_echo(message)
         named = self.named
-        if named is not None and self.frame.spans:  # routed by now
-            template = getattr(self.scope.get("route"), "path_format", None)
-            if isinstance(template, str) and template:
-                root = self.scope.get("root_path")
-                route = f"{root}{template}" if root else template
-                method, sep, _ = named.partition(" ")
-                if sep:
-                    rename_span(self.frame.spans[0], named, f"{method} {route}", {_ROUTE: route})
+        if named is None or not self.frame.spans:
+            return
+        method, sep, _ = named.partition(" ")
+        if not sep:
+            return
+        template = getattr(self.scope.get("route"), "path_format", None)
+        if isinstance(template, str) and template:
+            root = self.scope.get("root_path")
+            route = f"{root}{template}" if root else template
+            rename_span(self.frame.spans[0], named, f"{method} {route}", {_ROUTE: route})
+        elif self.status == 404 or self.status == 405:  # noqa: PLR1714 - the fast comparison
+            rename_span(self.frame.spans[0], named, method, {})
 
     async def send(self, message: Message) -> None:
         """The ``send`` the application sees for an HTTP request."""

@@ -136,15 +136,34 @@ def test_server_span_is_named_after_the_matched_route(
     assert server.attributes["http.route"] == name.split(" ", 1)[1]
 
 
-def test_unmatched_request_keeps_the_default_span_name(
+def test_unmatched_request_is_named_after_its_method_alone(
     url: str, spans: InMemorySpanExporter
 ) -> None:
-    """Without a matched route (a 404) the span keeps OTel's default name and no route."""
+    """A 404 that matched no route is named after its method alone, as FastAPI's own
+    instrumentation names unmatched requests (a scanner's random paths make no span name
+    each); the path stays in the span's attributes, and there is no ``http.route``."""
     assert httpx.get(url + "/nowhere/1").status_code == 404
     (server,) = server_spans(spans)
-    assert server.name == "GET /nowhere/1"
+    assert server.name == "GET"
     assert server.attributes is not None
     assert "http.route" not in server.attributes
+    assert "/nowhere/1" in server.attributes.values()
+
+
+def test_unrouted_app_keeps_the_default_span_name(
+    bridge: cb.ContextBridge, spans: InMemorySpanExporter
+) -> None:
+    """An application without a router (no route in its scope) answering other than 404/405
+    keeps OTel's default span name."""
+
+    async def plain(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    with serve(instrument_asgi(plain, bridge)) as base:
+        assert httpx.get(base + "/plain/7").status_code == 200
+    (server,) = server_spans(spans)
+    assert server.name == "GET /plain/7"
 
 
 def test_span_name_of_a_custom_span_details_hook_is_kept(
