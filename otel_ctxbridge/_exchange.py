@@ -102,12 +102,10 @@ class Exchange:
         method, sep, _ = named.partition(" ")
         if not sep:
             return
-        template = getattr(self.scope.get("route"), "path_format", None)
-        if isinstance(template, str) and template:
-            root = self.scope.get("root_path")
-            route = f"{root}{template}" if root else template
+        route = route_template(self.scope)
+        if route:
             rename_span(self.frame.spans[0], named, f"{method} {route}", {_ROUTE: route})
-        elif self.status == 404 or self.status == 405:  # noqa: PLR1714 - the fast comparison
+        elif route is None and (self.status == 404 or self.status == 405):  # noqa: PLR1714
             rename_span(self.frame.spans[0], named, method, {})
 
     async def send(self, message: Message) -> None:
@@ -188,6 +186,23 @@ class Exchange:
             mw._access.info("%s %s %s %.1fms", method, path, status, duration, extra=extra)
         except Exception:  # telemetry never throws on the request path
             _logger.debug("otel_ctxbridge: could not write the access log", exc_info=True)
+
+
+def route_template(scope: Scope) -> str | None:
+    """The template of the route the router matched (``"/items/{item_id}"``, mount prefix
+    included), None when it matched none, "" when it matched one whose template this cannot
+    work out (a mount with parameters in its prefix: the span keeps its name)."""
+    matched = scope.get("route")
+    template = getattr(matched, "path_format", None)
+    if not isinstance(template, str) or not template:
+        return None
+    root = scope.get("root_path") or ""
+    if hasattr(matched, "routes"):  # a Mount: its template starts with its own prefix, which
+        prefix = getattr(matched, "path", None)  # the mount added to the root path already
+        if not isinstance(prefix, str) or not root.endswith(prefix):
+            return ""
+        root = root[: len(root) - len(prefix)]
+    return f"{root}{template}"
 
 
 def default_span_name(scope: Scope) -> str:

@@ -67,10 +67,8 @@ def shield_headers(
     headers: Iterable[tuple[bytes, bytes]],
     hidden: frozenset[bytes] = frozenset(),
     bridge: ContextBridge | None = None,
-) -> Headers | None:
-    """The headers OpenTelemetry may see, or None when ``headers`` can be shown unchanged."""
-    if not needs_shield(headers, _SHIELDED | hidden):
-        return None
+) -> Headers:
+    """The headers OpenTelemetry may see (call it when :func:`needs_shield` says so)."""
     kept: Headers = []
     parents: list[str] = []
     states: list[str] = []
@@ -152,8 +150,6 @@ class TraceHeaderShield:
         except Exception:  # telemetry never throws on the request path
             _logger.exception("otel_ctxbridge: could not check the trace headers; hiding them")
             cleaned = []
-        if cleaned is None:
-            return await self.app(scope, receive, send)
         inner = dict(scope)
         inner["headers"] = cleaned
         inner[ORIGINAL_HEADERS] = headers

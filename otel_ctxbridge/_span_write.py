@@ -12,7 +12,7 @@ limit, a store of another shape, another SDK) takes the public path.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from opentelemetry.attributes import BoundedAttributes
@@ -115,22 +115,22 @@ def rename_span(span: Any, expected: str, name: str, attributes: Mapping[str, An
         span.update_name(name)
 
 
-def remove_attributes(span: Any, keys: Iterable[str]) -> None:
-    """Remove ``keys`` from the attributes of ``span`` (an SDK span that has not ended), under
-    its lock and its store's. The API has no way to remove an attribute: on spans of another
-    SDK this does nothing."""
+def remove_attributes(span: Any, expected: Mapping[str, object]) -> None:
+    """Remove each key of ``expected`` from the attributes of ``span`` (an SDK span that has
+    not ended) while its value is still the expected one, under the span's lock and its
+    store's. The API has no way to remove an attribute: on spans of another SDK this does
+    nothing."""
     store: Any = getattr(span, "_attributes", None)
     if type(store) is not BoundedAttributes:
         return
     try:
-        present = [key for key in keys if key in store._dict]
-        if not present:
-            return
         with span._lock:
             if span._end_time is not None:
                 return
             with store._lock:
-                for key in present:
-                    store._dict.pop(key, None)
+                present = store._dict
+                for key, value in expected.items():
+                    if key in present and present[key] == value:
+                        del present[key]
     except AttributeError:  # the SDK changed: left as it is
         return

@@ -3,8 +3,9 @@
  *
  * Each function handles the shape every ASGI server sends (a list or tuple of (bytes, bytes)
  * tuples) and answers None (or NotImplemented where None is an answer) for any other shape,
- * which the Python code then handles as before. Nothing here runs Python code while it walks
- * a list (bytes hashing and comparison only), so the list cannot change under it. */
+ * which the Python code then handles as before. Walking a list runs no Python code (bytes
+ * hashing and comparison only); where a loop allocates (which may start a garbage collection,
+ * and so finalizers), it holds references to what it reads and re-checks the list's size. */
 
 /* The number of headers in `headers`, or -1 when it is not a list or tuple. */
 static Py_ssize_t
@@ -93,9 +94,14 @@ collect_headers(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t n
         }
     }
     PyObject *found = NULL;
-    for (Py_ssize_t i = 0; i < count; i++) {
+    Py_INCREF(headers);
+    for (Py_ssize_t i = 0; i < header_count(headers); i++) {
         PyObject *name, *value;
-        header_pair(headers, i, &name, &value);
+        if (!header_pair(headers, i, &name, &value)) { /* changed by a finalizer: Python's */
+            Py_XDECREF(found);
+            Py_DECREF(headers);
+            Py_RETURN_NOTIMPLEMENTED;
+        }
         int named = PySet_Contains(wanted, name);
         if (named < 0) {
             goto error;
@@ -103,30 +109,40 @@ collect_headers(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t n
         if (!named) {
             continue;
         }
+        Py_INCREF(name);
+        Py_INCREF(value);
+        int added = -1;
+        PyObject *values = NULL;
         if (found == NULL && (found = PyDict_New()) == NULL) {
-            return NULL;
+            goto release;
         }
-        PyObject *values = PyDict_GetItemWithError(found, name); /* borrowed */
+        values = PyDict_GetItemWithError(found, name); /* borrowed: the dict holds it */
         if (values == NULL) {
             if (PyErr_Occurred() || (values = PyList_New(0)) == NULL) {
-                goto error;
+                goto release;
             }
             int stored = PyDict_SetItem(found, name, values);
-            Py_DECREF(values); /* the dict holds it */
+            Py_DECREF(values);
             if (stored < 0) {
-                goto error;
+                goto release;
             }
         }
-        if (PyList_Append(values, value) < 0) {
+        added = PyList_Append(values, value);
+    release:
+        Py_DECREF(name);
+        Py_DECREF(value);
+        if (added < 0) {
             goto error;
         }
     }
+    Py_DECREF(headers);
     if (found == NULL) {
         Py_RETURN_NONE;
     }
     return found;
 error:
     Py_XDECREF(found);
+    Py_DECREF(headers);
     return NULL;
 }
 
@@ -177,31 +193,32 @@ append_header(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nar
             Py_RETURN_NONE;
         }
     }
+    Py_XINCREF(headers); /* borrowed from the message: held while allocating below */
     for (Py_ssize_t i = 0; i < count; i++) {
         PyObject *key, *present;
         if (!header_pair(headers, i, &key, &present)) {
+            Py_DECREF(headers);
             Py_RETURN_NONE;
         }
         if (same_header_name(key, name)) {
+            Py_DECREF(headers);
             Py_RETURN_TRUE; /* the application set its own */
         }
     }
-    PyObject *added = PyList_New(count + 1);
-    if (added == NULL) {
-        return NULL;
-    }
-    for (Py_ssize_t i = 0; i < count; i++) {
-        PyObject *item = PyList_CheckExact(headers) ? PyList_GET_ITEM(headers, i)
-                                                    : PyTuple_GET_ITEM(headers, i);
-        Py_INCREF(item);
-        PyList_SET_ITEM(added, i, item);
-    }
     PyObject *pair = PyTuple_Pack(2, name, value);
     if (pair == NULL) {
-        Py_DECREF(added);
+        Py_XDECREF(headers);
         return NULL;
     }
-    PyList_SET_ITEM(added, count, pair);
+    PyObject *added = headers != NULL && headers != Py_None ? PySequence_List(headers)
+                                                            : PyList_New(0);
+    Py_XDECREF(headers);
+    if (added == NULL || PyList_Append(added, pair) < 0) {
+        Py_XDECREF(added);
+        Py_DECREF(pair);
+        return NULL;
+    }
+    Py_DECREF(pair);
     int stored = PyDict_SetItem(message, str_headers, added);
     Py_DECREF(added);
     if (stored < 0) {

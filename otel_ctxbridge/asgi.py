@@ -61,12 +61,12 @@ from ._inbound import (
     TraceHeaderShield,
 )
 from ._misplaced import warn_if_otel_middleware_inside
-from ._scope import stamp
+from ._scope import span_attributes, stamp
 from ._span_write import remove_attributes
 from ._state import Frame
 from .bridge import ContextBridge
 from .errors import ContextValueError, requires_extra
-from .fields import new_request_id
+from .fields import attribute_value, new_request_id
 from .trust import TrustPolicy
 
 __all__ = ["ACCESS_LOGGER", "ContextBridgeMiddleware", "TraceHeaderShield", "instrument_asgi"]
@@ -138,8 +138,8 @@ class ContextBridgeMiddleware:
     It reads each field from its ``header`` and from ``baggage`` per its ``inbound`` policy and
     ``trust``, generates missing ones (``Field.generate``), keeps undeclared baggage only from
     trusted peers, stamps the current (server) span (and, when OTel's middleware read the raw
-    ``baggage`` header, removes from it the fields this request did not set, which a span
-    processor copied from that baggage), echoes the request id on every response
+    ``baggage`` header, removes from it the field values a span processor copied from that
+    baggage where this request did not set its own), echoes the request id on every response
     (500s included), and writes the access log. Non-HTTP scopes (lifespan) pass through
     untouched; websocket connections get the context for their whole life and the request id
     on ``websocket.accept``. Place it inside OTel's ``OpenTelemetryMiddleware``.
@@ -171,7 +171,10 @@ class ContextBridgeMiddleware:
         rid = bridge.fields.get(request_id_field)
         self._rid = request_id_field if rid is not None else ""
         self._rid_header = (rid.header or "x-request-id").encode("latin-1") if rid else b""
-        self._attributes = [(n, str(f.attribute)) for n, f in bridge.fields.items()]
+        # What a span processor copies from baggage: (field, baggage key, attribute).
+        self._from_baggage = [
+            (f, str(f.baggage_key), str(f.attribute)) for f in bridge.fields.values() if f.propagate
+        ]
         self._log_keys: dict[str, str] = {}
         for name, field in bridge.fields.items():
             if field.log_key in _RESERVED or field.log_key in _REQUEST_KEYS:
@@ -231,7 +234,8 @@ class ContextBridgeMiddleware:
                 if name == rid and generate is new_request_id:  # a UUID: a valid header value
                     echo = value.encode("ascii")
         base = rt.get_current()
-        if extra or base.get(rt.BAGGAGE_KEY) is not None:
+        inbound: Any = base.get(rt.BAGGAGE_KEY)  # what OTel's middleware extracted, if it did
+        if extra or inbound is not None:
             # Only accepted fields (and a trusted peer's members) become the request's baggage.
             base = rt.with_entry(base, rt.BAGGAGE_KEY, extra or {})
         span: Any = base.get(rt.SPAN_KEY)
@@ -244,8 +248,8 @@ class ContextBridgeMiddleware:
         if frame.spans:
             if values:
                 stamp(self.bridge, span, values)
-            if not self.traced_outside:  # no header shield: OTel saw the raw baggage header
-                self._forget_refused(span, values)
+            if inbound and not self.traced_outside:  # no shield: OTel read the raw baggage
+                self._forget_copied(span, values, inbound)
         if self.traced_outside:
             scope.setdefault(_FASTAPI_TELEMETRY, None)
             scope.setdefault(_STARLETTE_TELEMETRY, True)
@@ -267,13 +271,25 @@ class ContextBridgeMiddleware:
         if secret is not None and any(name == secret for name, _ in scope.get("headers") or ()):
             scope["headers"] = [h for h in scope["headers"] if h[0] != secret]
 
-    def _forget_refused(self, span: Any, values: dict[str, Any]) -> None:
-        """Remove from the server span the fields this request did not set: a span processor
-        (``ContextSpanProcessor``) copied them from the baggage OTel's middleware extracted
-        as it came, before the trust policy saw it."""
-        refused = [attribute for name, attribute in self._attributes if name not in values]
-        if refused:
-            remove_attributes(span, refused)
+    def _forget_copied(self, span: Any, values: dict[str, Any], inbound: Any) -> None:
+        """Remove from the server span the field values a span processor
+        (``ContextSpanProcessor``) copied from the baggage OTel's middleware extracted as it
+        came, before the trust policy saw it, where this request did not write its own: an
+        attribute whose value is still the copied one (a hook's own value stays)."""
+        written = span_attributes(self.bridge, values)
+        copied: dict[str, object] = {}
+        for field, key, attribute in self._from_baggage:
+            raw = inbound.get(key)
+            if raw is None or attribute in written:
+                continue
+            try:
+                shown = attribute_value(field.shown(raw))
+            except Exception:  # a redactor that raises: the processor hid the value too
+                continue
+            if shown is not None:
+                copied[attribute] = shown
+        if copied:
+            remove_attributes(span, copied)
 
     def _derive_dropping(
         self, base: Context, values: dict[str, Any], extra: dict[str, object] | None, frame: Frame

@@ -231,9 +231,9 @@ def test_spoofed_baggage_never_shows_on_the_server_span_under_the_users_own_otel
 ) -> None:
     """With ``ContextBridgeMiddleware`` inside the user's own OTel middleware (no header
     shield: OTel extracts the raw ``baggage`` header, and ``ContextSpanProcessor`` copies it
-    onto the new server span), the server span ends up with the values the middleware
-    accepted only: an untrusted peer's ``tenant_id`` is not there, and a ``request_id`` in
-    baggage does not beat the one from the header."""
+    onto the new server span), the copied values the middleware did not accept leave the
+    server span: an untrusted peer's ``tenant_id`` is not there, and a ``request_id`` in
+    baggage does not beat the header's. Values the user's own hook set stay."""
     from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 
     from otel_ctxbridge.asgi import ContextBridgeMiddleware
@@ -248,17 +248,22 @@ def test_spoofed_baggage_never_shows_on_the_server_span_under_the_users_own_otel
     async def index() -> dict[str, Any]:
         return dict(bridge.current())
 
-    app = OpenTelemetryMiddleware(ContextBridgeMiddleware(api, bridge), tracer_provider=provider)
+    def hook(span: Any, scope: dict[str, Any]) -> None:
+        span.set_attribute("app.user_id", "hook-user")
+        if (b"x-hook-tenant", b"yes") in scope["headers"]:
+            span.set_attribute("app.tenant_id", "from-hook")
+
+    app = OpenTelemetryMiddleware(
+        ContextBridgeMiddleware(api, bridge), tracer_provider=provider, server_request_hook=hook
+    )
+    spoofed = (b"baggage", b"tenant_id=evil,request_id=spoofed-1")
     with serve(app) as base:
-        status, headers = raw_get(
-            base,
-            [
-                (b"x-request-id", b"rid-header"),
-                (b"baggage", b"tenant_id=evil,request_id=spoofed-1"),
-            ],
-        )
-    assert status == 200
-    assert headers["x-request-id"] == "rid-header"
-    (server,) = [s for s in exporter.get_finished_spans() if s.kind.name == "SERVER"]
-    assert server.attributes["app.request_id"] == "rid-header"
-    assert "app.tenant_id" not in server.attributes
+        status, headers = raw_get(base, [(b"x-request-id", b"rid-header"), spoofed])
+        assert (status, headers["x-request-id"]) == (200, "rid-header")
+        status, _ = raw_get(base, [spoofed, (b"x-hook-tenant", b"yes")])
+        assert status == 200
+    first, second = [s for s in exporter.get_finished_spans() if s.kind.name == "SERVER"]
+    assert first.attributes["app.request_id"] == "rid-header"
+    assert "app.tenant_id" not in first.attributes
+    assert first.attributes["app.user_id"] == "hook-user"
+    assert second.attributes["app.tenant_id"] == "from-hook"

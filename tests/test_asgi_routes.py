@@ -237,3 +237,37 @@ def test_trace_headers_are_shielded_with_either_span_details_hook(
     assert format(with_baggage.context.trace_id, "032x") == TRACE
     assert "tenant_id" not in hostile.json()["fields"]
     assert hostile.json()["baggage"] == {"request_id": hostile.headers["x-request-id"]}
+
+
+def test_starlette_mounts_name_spans_after_the_mount_template(
+    bridge: cb.ContextBridge, spans: InMemorySpanExporter, tmp_path: Any
+) -> None:
+    """Under a Starlette ``Mount`` (a sub-router, static files) the span is named after the
+    route inside it when one matched, else after the mount's own template, its prefix
+    counted once (the mount has already added it to ``root_path``)."""
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Mount, Route
+    from starlette.staticfiles import StaticFiles
+
+    (tmp_path / "a.css").write_text("x")
+
+    async def item(request: Any) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    app = Starlette(
+        routes=[
+            Mount("/api", routes=[Route("/x/{y}", item)]),
+            Mount("/static", StaticFiles(directory=tmp_path)),
+        ]
+    )
+    expected = {
+        "/api/x/1": ("GET /api/x/{y}", 200),
+        "/api/nope": ("GET /api/{path}", 404),
+        "/static/a.css": ("GET /static/{path}", 200),
+    }
+    with serve(instrument_asgi(app, bridge)) as base:
+        for path, (_, status) in expected.items():
+            assert httpx.get(base + path).status_code == status
+    names = [(s.name, (s.attributes or {}).get("http.route")) for s in server_spans(spans, 3)]
+    assert names == [(name, name.split(" ", 1)[1]) for name, _ in expected.values()]
