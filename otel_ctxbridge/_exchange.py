@@ -196,7 +196,9 @@ def route_template(scope: Scope) -> str | None:
     template = getattr(matched, "path_format", None)
     if not isinstance(template, str) or not template:
         return None
-    root = scope.get("root_path") or ""
+    root = scope.get("root_path")
+    if not root:
+        return template
     if hasattr(matched, "routes"):  # a Mount: its template starts with its own prefix, which
         prefix = getattr(matched, "path", None)  # the mount added to the root path already
         if not isinstance(prefix, str) or not root.endswith(prefix):
