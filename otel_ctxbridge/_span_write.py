@@ -117,19 +117,22 @@ def rename_span(span: Any, expected: str, name: str, attributes: Mapping[str, An
 
 def remove_attributes(span: Any, expected: Mapping[str, object]) -> None:
     """Remove each key of ``expected`` from the attributes of ``span`` (an SDK span that has
-    not ended) while its value is still the expected one, under the span's lock and its
-    store's. The API has no way to remove an attribute: on spans of another SDK this does
-    nothing."""
+    not ended) while its value is still the expected one (text cut to the span's attribute
+    length limit, as the SDK stored it), under the span's lock and its store's. The API has
+    no way to remove an attribute: on spans of another SDK this does nothing."""
     store: Any = getattr(span, "_attributes", None)
     if type(store) is not BoundedAttributes:
         return
     try:
+        limit = store.max_value_len  # the SDK stored text cut to it
         with span._lock:
             if span._end_time is not None:
                 return
             with store._lock:
                 present = store._dict
                 for key, value in expected.items():
+                    if limit is not None and isinstance(value, str):
+                        value = value[:limit]  # noqa: PLW2901 - as the SDK stored it
                     if key in present and present[key] == value:
                         del present[key]
     except AttributeError:  # the SDK changed: left as it is

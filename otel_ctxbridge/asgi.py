@@ -275,7 +275,8 @@ class ContextBridgeMiddleware:
         """Remove from the server span the field values a span processor
         (``ContextSpanProcessor``) copied from the baggage OTel's middleware extracted as it
         came, before the trust policy saw it, where this request did not write its own: an
-        attribute whose value is still the copied one (a hook's own value stays)."""
+        attribute whose value is still the copied one (a hook's own value stays, unless it is
+        the very value the baggage carried: the two cannot be told apart)."""
         written = span_attributes(self.bridge, values)
         copied: dict[str, object] = {}
         for field, key, attribute in self._from_baggage:

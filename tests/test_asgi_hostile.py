@@ -226,20 +226,23 @@ def test_secret_header_with_hostile_bytes(provider: TracerProvider) -> None:
         assert_survives(url, [(b"x-ctxbridge-secret", b"s"), (b"x-ctxbridge-secret", b"s")])
 
 
+@pytest.mark.parametrize("length_limit", [None, 8], ids=["no-limit", "length-limit"])
 def test_spoofed_baggage_never_shows_on_the_server_span_under_the_users_own_otel(
-    bridge: cb.ContextBridge,
+    bridge: cb.ContextBridge, length_limit: int | None
 ) -> None:
     """With ``ContextBridgeMiddleware`` inside the user's own OTel middleware (no header
     shield: OTel extracts the raw ``baggage`` header, and ``ContextSpanProcessor`` copies it
     onto the new server span), the copied values the middleware did not accept leave the
     server span: an untrusted peer's ``tenant_id`` is not there, and a ``request_id`` in
-    baggage does not beat the header's. Values the user's own hook set stay."""
+    baggage does not beat the header's (also where the SDK cuts attribute values to a length
+    limit). Values the user's own hook set stay."""
     from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+    from opentelemetry.sdk.trace import SpanLimits
 
     from otel_ctxbridge.asgi import ContextBridgeMiddleware
 
     exporter = InMemorySpanExporter()
-    provider = TracerProvider()
+    provider = TracerProvider(span_limits=SpanLimits(max_attribute_length=length_limit))
     provider.add_span_processor(cb.ContextSpanProcessor(bridge))
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     api = FastAPI()
@@ -256,14 +259,14 @@ def test_spoofed_baggage_never_shows_on_the_server_span_under_the_users_own_otel
     app = OpenTelemetryMiddleware(
         ContextBridgeMiddleware(api, bridge), tracer_provider=provider, server_request_hook=hook
     )
-    spoofed = (b"baggage", b"tenant_id=evil,request_id=spoofed-1")
+    spoofed = (b"baggage", b"tenant_id=evil-tenant-long,request_id=spoofed-1")
     with serve(app) as base:
         status, headers = raw_get(base, [(b"x-request-id", b"rid-header"), spoofed])
         assert (status, headers["x-request-id"]) == (200, "rid-header")
         status, _ = raw_get(base, [spoofed, (b"x-hook-tenant", b"yes")])
         assert status == 200
     first, second = [s for s in exporter.get_finished_spans() if s.kind.name == "SERVER"]
-    assert first.attributes["app.request_id"] == "rid-header"
+    assert first.attributes["app.request_id"] == "rid-header"[:length_limit]
     assert "app.tenant_id" not in first.attributes
-    assert first.attributes["app.user_id"] == "hook-user"
-    assert second.attributes["app.tenant_id"] == "from-hook"
+    assert first.attributes["app.user_id"] == "hook-user"[:length_limit]
+    assert second.attributes["app.tenant_id"] == "from-hook"[:length_limit]
