@@ -49,6 +49,7 @@ CPython 3.11 (it first tries the needle as an int, raising and clearing a TypeEr
 _REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
 _scan_headers = speedups.scan_headers if speedups is not None else None
 _collect_headers = speedups.collect_headers if speedups is not None else None
+_trace_headers = speedups.trace_headers if speedups is not None else None
 
 
 def _undecodable(raw: bytes) -> bool:
@@ -103,6 +104,27 @@ def needs_shield(headers: Iterable[tuple[bytes, bytes]], names: frozenset[bytes]
     return False
 
 
+def trace_headers(
+    headers: Iterable[tuple[bytes, bytes]], others: frozenset[bytes]
+) -> tuple[list[bytes], list[bytes]] | None:
+    """The ``traceparent`` and ``tracestate`` values of ``headers`` in order, or None when a
+    header is named in ``others`` or has a backslash in its name or value."""
+    if _trace_headers is not None:  # the same loop, compiled
+        found: tuple[list[bytes], list[bytes]] | None = _trace_headers(headers, others)
+        if found is not None or type(headers) in (list, tuple):
+            return found
+    parents: list[bytes] = []
+    states: list[bytes] = []
+    for name, value in headers:
+        if name in others or _BACKSLASH in value or _BACKSLASH in name:
+            return None
+        if name == _TRACEPARENT:
+            parents.append(value)
+        elif name == _TRACESTATE:
+            states.append(value)
+    return parents, states
+
+
 def _trace_pair(parents: list[str], states: list[str], bridge: ContextBridge | None) -> Headers:
     parent = parse_traceparent(parents)
     if parent is None:
@@ -134,6 +156,26 @@ class TraceHeaderShield:
         self._bridge = bridge
         self._hidden = frozenset(h.lower().encode("latin-1") for h in hidden)
         self._names = _SHIELDED | self._hidden
+        self._rewrite = frozenset((_BAGGAGE,)) | self._hidden  # always hidden from OTel
+
+    def _as_they_came(self, headers: Any) -> bool:
+        """True when OTel may see ``headers`` unchanged: the only trace headers are one
+        ``traceparent`` (and at most one ``tracestate``) already in the normalised form this
+        shield would give them, and nothing is to be hidden (the common service-to-service
+        request). False sends them through :func:`shield_headers`."""
+        found = trace_headers(headers, self._rewrite)
+        if found is None:
+            return False
+        parents, states = found
+        if len(parents) != 1 or len(states) > 1:
+            return False
+        parent = parents[0].decode("latin-1")
+        if parse_traceparent([parent]) != parent:
+            return False
+        if not states:
+            return True
+        state = states[0].decode("latin-1")
+        return parse_tracestate([state]) == state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Run the wrapped app with a scope whose tracing headers are safe for OTel."""
@@ -143,8 +185,8 @@ class TraceHeaderShield:
         headers = scope.get("headers")
         if not headers:
             return await self.app(scope, receive, send)
-        if not needs_shield(headers, self._names):  # the common case: no copy
-            return await self.app(scope, receive, send)
+        if not needs_shield(headers, self._names) or self._as_they_came(headers):
+            return await self.app(scope, receive, send)  # the common cases: no copy
         try:
             cleaned = shield_headers(headers, self._hidden, self._bridge)
         except Exception:  # telemetry never throws on the request path

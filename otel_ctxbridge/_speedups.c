@@ -12,7 +12,7 @@
 #define PY_SSIZE_T_CLEAN
 /* What _accel.py expects: a module built from other sources (a stale in-place build) whose
  * API differs is not used. Raise it whenever the Python side starts relying on a change. */
-#define SPEEDUPS_API 7
+#define SPEEDUPS_API 8
 #include <Python.h>
 #include <structmember.h>
 
@@ -1504,6 +1504,9 @@ static PyMethodDef module_methods[] = {
     {"collect_headers", (PyCFunction)(void (*)(void))collect_headers, METH_FASTCALL,
      "collect_headers(headers, wanted): {name: [values]} of the wanted headers, None when "
      "none is there, NotImplemented for a shape the Python code handles."},
+    {"trace_headers", (PyCFunction)(void (*)(void))trace_headers, METH_FASTCALL,
+     "trace_headers(headers, others): (traceparent values, tracestate values) when no header "
+     "is named in others or has a backslash; None when one does, or for another shape."},
     {"append_header", (PyCFunction)(void (*)(void))append_header, METH_FASTCALL,
      "append_header(message, name, value): add the header unless it is there (True), None "
      "for a shape the Python code handles."},

@@ -226,3 +226,65 @@ append_header(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nar
     }
     Py_RETURN_TRUE;
 }
+
+/* trace_headers(headers, others): (traceparent values, tracestate values), each a list of
+ * bytes in arrival order, when no header is named in `others` (a frozenset of bytes) and none
+ * has a backslash in its name or value; None when one does, or for another shape. See
+ * _inbound.TraceHeaderShield: a request whose only trace headers need no change passes on
+ * as it came. */
+static PyObject *
+trace_headers(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "trace_headers() takes 2 arguments");
+        return NULL;
+    }
+    PyObject *headers = args[0], *others = args[1];
+    Py_ssize_t count = header_count(headers);
+    if (count < 0 || !PyFrozenSet_CheckExact(others)) {
+        Py_RETURN_NONE;
+    }
+    PyObject *parents = PyList_New(0), *states = PyList_New(0), *result = NULL;
+    if (parents == NULL || states == NULL) {
+        goto done;
+    }
+    Py_INCREF(headers);
+    for (Py_ssize_t i = 0; i < header_count(headers); i++) {
+        PyObject *name, *value;
+        if (!header_pair(headers, i, &name, &value) || has_backslash(name) ||
+            has_backslash(value)) {
+            result = Py_NewRef(Py_None);
+            break;
+        }
+        int other = PySet_Contains(others, name);
+        if (other < 0) {
+            Py_DECREF(headers);
+            goto done;
+        }
+        if (other) {
+            result = Py_NewRef(Py_None);
+            break;
+        }
+        PyObject *into = NULL;
+        if (PyBytes_GET_SIZE(name) == 11 &&
+            memcmp(PyBytes_AS_STRING(name), "traceparent", 11) == 0) {
+            into = parents;
+        }
+        else if (PyBytes_GET_SIZE(name) == 10 &&
+                 memcmp(PyBytes_AS_STRING(name), "tracestate", 10) == 0) {
+            into = states;
+        }
+        if (into != NULL && PyList_Append(into, value) < 0) {
+            Py_DECREF(headers);
+            goto done;
+        }
+    }
+    Py_DECREF(headers);
+    if (result == NULL) {
+        result = PyTuple_Pack(2, parents, states);
+    }
+done:
+    Py_XDECREF(parents);
+    Py_XDECREF(states);
+    return result;
+}

@@ -721,7 +721,7 @@ def test_span_write_takes_the_locks_when_a_replaced_value_could_run_code() -> No
 
 
 _HEADER_NAMES = st.sampled_from(
-    [b"host", b"traceparent", b"baggage", b"x-request-id", b"X-Request-ID", b"a\\b", b"accept"]
+    [b"host", b"traceparent", b"tracestate", b"baggage", b"x-request-id", b"X-Request-ID", b"a\\b"]
 )
 _HEADER_LISTS = st.lists(
     st.tuples(_HEADER_NAMES | st.binary(max_size=12), st.binary(max_size=12)), max_size=8
@@ -771,3 +771,23 @@ def test_compiled_header_loops_leave_other_shapes_to_python() -> None:
     assert _inbound.needs_shield([[b"baggage", b"a=b"]], names) is True
     assert speedups.append_header({}, b"x-request-id", b"r") is True
     assert speedups.append_header({"headers": None}, b"x-request-id", b"r") is True
+
+
+@compiled
+@settings(max_examples=300)
+@given(headers=_HEADER_LISTS, others=st.frozensets(_HEADER_NAMES, max_size=2))
+def test_compiled_trace_headers_match_python(
+    headers: list[tuple[bytes, bytes]], others: frozenset[bytes]
+) -> None:
+    """``trace_headers`` finds the ``traceparent`` and ``tracestate`` values in order, and
+    says None when a header is named in ``others`` or has a backslash (the shield's full
+    path then), as the Python loop it stands for."""
+    speedups: Any = _accel.speedups
+    expected: Any = (
+        [v for n, v in headers if n == b"traceparent"],
+        [v for n, v in headers if n == b"tracestate"],
+    )
+    if any(n in others or b"\\" in n or b"\\" in v for n, v in headers):
+        expected = None
+    assert speedups.trace_headers(headers, others) == expected
+    assert speedups.trace_headers([[b"a", b"b"]], others) is None

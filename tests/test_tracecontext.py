@@ -455,3 +455,51 @@ def test_unsampled_trace_through_a_fastapi_service(
     assert _tracestate(callback) == {"foo": "1", "bar": "2"}
     assert values["baggage"] == "request_id=rid-w3c"
     assert spans.get_finished_spans() == ()
+
+
+TP = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+@pytest.mark.parametrize(
+    ("headers", "as_they_came"),
+    [
+        ([(b"host", b"a"), (b"traceparent", TP)], True),
+        ([(b"traceparent", TP), (b"tracestate", b"congo=t61rcWkgMzE,rojo=00f067aa0ba902b7")], True),
+        ([(b"traceparent", TP.upper())], False),  # invalid: refused, a new trace
+        ([(b"traceparent", b" " + TP)], False),  # valid once its spaces go
+        ([(b"traceparent", TP), (b"traceparent", TP)], False),  # duplicated: invalid
+        ([(b"traceparent", TP), (b"tracestate", b"a=1, b=2")], False),  # normalised
+        ([(b"traceparent", TP), (b"tracestate", b"a=1"), (b"tracestate", b"b=2")], False),
+        ([(b"traceparent", TP), (b"tracestate", b"A=1")], False),  # invalid: dropped
+        ([(b"traceparent", TP), (b"baggage", b"a=1")], False),  # baggage: hidden
+        ([(b"traceparent", TP), (b"x-secret", b"s")], False),  # the trust secret: hidden
+        ([(b"traceparent", TP), (b"x-note", b"a\\x")], False),  # a backslash: checked
+        ([(b"tracestate", b"a=1")], False),  # no traceparent: tracestate goes
+    ],
+)
+async def test_trace_header_shield_passes_ready_trace_headers_as_they_came(
+    headers: list[tuple[bytes, bytes]], as_they_came: bool
+) -> None:
+    """A request whose only trace headers are one ``traceparent`` (and one ``tracestate``)
+    already in the form the shield would give them reaches OTel's middleware as it came (no
+    copy of the scope); anything the shield changes or hides goes through it, and the
+    headers OTel sees are the same either way."""
+    from otel_ctxbridge import _inbound
+    from otel_ctxbridge._inbound import ORIGINAL_HEADERS, TraceHeaderShield
+
+    seen: list[dict[str, Any]] = []
+
+    async def inner(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        seen.append(scope)
+
+    shield = TraceHeaderShield(inner, hidden=("x-secret",))
+    scope: dict[str, Any] = {"type": "http", "headers": list(headers)}
+    await shield(scope, None, None)
+    assert (seen[-1] is scope) is as_they_came
+    assert (ORIGINAL_HEADERS not in seen[-1]) is as_they_came
+    if as_they_came:  # what the full path would give OTel: the same trace headers
+        full = _inbound.shield_headers(headers, frozenset({b"x-secret"}))
+        trace = {b"traceparent", b"tracestate"}
+        assert sorted(h for h in full if h[0] in trace) == sorted(
+            h for h in headers if h[0] in trace
+        )
