@@ -74,11 +74,12 @@ def shield_headers(
     parents: list[str] = []
     states: list[str] = []
     for name, value in headers:
-        if name == _TRACEPARENT:
+        lowered = name.lower()  # as OTel reads them (ASGI asks servers for lower case)
+        if lowered == _TRACEPARENT:
             parents.append(value.decode("latin-1"))
-        elif name == _TRACESTATE:
+        elif lowered == _TRACESTATE:
             states.append(value.decode("latin-1"))
-        elif name == _BAGGAGE or name in hidden:
+        elif lowered == _BAGGAGE or lowered in hidden:
             continue
         elif (_BACKSLASH in value and _undecodable(value)) or (
             _BACKSLASH in name and _undecodable(name)
@@ -92,14 +93,15 @@ def shield_headers(
 
 
 def needs_shield(headers: Iterable[tuple[bytes, bytes]], names: frozenset[bytes]) -> bool:
-    """True when a header is named in ``names`` or has a backslash in its name or value (OTel
-    would try to decode it as an escape sequence)."""
+    """True when a header is named in ``names``, has a name that is not in lower case (OTel
+    reads names lowered: the shield checks them so), or has a backslash in its name or value
+    (OTel would try to decode it as an escape sequence)."""
     if _scan_headers is not None:  # the same loop, compiled
         found: bool | None = _scan_headers(headers, names)
         if found is not None:
             return found
     for name, value in headers:
-        if name in names or _BACKSLASH in value or _BACKSLASH in name:
+        if name in names or _BACKSLASH in value or _BACKSLASH in name or name != name.lower():
             return True
     return False
 
@@ -108,7 +110,8 @@ def trace_headers(
     headers: Iterable[tuple[bytes, bytes]], others: frozenset[bytes]
 ) -> tuple[list[bytes], list[bytes]] | None:
     """The ``traceparent`` and ``tracestate`` values of ``headers`` in order, or None when a
-    header is named in ``others`` or has a backslash in its name or value."""
+    header is named in ``others``, has a name not in lower case, or has a backslash in its
+    name or value."""
     if _trace_headers is not None:  # the same loop, compiled
         found: tuple[list[bytes], list[bytes]] | None = _trace_headers(headers, others)
         if found is not None or type(headers) in (list, tuple):
@@ -116,7 +119,7 @@ def trace_headers(
     parents: list[bytes] = []
     states: list[bytes] = []
     for name, value in headers:
-        if name in others or _BACKSLASH in value or _BACKSLASH in name:
+        if name in others or _BACKSLASH in value or _BACKSLASH in name or name != name.lower():
             return None
         if name == _TRACEPARENT:
             parents.append(value)

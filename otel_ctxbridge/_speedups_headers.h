@@ -41,9 +41,23 @@ has_backslash(PyObject *raw)
     return memchr(PyBytes_AS_STRING(raw), '\\', (size_t)PyBytes_GET_SIZE(raw)) != NULL;
 }
 
+/* 1 when header name `name` has an upper-case ASCII letter: OTel reads names lowered, so
+ * such a header goes through the shield's full path, which lowers them too. */
+static int
+has_upper(PyObject *name)
+{
+    const char *text = PyBytes_AS_STRING(name);
+    for (Py_ssize_t i = 0; i < PyBytes_GET_SIZE(name); i++) {
+        if (text[i] >= 'A' && text[i] <= 'Z') {
+            return 1;
+        }
+    }
+    return 0;
+}
+
 /* scan_headers(headers, names): True when a header is named in `names` (a frozenset of
- * bytes) or has a backslash in its name or value, False when none is; None for another
- * shape. See _inbound._needs_shield. */
+ * bytes), has an upper-case letter in its name or a backslash in its name or value, False
+ * when none is; None for another shape. See _inbound.needs_shield. */
 static PyObject *
 scan_headers(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 {
@@ -65,7 +79,7 @@ scan_headers(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t narg
         if (named < 0) {
             return NULL;
         }
-        if (named || has_backslash(value) || has_backslash(name)) {
+        if (named || has_backslash(value) || has_backslash(name) || has_upper(name)) {
             Py_RETURN_TRUE;
         }
     }
@@ -228,8 +242,9 @@ append_header(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nar
 }
 
 /* trace_headers(headers, others): (traceparent values, tracestate values), each a list of
- * bytes in arrival order, when no header is named in `others` (a frozenset of bytes) and none
- * has a backslash in its name or value; None when one does, or for another shape. See
+ * bytes in arrival order, when no header is named in `others` (a frozenset of bytes), none
+ * has an upper-case name and none a backslash in its name or value; None when one does, or
+ * for another shape. See
  * _inbound.TraceHeaderShield: a request whose only trace headers need no change passes on
  * as it came. */
 static PyObject *
@@ -252,7 +267,7 @@ trace_headers(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nar
     for (Py_ssize_t i = 0; i < header_count(headers); i++) {
         PyObject *name, *value;
         if (!header_pair(headers, i, &name, &value) || has_backslash(name) ||
-            has_backslash(value)) {
+            has_backslash(value) || has_upper(name)) {
             result = Py_NewRef(Py_None);
             break;
         }

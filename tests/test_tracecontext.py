@@ -475,6 +475,7 @@ TP = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
         ([(b"traceparent", TP), (b"x-secret", b"s")], False),  # the trust secret: hidden
         ([(b"traceparent", TP), (b"x-note", b"a\\x")], False),  # a backslash: checked
         ([(b"tracestate", b"a=1")], False),  # no traceparent: tracestate goes
+        ([(b"traceparent", TP), (b"Traceparent", TP)], False),  # OTel reads names lowered
     ],
 )
 async def test_trace_header_shield_passes_ready_trace_headers_as_they_came(
@@ -503,3 +504,19 @@ async def test_trace_header_shield_passes_ready_trace_headers_as_they_came(
         assert sorted(h for h in full if h[0] in trace) == sorted(
             h for h in headers if h[0] in trace
         )
+
+
+def test_trace_header_shield_reads_header_names_as_otel_does() -> None:
+    """Header names in another case (from a server that does not lower them, as ASGI asks)
+    are read lowered, as OTel's getter reads them: a second ``Traceparent`` makes the pair
+    duplicated (a new trace), and a ``Baggage`` header is hidden like ``baggage``."""
+    from otel_ctxbridge._inbound import needs_shield, shield_headers
+
+    names = frozenset({b"traceparent", b"tracestate", b"baggage"})
+    headers = [(b"traceparent", TP), (b"Traceparent", TP), (b"Baggage", b"tenant_id=evil")]
+    assert needs_shield(headers, names)
+    assert shield_headers(headers) == []
+    assert shield_headers([(b"Host", b"a"), (b"TraceParent", TP)]) == [
+        (b"Host", b"a"),
+        (b"traceparent", TP),
+    ]
