@@ -191,7 +191,8 @@ class Exchange:
 def route_template(scope: Scope) -> str | None:
     """The template of the route the router matched (``"/items/{item_id}"``, mount prefix
     included), None when it matched none, "" when it matched one whose template this cannot
-    work out (a mount with parameters in its prefix: the span keeps its name)."""
+    work out (under a mount with parameters in its prefix, whose values the root path holds:
+    the span keeps OTel's name rather than get a route per value)."""
     matched = scope.get("route")
     template = getattr(matched, "path_format", None)
     if not isinstance(template, str) or not template:
@@ -204,6 +205,12 @@ def route_template(scope: Scope) -> str | None:
         if not isinstance(prefix, str) or not root.endswith(prefix):
             return ""
         root = root[: len(root) - len(prefix)]
+    else:  # a route inside mounts: their prefixes are in the root path as the request had them
+        own = getattr(matched, "param_convertors", None)
+        if not isinstance(own, dict) or any(
+            name not in own for name in scope.get("path_params") or ()
+        ):
+            return ""  # a mount with parameters ("/t/{tenant}"): its template is not known here
     return f"{root}{template}"
 
 
