@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ._accel import speedups
@@ -42,12 +42,10 @@ _logger = logging.getLogger("otel_ctxbridge.asgi")
 _TRACEPARENT = b"traceparent"
 _TRACESTATE = b"tracestate"
 _BAGGAGE = b"baggage"
-_SHIELDED = frozenset((_TRACEPARENT, _TRACESTATE, _BAGGAGE))
 _BACKSLASH = 0x5C
 """``_BACKSLASH in raw`` scans the bytes with memchr; ``b"\\" in raw`` costs 5x more on
 CPython 3.11 (it first tries the needle as an int, raising and clearing a TypeError)."""
 _REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
-_scan_headers = speedups.scan_headers if speedups is not None else None
 _collect_headers = speedups.collect_headers if speedups is not None else None
 _trace_headers = speedups.trace_headers if speedups is not None else None
 
@@ -69,7 +67,8 @@ def shield_headers(
     hidden: frozenset[bytes] = frozenset(),
     bridge: ContextBridge | None = None,
 ) -> Headers:
-    """The headers OpenTelemetry may see (call it when :func:`needs_shield` says so)."""
+    """The headers OpenTelemetry may see (for headers :func:`trace_headers` refused, or whose
+    trace headers need a change)."""
     kept: Headers = []
     parents: list[str] = []
     states: list[str] = []
@@ -92,28 +91,15 @@ def shield_headers(
     return kept
 
 
-def needs_shield(headers: Iterable[tuple[bytes, bytes]], names: frozenset[bytes]) -> bool:
-    """True when a header is named in ``names``, has a name that is not in lower case (OTel
-    reads names lowered: the shield checks them so), or has a backslash in its name or value
-    (OTel would try to decode it as an escape sequence)."""
-    if _scan_headers is not None:  # the same loop, compiled
-        found: bool | None = _scan_headers(headers, names)
-        if found is not None:
-            return found
-    for name, value in headers:
-        if name in names or _BACKSLASH in value or _BACKSLASH in name or name != name.lower():
-            return True
-    return False
-
-
 def trace_headers(
     headers: Iterable[tuple[bytes, bytes]], others: frozenset[bytes]
-) -> tuple[list[bytes], list[bytes]] | None:
+) -> tuple[Sequence[bytes], Sequence[bytes]] | None:
     """The ``traceparent`` and ``tracestate`` values of ``headers`` in order, or None when a
-    header is named in ``others``, has a name not in lower case, or has a backslash in its
-    name or value."""
+    header is named in ``others``, has a name not in lower case (OTel reads names lowered),
+    or has a backslash in its name or value (OTel would try to decode it as an escape
+    sequence): then the shield rewrites them."""
     if _trace_headers is not None:  # the same loop, compiled
-        found: tuple[list[bytes], list[bytes]] | None = _trace_headers(headers, others)
+        found: tuple[Sequence[bytes], Sequence[bytes]] | None = _trace_headers(headers, others)
         if found is not None or type(headers) in (list, tuple):
             return found
     parents: list[bytes] = []
@@ -158,18 +144,19 @@ class TraceHeaderShield:
         self.app = app
         self._bridge = bridge
         self._hidden = frozenset(h.lower().encode("latin-1") for h in hidden)
-        self._names = _SHIELDED | self._hidden
         self._rewrite = frozenset((_BAGGAGE,)) | self._hidden  # always hidden from OTel
 
     def _as_they_came(self, headers: Any) -> bool:
-        """True when OTel may see ``headers`` unchanged: the only trace headers are one
-        ``traceparent`` (and at most one ``tracestate``) already in the normalised form this
-        shield would give them, and nothing is to be hidden (the common service-to-service
-        request). False sends them through :func:`shield_headers`."""
+        """True when OTel may see ``headers`` unchanged: nothing is to be hidden, and there
+        are no trace headers, or only one ``traceparent`` (and at most one ``tracestate``)
+        already in the normalised form this shield would give them (the common requests).
+        False sends them through :func:`shield_headers`."""
         found = trace_headers(headers, self._rewrite)
         if found is None:
             return False
         parents, states = found
+        if not parents:
+            return not states  # a tracestate without a traceparent is dropped
         if len(parents) != 1 or len(states) > 1:
             return False
         parent = parents[0].decode("latin-1")
@@ -188,7 +175,7 @@ class TraceHeaderShield:
         headers = scope.get("headers")
         if not headers:
             return await self.app(scope, receive, send)
-        if not needs_shield(headers, self._names) or self._as_they_came(headers):
+        if self._as_they_came(headers):
             return await self.app(scope, receive, send)  # the common cases: no copy
         try:
             cleaned = shield_headers(headers, self._hidden, self._bridge)

@@ -12,7 +12,7 @@
 #define PY_SSIZE_T_CLEAN
 /* What _accel.py expects: a module built from other sources (a stale in-place build) whose
  * API differs is not used. Raise it whenever the Python side starts relying on a change. */
-#define SPEEDUPS_API 9
+#define SPEEDUPS_API 10
 #include <Python.h>
 #include <structmember.h>
 
@@ -40,6 +40,7 @@ static int configured = 0;
 static PyTypeObject *state_type;      /* State, below */
 static PyTypeObject *maker_type;      /* ScopeMaker, below */
 static PyObject *empty_tuple;
+static PyObject *no_trace_headers; /* ((), ()): trace_headers() for a request without any */
 static int context_is_plain = 0; /* Context keeps dict's __new__ and __init__ (configure) */
 
 static PyObject *str_key;      /* "_key" */
@@ -1498,9 +1499,6 @@ out:
 #include "_speedups_headers.h"
 
 static PyMethodDef module_methods[] = {
-    {"scan_headers", (PyCFunction)(void (*)(void))scan_headers, METH_FASTCALL,
-     "scan_headers(headers, names): True when a header needs the shield, False when none "
-     "does, None for a shape the Python code handles."},
     {"collect_headers", (PyCFunction)(void (*)(void))collect_headers, METH_FASTCALL,
      "collect_headers(headers, wanted): {name: [values]} of the wanted headers, None when "
      "none is there, NotImplemented for a shape the Python code handles."},
@@ -1562,6 +1560,10 @@ module_exec(PyObject *module)
         }
     }
     if (empty_tuple == NULL && (empty_tuple = PyTuple_New(0)) == NULL) {
+        return -1;
+    }
+    if (no_trace_headers == NULL &&
+        (no_trace_headers = PyTuple_Pack(2, empty_tuple, empty_tuple)) == NULL) {
         return -1;
     }
     state_type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &state_spec, NULL);

@@ -55,37 +55,6 @@ has_upper(PyObject *name)
     return 0;
 }
 
-/* scan_headers(headers, names): True when a header is named in `names` (a frozenset of
- * bytes), has an upper-case letter in its name or a backslash in its name or value, False
- * when none is; None for another shape. See _inbound.needs_shield. */
-static PyObject *
-scan_headers(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
-{
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "scan_headers() takes 2 arguments");
-        return NULL;
-    }
-    PyObject *headers = args[0], *names = args[1];
-    Py_ssize_t count = header_count(headers);
-    if (count < 0 || !PyFrozenSet_CheckExact(names)) {
-        Py_RETURN_NONE;
-    }
-    for (Py_ssize_t i = 0; i < count; i++) {
-        PyObject *name, *value;
-        if (!header_pair(headers, i, &name, &value)) {
-            Py_RETURN_NONE;
-        }
-        int named = PySet_Contains(names, name);
-        if (named < 0) {
-            return NULL;
-        }
-        if (named || has_backslash(value) || has_backslash(name) || has_upper(name)) {
-            Py_RETURN_TRUE;
-        }
-    }
-    Py_RETURN_FALSE;
-}
-
 /* collect_headers(headers, wanted): {name: [value, ...]} of the headers named in `wanted` (a
  * frozenset of bytes), values in arrival order; None when there are none; NotImplemented for
  * another shape. See _inbound.InboundReader.read. */
@@ -241,12 +210,11 @@ append_header(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nar
     Py_RETURN_TRUE;
 }
 
-/* trace_headers(headers, others): (traceparent values, tracestate values), each a list of
- * bytes in arrival order, when no header is named in `others` (a frozenset of bytes), none
+/* trace_headers(headers, others): (traceparent values, tracestate values), each a sequence
+ * of bytes in arrival order, when no header is named in `others` (a frozenset of bytes), none
  * has an upper-case name and none a backslash in its name or value; None when one does, or
- * for another shape. See
- * _inbound.TraceHeaderShield: a request whose only trace headers need no change passes on
- * as it came. */
+ * for another shape. See _inbound.TraceHeaderShield: a request without trace headers, or
+ * whose only trace headers need no change, passes on as it came. */
 static PyObject *
 trace_headers(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
 {
@@ -255,50 +223,56 @@ trace_headers(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nar
         return NULL;
     }
     PyObject *headers = args[0], *others = args[1];
-    Py_ssize_t count = header_count(headers);
-    if (count < 0 || !PyFrozenSet_CheckExact(others)) {
+    if (header_count(headers) < 0 || !PyFrozenSet_CheckExact(others)) {
         Py_RETURN_NONE;
     }
-    PyObject *parents = PyList_New(0), *states = PyList_New(0), *result = NULL;
-    if (parents == NULL || states == NULL) {
-        goto done;
-    }
+    PyObject *parents = NULL, *states = NULL, *result = NULL; /* lists made when needed */
     Py_INCREF(headers);
     for (Py_ssize_t i = 0; i < header_count(headers); i++) {
         PyObject *name, *value;
         if (!header_pair(headers, i, &name, &value) || has_backslash(name) ||
             has_backslash(value) || has_upper(name)) {
             result = Py_NewRef(Py_None);
-            break;
+            goto done;
         }
         int other = PySet_Contains(others, name);
         if (other < 0) {
-            Py_DECREF(headers);
             goto done;
         }
         if (other) {
             result = Py_NewRef(Py_None);
-            break;
+            goto done;
         }
-        PyObject *into = NULL;
+        PyObject **into = NULL;
         if (PyBytes_GET_SIZE(name) == 11 &&
             memcmp(PyBytes_AS_STRING(name), "traceparent", 11) == 0) {
-            into = parents;
+            into = &parents;
         }
         else if (PyBytes_GET_SIZE(name) == 10 &&
                  memcmp(PyBytes_AS_STRING(name), "tracestate", 10) == 0) {
-            into = states;
+            into = &states;
         }
-        if (into != NULL && PyList_Append(into, value) < 0) {
-            Py_DECREF(headers);
+        if (into == NULL) {
+            continue;
+        }
+        Py_INCREF(value); /* held while allocating (a collection may run finalizers) */
+        int added = (*into != NULL || (*into = PyList_New(0)) != NULL)
+                        ? PyList_Append(*into, value)
+                        : -1;
+        Py_DECREF(value);
+        if (added < 0) {
             goto done;
         }
     }
-    Py_DECREF(headers);
-    if (result == NULL) {
-        result = PyTuple_Pack(2, parents, states);
+    if (parents == NULL && states == NULL) {
+        result = Py_NewRef(no_trace_headers);
+    }
+    else {
+        result = PyTuple_Pack(2, parents != NULL ? parents : empty_tuple,
+                              states != NULL ? states : empty_tuple);
     }
 done:
+    Py_DECREF(headers);
     Py_XDECREF(parents);
     Py_XDECREF(states);
     return result;
