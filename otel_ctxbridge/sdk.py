@@ -23,12 +23,13 @@ bounded time.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
 import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from opentelemetry import _logs, propagate, trace
@@ -75,9 +76,13 @@ class Telemetry:
         self._closed = False
 
     def force_flush(self, timeout_millis: int = 5000) -> bool:
-        """Export what is buffered now; False when it did not complete."""
-        ok = self.tracer_provider.force_flush(timeout_millis)
-        return bool(self.logger_provider.force_flush(timeout_millis)) and ok
+        """Export what is buffered now, spans and logs together; False when it did not
+        complete within about ``timeout_millis`` (the SDK's batch processors export on the
+        caller's thread and do not heed the timeout themselves: an export that hangs goes on
+        in the background, and this returns at the deadline)."""
+        providers = (self.tracer_provider, self.logger_provider)
+        flushes = [functools.partial(p.force_flush, timeout_millis) for p in providers]
+        return all(_in_parallel(flushes, timeout_millis / 1000.0))
 
     def shutdown(self, timeout: float = 5.0) -> None:
         """Flush and stop both providers (in parallel; returns within about ``timeout``
@@ -93,15 +98,7 @@ class Telemetry:
                 _active = None
         if self.logging_handler is not None:
             logging.getLogger().removeHandler(self.logging_handler)
-        threads = [
-            threading.Thread(target=_quietly, args=(p.shutdown,), daemon=True)
-            for p in (self.tracer_provider, self.logger_provider)
-        ]
-        for thread in threads:
-            thread.start()
-        deadline = time.monotonic() + timeout
-        for thread in threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
+        _in_parallel([self.tracer_provider.shutdown, self.logger_provider.shutdown], timeout)
 
     @property
     def closed(self) -> bool:
@@ -226,8 +223,27 @@ def _resource(service_name: str | None, attributes: Mapping[str, Any] | None) ->
     return Resource.create(extra)  # merges OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME
 
 
-def _quietly(fn: Any) -> None:
-    try:
-        fn()
-    except Exception:  # shutdown must not raise into the app
-        _logger.debug("otel_ctxbridge: error during shutdown", exc_info=True)
+def _in_parallel(calls: Sequence[Callable[[], object]], timeout: float) -> list[bool]:
+    """Run ``calls`` each in a daemon thread and wait for them together, about ``timeout``
+    seconds in all: for each, True when it returned a true value in time, False when it
+    returned a false one, raised (logged at debug: flushing never raises into the app) or
+    is still running at the deadline (it goes on in the background)."""
+    results: list[bool] = [False] * len(calls)
+
+    def run(index: int, call: Callable[[], object]) -> None:
+        try:
+            outcome = call()
+        except Exception:  # a provider that raises: reported as not done, never raised
+            _logger.debug("otel_ctxbridge: error while flushing or shutting down", exc_info=True)
+            return
+        results[index] = outcome is None or bool(outcome)  # shutdown() returns None
+
+    threads = [
+        threading.Thread(target=run, args=(i, call), daemon=True) for i, call in enumerate(calls)
+    ]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + timeout
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    return [done and not thread.is_alive() for done, thread in zip(results, threads, strict=True)]

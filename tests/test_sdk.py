@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 from opentelemetry import propagate, trace
 from opentelemetry.sdk._logs.export import InMemoryLogRecordExporter
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, format_trace_id
@@ -385,3 +385,42 @@ def test_shutdown_returns_within_its_timeout_when_both_exports_hang(
         assert telemetry.closed
     finally:
         stuck.set()
+
+
+def test_force_flush_returns_false_at_its_timeout_while_an_export_hangs(
+    bridge: cb.ContextBridge, app_logger: logging.Logger
+) -> None:
+    """The SDK's batch processors export on the caller's thread and ignore the flush timeout:
+    with the span and log exports hanging, force_flush(timeout_millis) still returns, False,
+    after about that long (both providers waited for together); once the exporter answers,
+    a flush completes and says True."""
+    stuck = _Stuck()
+    telemetry = configure(
+        bridge,
+        otlp=False,
+        span_exporters=[stuck],  # type: ignore[list-item] # an exporter by its methods
+        log_exporters=[stuck],  # type: ignore[list-item] # an exporter by its methods
+    )
+    try:
+        with bridge.scope(request_id="r-1"), trace.get_tracer("t").start_as_current_span("op"):
+            app_logger.info("stuck")
+        started = time.monotonic()
+        assert telemetry.force_flush(timeout_millis=500) is False
+        assert time.monotonic() - started < 2.0
+    finally:
+        stuck.set()
+    assert telemetry.force_flush(timeout_millis=5000) is True
+
+
+class _FailingFlush(SpanProcessor):
+    """A span processor whose flush raises (a broken exporter plugin)."""
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        raise RuntimeError("flush failed")
+
+
+def test_force_flush_that_raises_says_false_and_does_not_raise(bridge: cb.ContextBridge) -> None:
+    """A processor raising in force_flush makes it report False; nothing reaches the caller."""
+    telemetry = configure(bridge, otlp=False, span_processors=[_FailingFlush()])
+    assert telemetry.force_flush(timeout_millis=1000) is False
+    telemetry.shutdown()
