@@ -13,6 +13,7 @@ from opentelemetry.trace import format_span_id, format_trace_id
 
 from ._accel import speedups
 from ._inbound import Message, Scope, Send
+from ._routes import route_template
 from ._runtime import SPAN_KEY
 from ._span_write import rename_span
 from ._state import Frame
@@ -186,32 +187,6 @@ class Exchange:
             mw._access.info("%s %s %s %.1fms", method, path, status, duration, extra=extra)
         except Exception:  # telemetry never throws on the request path
             _logger.debug("otel_ctxbridge: could not write the access log", exc_info=True)
-
-
-def route_template(scope: Scope) -> str | None:
-    """The template of the route the router matched (``"/items/{item_id}"``, mount prefix
-    included), None when it matched none, "" when it matched one whose template this cannot
-    work out (under a mount with parameters in its prefix, whose values the root path holds:
-    the span keeps OTel's name rather than get a route per value)."""
-    matched = scope.get("route")
-    template = getattr(matched, "path_format", None)
-    if not isinstance(template, str) or not template:
-        return None
-    root = scope.get("root_path")
-    if not root:
-        return template
-    if hasattr(matched, "routes"):  # a Mount: its template starts with its own prefix, which
-        prefix = getattr(matched, "path", None)  # the mount added to the root path already
-        if not isinstance(prefix, str) or not root.endswith(prefix):
-            return ""
-        root = root[: len(root) - len(prefix)]
-    else:  # a route inside mounts: their prefixes are in the root path as the request had them
-        own = getattr(matched, "param_convertors", None)
-        if not isinstance(own, dict) or any(
-            name not in own for name in scope.get("path_params") or ()
-        ):
-            return ""  # a mount with parameters ("/t/{tenant}"): its template is not known here
-    return f"{root}{template}"
 
 
 def default_span_name(scope: Scope) -> str:

@@ -57,6 +57,7 @@ def make_api(bridge: cb.ContextBridge) -> FastAPI:
         return {"hello": name}
 
     api.mount("/sub", sub)
+    api.mount("/t/{tenant}", sub)  # a prefix with a parameter: its template, not the value
 
     async def plain(request: Request) -> JSONResponse:
         return JSONResponse({"user": request.path_params["user"]})
@@ -122,6 +123,7 @@ def test_excluded_url_keeps_its_context_and_records_nothing(
         ("/items/42", "GET /items/{item_id}"),
         ("/sub/hello/bob", "GET /sub/hello/{name}"),
         ("/plain/users/u-1", "GET /plain/users/{user}"),
+        ("/t/acme/hello/bob", "GET /t/{tenant}/hello/{name}"),
     ],
 )
 def test_server_span_is_named_after_the_matched_route(
@@ -244,8 +246,9 @@ def test_starlette_mounts_name_spans_after_the_mount_template(
 ) -> None:
     """Under a Starlette ``Mount`` (a sub-router, static files) the span is named after the
     route inside it when one matched, else after the mount's own template, its prefix
-    counted once (the mount has already added it to ``root_path``); under a mount with
-    parameters in its prefix the span keeps OTel's name."""
+    counted once (the mount has already added it to ``root_path``). Under a mount with
+    parameters in its prefix (``/t/{tenant}``) the template is the mounts' templates followed
+    from the router, never the request's values (a tenant id in a span name)."""
     from starlette.applications import Starlette
     from starlette.responses import PlainTextResponse
     from starlette.routing import Mount, Route
@@ -260,20 +263,62 @@ def test_starlette_mounts_name_spans_after_the_mount_template(
         routes=[
             Mount("/api", routes=[Route("/x/{y}", item)]),
             Mount("/static", StaticFiles(directory=tmp_path)),
-            Mount("/t/{tenant}", routes=[Route("/x/{y}", item)]),
+            Mount(
+                "/t/{tenant}",
+                routes=[
+                    Route("/x/{y}", item),
+                    Mount("/v1/{region}", routes=[Route("/z", item, methods=["POST"])]),
+                ],
+            ),
         ]
     )
     expected = {
         "/api/x/1": ("GET /api/x/{y}", 200),
         "/api/nope": ("GET /api/{path}", 404),
         "/static/a.css": ("GET /static/{path}", 200),
+        "/t/acme/x/1": ("GET /t/{tenant}/x/{y}", 200),
+        "/t/acme/v1/eu/z": ("GET /t/{tenant}/v1/{region}/z", 405),  # a partial match
+        "/t/acme/nope": ("GET /t/{tenant}/{path}", 404),  # the sub-router's 404
     }
     with serve(instrument_asgi(app, bridge)) as base:
         for path, (_, status) in expected.items():
             assert httpx.get(base + path).status_code == status
-        assert httpx.get(base + "/t/acme/x/1").status_code == 200
-    found = [(s.name, (s.attributes or {}).get("http.route")) for s in server_spans(spans, 4)]
-    assert found[:3] == [(name, name.split(" ", 1)[1]) for name, _ in expected.values()]
-    # Under a mount with parameters the route's template is not known here: OTel's name
-    # stays, and no http.route carries the tenant's value.
-    assert found[3] == ("GET /t/acme/x/1", None)
+    found = [
+        (s.name, (s.attributes or {}).get("http.route")) for s in server_spans(spans, len(expected))
+    ]
+    assert found == [(name, name.split(" ", 1)[1]) for name, _ in expected.values()]
+
+
+def test_route_template_follows_the_router_and_gives_up_without_a_guess() -> None:
+    """Under a mount with a parameter the template comes from the router's tree as the request
+    went down it; when that tree does not lead to the matched route (a scope assembled by
+    other code) or matching raises, the answer is "" (the span keeps OTel's name), never a
+    template holding the request's values."""
+    from starlette.routing import Mount, Router
+
+    from otel_ctxbridge._routes import route_template
+
+    async def endpoint(request: Request) -> JSONResponse:
+        return JSONResponse({})
+
+    inner = Route("/x/{y}", endpoint)
+    router = Router(routes=[Mount("/t/{tenant}", routes=[inner])])
+    scope: dict[str, Any] = {
+        "type": "http",
+        "method": "GET",
+        "path": "/t/acme/x/1",
+        "root_path": "/t/acme",
+        "headers": [],
+        "path_params": {"tenant": "acme", "y": "1"},
+        "router": router,
+        "route": inner,
+    }
+    assert route_template(scope) == "/t/{tenant}/x/{y}"
+    assert route_template({**scope, "route": Route("/x/{y}", endpoint)}) == ""  # elsewhere
+
+    class Broken(Route):
+        def matches(self, scope: Any) -> Any:
+            raise RuntimeError("matching failed")
+
+    broken = Router(routes=[Broken("/t/{tenant}/x/{y}", endpoint), *router.routes])
+    assert route_template({**scope, "router": broken}) == ""
