@@ -9,7 +9,7 @@ REQUIRE_EXTENSIONS := $(if $(filter true,$(CI)),OTEL_CTXBRIDGE_REQUIRE_EXTENSION
 
 .PHONY: venv test lint typecheck pytest bench demo clean
 
-$(STAMP): pyproject.toml hatch_build.py otel_ctxbridge/_speedups.c otel_ctxbridge/_speedups_headers.h
+$(STAMP): pyproject.toml hatch_build.py otel_ctxbridge/_speedups.c $(wildcard otel_ctxbridge/_speedups_*.h)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(REQUIRE_EXTENSIONS) $(BIN)/python -m pip install --quiet -e '.[dev]'

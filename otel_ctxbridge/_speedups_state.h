@@ -1,0 +1,191 @@
+/* State (the compiled _state.PyState) and the helpers that make one for a derived context.
+ * Included once by _speedups.c (one translation unit), after the declarations it uses. */
+
+/* State: what _state.PyState is (the process-local values of a context, its frame and
+ * when it was written), as a compiled type that C code creates without a Python call. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *local;
+    PyObject *frame;
+    PyObject *generation;
+} State;
+
+static PyObject *
+new_state(PyObject *local, PyObject *frame, PyObject *generation)
+{
+    State *state = PyObject_GC_New(State, state_type);
+    if (state == NULL) {
+        return NULL;
+    }
+    Py_INCREF(local);
+    Py_INCREF(frame);
+    Py_INCREF(generation);
+    state->local = local;
+    state->frame = frame;
+    state->generation = generation;
+    PyObject_GC_Track(state);
+    return (PyObject *)state;
+}
+
+static PyObject *
+state_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    PyObject *local, *frame, *generation;
+    static char *names[] = {"local", "frame", "generation", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO:State", names, &local, &frame,
+                                     &generation)) {
+        return NULL;
+    }
+    if (type != state_type) {
+        PyErr_SetString(PyExc_TypeError, "State cannot be subclassed");
+        return NULL;
+    }
+    return new_state(local, frame, generation);
+}
+
+static int
+state_traverse(State *self, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(self));
+    Py_VISIT(self->local);
+    Py_VISIT(self->frame);
+    Py_VISIT(self->generation);
+    return 0;
+}
+
+static int
+state_clear(State *self)
+{
+    Py_CLEAR(self->local);
+    Py_CLEAR(self->frame);
+    Py_CLEAR(self->generation);
+    return 0;
+}
+
+static void
+state_dealloc(State *self)
+{
+    PyTypeObject *type = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    state_clear(self);
+    type->tp_free((PyObject *)self);
+    Py_DECREF(type);
+}
+
+static PyMemberDef state_members[] = {
+    {"local", T_OBJECT_EX, offsetof(State, local), READONLY, "The process-local values."},
+    {"generation", T_OBJECT_EX, offsetof(State, generation), READONLY, "When it was written."},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyObject *
+state_get_frame(State *self, void *Py_UNUSED(closure))
+{
+    if (self->frame == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "frame");
+        return NULL;
+    }
+    Py_INCREF(self->frame);
+    return self->frame;
+}
+
+static int
+state_set_frame(State *self, PyObject *frame, void *Py_UNUSED(closure))
+{
+    if (frame == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "a State's frame cannot be deleted");
+        return -1;
+    }
+    Py_INCREF(frame);
+    Py_XSETREF(self->frame, frame);
+    return 0;
+}
+
+static PyGetSetDef state_getset[] = {
+    {"frame", (getter)state_get_frame, (setter)state_set_frame,
+     "The frame update() writes in, or None (set once, by the first update).", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyType_Slot state_slots[] = {
+    {Py_tp_doc, "The process-local values of a context, its frame and when it was written "
+                "(compiled; see _state.PyState)."},
+    {Py_tp_new, state_new},
+    {Py_tp_dealloc, state_dealloc},
+    {Py_tp_traverse, state_traverse},
+    {Py_tp_clear, state_clear},
+    {Py_tp_members, state_members},
+    {Py_tp_getset, state_getset},
+    {0, NULL},
+};
+
+static PyType_Spec state_spec = {
+    .name = "otel_ctxbridge._speedups.State",
+    .basicsize = sizeof(State),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = state_slots,
+};
+
+/* True when every character of `value` is printable (str.isprintable). */
+static int
+is_printable(PyObject *value)
+{
+    Py_ssize_t n = PyUnicode_GET_LENGTH(value);
+    if (PyUnicode_IS_ASCII(value)) {
+        const Py_UCS1 *data = PyUnicode_1BYTE_DATA(value);
+        for (Py_ssize_t i = 0; i < n; i++) {
+            if (data[i] < 0x20 || data[i] > 0x7e) {
+                return 0;
+            }
+        }
+        return 1;
+    }
+    int kind = PyUnicode_KIND(value);
+    const void *data = PyUnicode_DATA(value);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (!Py_UNICODE_ISPRINTABLE(PyUnicode_READ(kind, data, i))) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* The State of a context written on top of one holding `state` (borrowed, may be NULL;
+ * `parent_frame` is its frame) with no new process-local values, as _derive.derive_context
+ * makes it; `frame` is the request frame to start (NULL: none). New reference or NULL. */
+static PyObject *
+derived_state(PyObject *state, PyObject *parent_frame, PyObject *frame)
+{
+    if (frame == NULL) {
+        if (state == NULL) {
+            return new_state(config.empty, Py_None, zero);
+        }
+        if (parent_frame == Py_None) {
+            if (Py_TYPE(state) == state_type) {
+                return new_state(((State *)state)->local, Py_None, zero);
+            }
+            PyObject *local = PyObject_GetAttr(state, str_local);
+            if (local == NULL) {
+                return NULL;
+            }
+            PyObject *result = new_state(local, Py_None, zero);
+            Py_DECREF(local);
+            return result;
+        }
+    }
+    else if (frame != parent_frame && (state == NULL || Py_TYPE(state) == state_type)) {
+        /* A request frame to start: fresh (no updates recorded yet), its state has generation
+         * 0, as child_state() says. */
+        PyObject *updates = PyObject_GetAttr(frame, str_updates);
+        if (updates == NULL) {
+            return NULL;
+        }
+        int fresh = updates == config.empty;
+        Py_DECREF(updates);
+        if (fresh) {
+            return new_state(state != NULL ? ((State *)state)->local : config.empty, frame, zero);
+        }
+    }
+    PyObject *args[3] = {state != NULL ? state : Py_None, Py_None, frame != NULL ? frame : Py_None};
+    return PyObject_Vectorcall(config.child_state, args, 3, NULL);
+}
