@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 from _servers import serve
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 from opentelemetry import baggage
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
@@ -56,6 +56,14 @@ def make_api(bridge: cb.ContextBridge) -> FastAPI:
     async def hello(name: str) -> dict[str, str]:
         return {"hello": name}
 
+    users = APIRouter()
+
+    @users.get("/{uid}")
+    async def user(uid: str) -> dict[str, str]:
+        return {"user": uid}
+
+    api.include_router(users, prefix="/users")  # FastAPI keeps the prefix apart (0.120+)
+    sub.include_router(users, prefix="/members")
     api.mount("/sub", sub)
     api.mount("/t/{tenant}", sub)  # a prefix with a parameter: its template, not the value
 
@@ -124,6 +132,9 @@ def test_excluded_url_keeps_its_context_and_records_nothing(
         ("/sub/hello/bob", "GET /sub/hello/{name}"),
         ("/plain/users/u-1", "GET /plain/users/{user}"),
         ("/t/acme/hello/bob", "GET /t/{tenant}/hello/{name}"),
+        ("/users/u-1", "GET /users/{uid}"),
+        ("/sub/members/u-1", "GET /sub/members/{uid}"),
+        ("/t/acme/members/u-1", "GET /t/{tenant}/members/{uid}"),
     ],
 )
 def test_server_span_is_named_after_the_matched_route(
@@ -232,7 +243,7 @@ def test_trace_headers_are_shielded_with_either_span_details_hook(
         hostile = httpx.get(
             base + "/seen", headers={"traceparent": SAMPLED, "baggage": HOSTILE_BAGGAGE}
         )
-        continued, restarted, with_baggage = server_spans(spans)
+        continued, restarted, with_baggage = server_spans(spans, 3)
     assert kept.status_code == duplicated.status_code == hostile.status_code == 200
     assert format(continued.context.trace_id, "032x") == TRACE
     assert format(restarted.context.trace_id, "032x") != TRACE
@@ -268,8 +279,11 @@ def test_starlette_mounts_name_spans_after_the_mount_template(
                 routes=[
                     Route("/x/{y}", item),
                     Mount("/v1/{region}", routes=[Route("/z", item, methods=["POST"])]),
+                    Mount("/files", StaticFiles(directory=tmp_path)),  # plain, inside
+                    Route("/o/{tenant}/z", item),  # reuses the mount's parameter name
                 ],
             ),
+            Mount("/n/{tenant:int}", routes=[Route("/x/{y}", item)]),  # a converter
         ]
     )
     expected = {
@@ -279,6 +293,10 @@ def test_starlette_mounts_name_spans_after_the_mount_template(
         "/t/acme/x/1": ("GET /t/{tenant}/x/{y}", 200),
         "/t/acme/v1/eu/z": ("GET /t/{tenant}/v1/{region}/z", 405),  # a partial match
         "/t/acme/nope": ("GET /t/{tenant}/{path}", 404),  # the sub-router's 404
+        "/t/acme/files/a.css": ("GET /t/{tenant}/files/{path}", 200),
+        "/t/acme/files/none.css": ("GET /t/{tenant}/files/{path}", 404),
+        "/t/acme/o/globex/z": ("GET /t/{tenant}/o/{tenant}/z", 200),
+        "/n/42/x/1": ("GET /n/{tenant}/x/{y}", 200),
     }
     with serve(instrument_asgi(app, bridge)) as base:
         for path, (_, status) in expected.items():
@@ -290,10 +308,10 @@ def test_starlette_mounts_name_spans_after_the_mount_template(
 
 
 def test_route_template_follows_the_router_and_gives_up_without_a_guess() -> None:
-    """Under a mount with a parameter the template comes from the router's tree as the request
-    went down it; when that tree does not lead to the matched route (a scope assembled by
-    other code) or matching raises, the answer is "" (the span keeps OTel's name), never a
-    template holding the request's values."""
+    """Under a mount with a parameter the mounts' templates come from the router's tree as the
+    request went down it; when the mounts there do not account for the root path (a scope
+    assembled by other code) or matching raises, the answer is "" (the span keeps OTel's
+    name), never a template holding the request's values."""
     from starlette.routing import Mount, Router
 
     from otel_ctxbridge._routes import route_template
@@ -308,13 +326,15 @@ def test_route_template_follows_the_router_and_gives_up_without_a_guess() -> Non
         "method": "GET",
         "path": "/t/acme/x/1",
         "root_path": "/t/acme",
+        "app_root_path": "",  # a Starlette mount records where it started
         "headers": [],
         "path_params": {"tenant": "acme", "y": "1"},
         "router": router,
         "route": inner,
     }
     assert route_template(scope) == "/t/{tenant}/x/{y}"
-    assert route_template({**scope, "route": Route("/x/{y}", endpoint)}) == ""  # elsewhere
+    # A root path the router's mounts do not make: no guess.
+    assert route_template({**scope, "path": "/z/acme/x/1", "root_path": "/z/acme"}) == ""
 
     class Broken(Route):
         def matches(self, scope: Any) -> Any:
