@@ -29,7 +29,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from opentelemetry import _logs, propagate, trace
@@ -40,6 +40,7 @@ from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 
+from ._background import BackgroundCall, wait_all
 from ._otlp_export import (
     DEFAULT_EXPORT_TIMEOUT as DEFAULT_EXPORT_TIMEOUT,  # noqa: PLC0414 - explicit re-export (mypy)
 )
@@ -74,15 +75,30 @@ class Telemetry:
         self.logging_handler = handler
         """The handler on the root logger that turns stdlib records into OTel log records."""
         self._closed = False
+        self._flush_lock = threading.Lock()
+        self._flushes: list[BackgroundCall | None] = [None, None]  # tracer's, logger's
 
     def force_flush(self, timeout_millis: int = 5000) -> bool:
         """Export what is buffered now, spans and logs together; False when it did not
         complete within about ``timeout_millis`` (the SDK's batch processors export on the
         caller's thread and do not heed the timeout themselves: an export that hangs goes on
         in the background, and this returns at the deadline)."""
-        providers = (self.tracer_provider, self.logger_provider)
-        flushes = [functools.partial(p.force_flush, timeout_millis) for p in providers]
-        return all(_in_parallel(flushes, timeout_millis / 1000.0))
+        deadline = time.monotonic() + timeout_millis / 1000.0
+        # At most one flush in flight per provider: a call that finds the last one still
+        # exporting waits for it, then flushes anew, instead of queueing one more thread
+        # behind the SDK's export lock at every call during an outage.
+        with self._flush_lock:
+            previous = [c for c in self._flushes if c is not None and c.running]
+        wait_all(previous, deadline)
+        flushers = (self.tracer_provider.force_flush, self.logger_provider.force_flush)
+        with self._flush_lock:
+            for index, flusher in enumerate(flushers):
+                flush = self._flushes[index]
+                if flush is None or not flush.running:
+                    flush = BackgroundCall(functools.partial(flusher, timeout_millis))
+                    self._flushes[index] = flush.start()
+            calls = [c for c in self._flushes if c is not None]
+        return wait_all(calls, deadline)
 
     def shutdown(self, timeout: float = 5.0) -> None:
         """Flush and stop both providers (in parallel; returns within about ``timeout``
@@ -98,7 +114,9 @@ class Telemetry:
                 _active = None
         if self.logging_handler is not None:
             logging.getLogger().removeHandler(self.logging_handler)
-        _in_parallel([self.tracer_provider.shutdown, self.logger_provider.shutdown], timeout)
+        shutdowns = (self.tracer_provider.shutdown, self.logger_provider.shutdown)
+        calls = [BackgroundCall(shutdown).start() for shutdown in shutdowns]
+        wait_all(calls, time.monotonic() + timeout)
 
     @property
     def closed(self) -> bool:
@@ -221,29 +239,3 @@ def _resource(service_name: str | None, attributes: Mapping[str, Any] | None) ->
     if service_name is not None:
         extra[SERVICE_NAME] = service_name
     return Resource.create(extra)  # merges OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME
-
-
-def _in_parallel(calls: Sequence[Callable[[], object]], timeout: float) -> list[bool]:
-    """Run ``calls`` each in a daemon thread and wait for them together, about ``timeout``
-    seconds in all: for each, True when it returned a true value in time, False when it
-    returned a false one, raised (logged at debug: flushing never raises into the app) or
-    is still running at the deadline (it goes on in the background)."""
-    results: list[bool] = [False] * len(calls)
-
-    def run(index: int, call: Callable[[], object]) -> None:
-        try:
-            outcome = call()
-        except Exception:  # a provider that raises: reported as not done, never raised
-            _logger.debug("otel_ctxbridge: error while flushing or shutting down", exc_info=True)
-            return
-        results[index] = outcome is None or bool(outcome)  # shutdown() returns None
-
-    threads = [
-        threading.Thread(target=run, args=(i, call), daemon=True) for i, call in enumerate(calls)
-    ]
-    for thread in threads:
-        thread.start()
-    deadline = time.monotonic() + timeout
-    for thread in threads:
-        thread.join(max(0.0, deadline - time.monotonic()))
-    return [done and not thread.is_alive() for done, thread in zip(results, threads, strict=True)]

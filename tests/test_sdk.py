@@ -424,3 +424,47 @@ def test_force_flush_that_raises_says_false_and_does_not_raise(bridge: cb.Contex
     telemetry = configure(bridge, otlp=False, span_processors=[_FailingFlush()])
     assert telemetry.force_flush(timeout_millis=1000) is False
     telemetry.shutdown()
+
+
+def test_force_flush_during_an_outage_keeps_one_flush_in_flight_per_provider(
+    bridge: cb.ContextBridge, app_logger: logging.Logger
+) -> None:
+    """Flushing again and again while the exports hang (an app flushing after every task
+    during a collector outage) does not pile up threads: each call finds the last flush still
+    running, waits for it until its own deadline and says False; no new thread is queued."""
+    stuck = _Stuck()
+    telemetry = configure(
+        bridge,
+        otlp=False,
+        span_exporters=[stuck],  # type: ignore[list-item] # an exporter by its methods
+        log_exporters=[stuck],  # type: ignore[list-item] # an exporter by its methods
+    )
+    try:
+        with bridge.scope(request_id="r-1"), trace.get_tracer("t").start_as_current_span("op"):
+            app_logger.info("stuck")
+        assert telemetry.force_flush(timeout_millis=50) is False
+        threads = threading.active_count()
+        for _ in range(20):
+            assert telemetry.force_flush(timeout_millis=20) is False
+        assert threading.active_count() == threads
+    finally:
+        stuck.set()
+    assert telemetry.force_flush(timeout_millis=5000) is True
+
+
+def test_background_call_runs_inline_where_no_thread_can_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """At interpreter exit Python 3.12 refuses new threads ("can't create new thread at
+    interpreter shutdown"): a flush or shutdown called from an atexit handler then runs on the
+    caller's thread instead of raising."""
+    from otel_ctxbridge._background import BackgroundCall, wait_all
+
+    def refuse(self: threading.Thread) -> None:
+        raise RuntimeError("can't create new thread at interpreter shutdown")
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    ran: list[str] = []
+    call = BackgroundCall(lambda: ran.append("flushed") or True).start()
+    assert ran == ["flushed"]
+    assert wait_all([call], time.monotonic() + 1.0) is True
