@@ -32,13 +32,15 @@ def route_template(scope: Scope) -> str | None:
     when it matched none, "" when it matched one whose template this cannot work out (the
     span then keeps OTel's name rather than get one per request)."""
     matched = scope.get("route")
-    template = _own_template(scope, matched)
-    if template is None:
+    template = getattr(matched, "path_format", None)
+    if not isinstance(template, str) or not template:
         return None
+    if "fastapi" in scope:
+        template = _included_template(scope, matched, template)
     root = scope.get("root_path") or ""
-    if scope.get("app_root_path", root) == root and not _is_mount(matched):
-        # No mount took part of the path (a Starlette mount records the root it started
-        # from as "app_root_path"): the root path is the server's (uvicorn --root-path).
+    # No mount took part of the path (a Starlette mount records the root it started from as
+    # "app_root_path"): the root path is the server's (uvicorn --root-path).
+    if "app_root_path" not in scope or (scope["app_root_path"] == root and not _is_mount(matched)):
         return f"{root}{template}"
     key = (id(matched), root)
     cached = _cache.get(key)
@@ -59,13 +61,9 @@ def route_template(scope: Scope) -> str | None:
     return full
 
 
-def _own_template(scope: Scope, matched: object) -> str | None:
-    """``matched``'s template relative to its router: FastAPI's effective template (with the
-    ``include_router`` prefixes) when FastAPI recorded one for this very route, else the
-    route's own ``path_format``."""
-    template = getattr(matched, "path_format", None)
-    if not isinstance(template, str) or not template:
-        return None
+def _included_template(scope: Scope, matched: object, template: str) -> str:
+    """FastAPI's effective template of ``matched`` (with the ``include_router`` prefixes) when
+    FastAPI recorded one for this very route, else ``template``."""
     fastapi = scope.get("fastapi")
     effective = fastapi.get("effective_route_context") if isinstance(fastapi, dict) else None
     if effective is not None and getattr(effective, "original_route", None) is matched:
@@ -77,7 +75,8 @@ def _own_template(scope: Scope, matched: object) -> str | None:
 
 def _is_mount(route: object) -> bool:
     template = getattr(route, "path_format", None)
-    return hasattr(route, "routes") and isinstance(template, str) and template.endswith(_MOUNT_TAIL)
+    # (endswith first: hasattr on a Route, which has no "routes", raises and catches inside)
+    return isinstance(template, str) and template.endswith(_MOUNT_TAIL) and hasattr(route, "routes")
 
 
 def _mounted_template(
