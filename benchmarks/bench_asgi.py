@@ -13,6 +13,10 @@ rounds, each round on the next process of each variant):
   echoing a request id alone, next to the ``otel-nospans`` anchor.
 - ``ctxbridge``: ``instrument_asgi`` with its defaults (request id + 2 more fields, send/receive
   spans off), access log off.
+- ``otel-nospans@service`` and ``ctxbridge@service``: the same two servers under the requests
+  of a service calling another (:data:`SERVICE_REQUEST`: a ``traceparent``, an ``X-Request-ID``
+  to keep and the headers an HTTP client sends), reported beside the targets without one of
+  their own (the issue's anchors are measured with the plain request).
 
 Every server uses an SDK ``TracerProvider`` with a ``BatchSpanProcessor`` into an exporter that
 drops the spans. The load generator keeps 32 keep-alive connections busy with raw HTTP/1.1
@@ -34,7 +38,17 @@ from pathlib import Path
 from typing import Any
 
 Row = tuple[str, float, float]
-VARIANTS = ("bare", "cid", "otel", "otel-nospans+cid", "otel+cid", "ctxbridge", "otel-nospans")
+VARIANTS = (
+    "bare",
+    "cid",
+    "otel",
+    "otel-nospans+cid",
+    "otel+cid",
+    "ctxbridge",
+    "otel-nospans",
+    "otel-nospans@service",
+    "ctxbridge@service",
+)
 """In measuring order: each ratio with a target compares neighbours (``ctxbridge`` between
 its two anchors), measured about a second apart, so drift in the machine's load cancels."""
 SERVERS_PER_VARIANT = 3
@@ -46,6 +60,15 @@ WARMUP_S = 0.5
 ROUND_S = 0.5
 ROUNDS = 15
 REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: bench\r\n\r\n"
+SERVICE_REQUEST = (
+    b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: */*\r\nAccept-Encoding: gzip, deflate\r\n"
+    b"Connection: keep-alive\r\nUser-Agent: python-httpx/0.28.1\r\n"
+    b"traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\n"
+    b"X-Request-ID: 3f1c2a9e-8d6b-4c1e-9a2f-7b5d3e4c1a90\r\n"
+    b"X-Forwarded-For: 10.0.0.7\r\nContent-Type: application/json\r\n\r\n"
+)
+"""What a service calling another sends (9 headers, as httpx does, with a trace to continue
+and a request id to keep): the ``@service`` variants' load."""
 
 
 # -- the servers (run in child processes) ------------------------------------------------------
@@ -71,6 +94,7 @@ def build_app(variant: str) -> Any:
     async def index(request: Any) -> PlainTextResponse:
         return PlainTextResponse("ok")
 
+    variant = variant.partition("@")[0]  # the load, not the server, differs for "@service"
     app: Any = Starlette(routes=[Route("/", index)])
     if variant == "bare":
         return app
@@ -118,12 +142,12 @@ def serve(variant: str, port: int) -> None:
 # -- the load generator ------------------------------------------------------------------------
 
 
-async def _connection(port: int, deadline: float, counts: list[int]) -> None:
+async def _connection(port: int, deadline: float, counts: list[int], request: bytes) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     done = 0
     try:
         while time.perf_counter() < deadline:
-            writer.write(REQUEST)
+            writer.write(request)
             head = await reader.readuntil(b"\r\n\r\n")
             length = 0
             for line in head.split(b"\r\n"):
@@ -137,11 +161,13 @@ async def _connection(port: int, deadline: float, counts: list[int]) -> None:
         writer.close()
 
 
-async def _load(port: int, seconds: float) -> tuple[int, float]:
+async def _load(port: int, seconds: float, request: bytes) -> tuple[int, float]:
     counts: list[int] = []
     started = time.perf_counter()
     deadline = started + seconds
-    await asyncio.gather(*(_connection(port, deadline, counts) for _ in range(CONNECTIONS)))
+    await asyncio.gather(
+        *(_connection(port, deadline, counts, request) for _ in range(CONNECTIONS))
+    )
     return sum(counts), time.perf_counter() - started
 
 
@@ -166,10 +192,10 @@ def _cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / _TICKS
 
 
-def _round(port: int, pid: int, seconds: float) -> float:
+def _round(port: int, pid: int, seconds: float, request: bytes = REQUEST) -> float:
     """Requests per second of server CPU time (wall clock where /proc is missing)."""
     before = _cpu_seconds(pid)
-    done, wall = asyncio.run(_load(port, seconds))
+    done, wall = asyncio.run(_load(port, seconds, request))
     after = _cpu_seconds(pid)
     if before is None or after is None or after <= before:
         return done / wall
@@ -229,14 +255,17 @@ def measure(variants: Sequence[str] = VARIANTS, rounds: int = ROUNDS) -> list[di
                 servers[variant].append((port, process))
                 if server_cpu is not None:
                     os.sched_setaffinity(process.pid, {server_cpu})
-        for port, process in _all(servers):
-            _wait(port, process)
-            _round(port, process.pid, WARMUP_S)
+        for variant, group in servers.items():
+            for port, process in group:
+                _wait(port, process)
+                _round(port, process.pid, WARMUP_S, _request(variant))
         results: list[dict[str, float]] = []
         for index in range(rounds):
             order = list(variants) if index % 2 == 0 else list(reversed(variants))
             turn = index % SERVERS_PER_VARIANT
-            results.append({v: _round(*_port_pid(servers[v][turn]), ROUND_S) for v in order})
+            results.append(
+                {v: _round(*_port_pid(servers[v][turn]), ROUND_S, _request(v)) for v in order}
+            )
         return results
     finally:
         for _, process in _all(servers):
@@ -246,6 +275,10 @@ def measure(variants: Sequence[str] = VARIANTS, rounds: int = ROUNDS) -> list[di
                 process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 process.kill()
+
+
+def _request(variant: str) -> bytes:
+    return SERVICE_REQUEST if variant.endswith("@service") else REQUEST
 
 
 def _all(
@@ -274,7 +307,12 @@ def run() -> list[Row]:
     for variant in VARIANTS:
         rps = statistics.median(r[variant] for r in rounds)
         ratio = _median_ratio(rounds, variant, "bare")
-        print(f"    {variant:<14} {rps:8.0f} req/cpu-s  {ratio:5.2f}x")
+        print(f"    {variant:<20} {rps:8.0f} req/cpu-s  {ratio:5.2f}x")
+    service = _median_ratio(rounds, "ctxbridge@service", "otel-nospans@service")
+    print(
+        "  service-to-service requests (traceparent, X-Request-ID, 9 headers): "
+        f"instrument_asgi / OTel alone with the same spans: {service:.2f} (no target)"
+    )
     return [
         (
             ">= instrument_asgi / (OTel + asgi-correlation-id) throughput",

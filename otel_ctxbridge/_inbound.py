@@ -48,6 +48,7 @@ CPython 3.11 (it first tries the needle as an int, raising and clearing a TypeEr
 _REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
 _collect_headers = speedups.collect_headers if speedups is not None else None
 _trace_headers = speedups.trace_headers if speedups is not None else None
+_traceparent_ready = speedups.traceparent_ready if speedups is not None else None
 
 
 def _undecodable(raw: bytes) -> bool:
@@ -114,6 +115,16 @@ def trace_headers(
     return parents, states
 
 
+def traceparent_ready(raw: bytes) -> bool:
+    """True when the ``traceparent`` value ``raw`` is already in the normalised form the shield
+    would give it (:func:`~otel_ctxbridge.tracecontext.parse_traceparent` returns it
+    unchanged): OTel may then read it as it came."""
+    if _traceparent_ready is not None:  # the same check, compiled
+        return bool(_traceparent_ready(raw))
+    text = raw.decode("latin-1")
+    return parse_traceparent([text]) == text
+
+
 def _trace_pair(parents: list[str], states: list[str], bridge: ContextBridge | None) -> Headers:
     parent = parse_traceparent(parents)
     if parent is None:
@@ -159,8 +170,7 @@ class TraceHeaderShield:
             return not states  # a tracestate without a traceparent is dropped
         if len(parents) != 1 or len(states) > 1:
             return False
-        parent = parents[0].decode("latin-1")
-        if parse_traceparent([parent]) != parent:
+        if not traceparent_ready(parents[0]):
             return False
         if not states:
             return True
@@ -236,17 +246,18 @@ class InboundReader:
     def _values(
         self, scope: Scope, found: dict[bytes, list[bytes]]
     ) -> tuple[dict[str, str], dict[str, object] | None]:
-        members = self._members(found.get(_BAGGAGE))
+        raw_baggage = found.get(_BAGGAGE)
+        members = self._members(raw_baggage) if raw_baggage else _NO_MEMBERS
         trusted: bool | None = None
         values: dict[str, str] = {}
         for name, field, header, key in self._readers:
-            candidates: list[str | None] = []
-            if header is not None and header in found:
-                candidates.extend(_utf8(v) for v in found[header])
-            if key is not None and key in members:
-                candidates.append(members[key])
-            if not candidates:
+            raws = found.get(header) if header is not None else None
+            member = members.get(key) if key is not None else None
+            if raws is None and member is None:
                 continue
+            candidates: list[str | None] = [_utf8(v) for v in raws] if raws else []
+            if member is not None:
+                candidates.append(member)
             if field.inbound == "trusted":
                 if trusted is None:
                     trusted = self._trusted(scope, found)
@@ -295,6 +306,10 @@ class InboundReader:
             secrets = found.get(self._secret) or []
             return len(secrets) == 1 and trust.trusts_secret(secrets[0])
         return False
+
+
+_NO_MEMBERS: dict[str, str] = {}
+"""The baggage members of a request without ``baggage`` (shared: never written to)."""
 
 
 def _utf8(raw: bytes) -> str | None:

@@ -19,7 +19,7 @@
 #define PY_SSIZE_T_CLEAN
 /* What _accel.py expects: a module built from other sources (a stale in-place build) whose
  * API differs is not used. Raise it whenever the Python side starts relying on a change. */
-#define SPEEDUPS_API 10
+#define SPEEDUPS_API 11
 #include <Python.h>
 #include <structmember.h>
 
@@ -254,6 +254,9 @@ static PyMethodDef module_methods[] = {
     {"trace_headers", (PyCFunction)(void (*)(void))trace_headers, METH_FASTCALL,
      "trace_headers(headers, others): (traceparent values, tracestate values) when no header "
      "is named in others or has a backslash; None when one does, or for another shape."},
+    {"traceparent_ready", (PyCFunction)traceparent_ready, METH_O,
+     "traceparent_ready(value): True when the traceparent bytes are already normalised "
+     "(version 00, lower-case hex, ids not all zeros)."},
     {"append_header", (PyCFunction)(void (*)(void))append_header, METH_FASTCALL,
      "append_header(message, name, value): add the header unless it is there (True), None "
      "for a shape the Python code handles."},

@@ -277,3 +277,37 @@ done:
     Py_XDECREF(states);
     return result;
 }
+
+/* 1 when the `n` bytes at `p` are lower-case hex digits, 0 otherwise; `*nonzero` tells
+ * whether one of them is not '0'. */
+static int
+lower_hex(const char *p, Py_ssize_t n, int *nonzero)
+{
+    *nonzero = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        char c = p[i];
+        if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'))) {
+            return 0;
+        }
+        *nonzero |= c != '0';
+    }
+    return 1;
+}
+
+/* traceparent_ready(value): True when `value` (bytes) is a traceparent already in the form the
+ * shield gives one (tracecontext.parse_traceparent returns it unchanged): "00-", 32 lower-case
+ * hex digits, "-", 16, "-", 2, 55 bytes in all, neither id all zeros. False otherwise (the
+ * shield then parses it in Python). */
+static PyObject *
+traceparent_ready(PyObject *Py_UNUSED(module), PyObject *value)
+{
+    if (!PyBytes_CheckExact(value) || PyBytes_GET_SIZE(value) != 55) {
+        Py_RETURN_FALSE;
+    }
+    const char *p = PyBytes_AS_STRING(value);
+    int trace_set, parent_set, any_flag;
+    int ready = p[0] == '0' && p[1] == '0' && p[2] == '-' && p[35] == '-' && p[52] == '-' &&
+                lower_hex(p + 3, 32, &trace_set) && trace_set &&
+                lower_hex(p + 36, 16, &parent_set) && parent_set && lower_hex(p + 53, 2, &any_flag);
+    return PyBool_FromLong(ready);
+}

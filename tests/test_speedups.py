@@ -789,3 +789,33 @@ def test_compiled_trace_headers_match_python(
         found = speedups.trace_headers(shape, others)
         assert (None if found is None else tuple(list(v) for v in found)) == expected
     assert speedups.trace_headers([[b"a", b"b"]], others) is None
+
+
+_HEX = "0123456789abcdefABCDEF-g "
+_TRACEPARENTS = st.one_of(
+    st.builds(
+        lambda version, trace, parent, flags: f"{version}-{trace}-{parent}-{flags}",
+        st.sampled_from(["00", "01", "ff", "0A", "0"]),
+        st.text(_HEX, min_size=31, max_size=33) | st.just("0" * 32),
+        st.text(_HEX, min_size=15, max_size=17) | st.just("0" * 16),
+        st.text(_HEX, min_size=1, max_size=3),
+    ),
+    st.just("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+    st.text(max_size=60),
+)
+
+
+@compiled
+@settings(max_examples=500)
+@given(value=_TRACEPARENTS)
+def test_compiled_traceparent_ready_matches_the_parser(value: str) -> None:
+    """``traceparent_ready`` says True exactly when ``parse_traceparent`` returns the value
+    unchanged (already normalised: the shield lets OTel read it as it came), for valid,
+    nearly valid (upper case, wrong lengths, zero ids, other versions) and random values."""
+    from otel_ctxbridge.tracecontext import parse_traceparent
+
+    speedups: Any = _accel.speedups
+    raw = value.encode("utf-8", "surrogatepass")
+    text = raw.decode("latin-1")
+    assert speedups.traceparent_ready(raw) is (parse_traceparent([text]) == text)
+    assert speedups.traceparent_ready(text) is False  # not bytes: the Python path decides
