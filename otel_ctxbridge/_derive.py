@@ -49,7 +49,7 @@ def derive_in_python(  # noqa: PLR0912, PLR0915 - one loop over the values, kept
     for name, value in values.items():
         plan = plans.get(name)
         if plan is None:
-            raise UnknownFieldError(f"no field named {name!r}")
+            raise UnknownFieldError(f"no field named {name!r} (declared: {', '.join(plans)})")
         key, max_length, quick_check = plan
         if value is not None:
             if value.__class__ is str and quick_check is True:

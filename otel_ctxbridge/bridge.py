@@ -95,7 +95,7 @@ class ContextBridge:
     def _lookup(self, name: str, default: Any) -> Any:
         key = self._where.get(name, MISSING)
         if key is MISSING:
-            raise UnknownFieldError(f"no field named {name!r}")
+            raise UnknownFieldError(f"no field named {name!r} (declared: {', '.join(self.fields)})")
         ctx = _get_current()
         if ctx is self._missed and ctx is not self._last[0]:  # read twice in a row: cache it
             value = self._cached(ctx)[0][name]

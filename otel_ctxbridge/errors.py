@@ -4,8 +4,8 @@ The hierarchy (each class is also the standard exception named beside it, so ``e
 ValueError`` and the like keep working)::
 
     ContextBridgeError              base of everything this library raises on purpose
-    ├── FieldConfigError            ValueError: a Field, bridge or log filter misconfigured,
-    │                               raised at construction
+    ├── FieldConfigError            ValueError: a Field, bridge, TrustPolicy or log filter
+    │                               misconfigured, raised at construction
     ├── ContextValueError           ValueError: a value refused at write time (type, length,
     │                               validator, UTF-8, baggage limits); names the field
     ├── UnknownFieldError           KeyError: a name that no Field declares

@@ -38,6 +38,8 @@ REQUEST_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._:+/=@-]{0,127}"
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
 _HEADER = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-z]+")
 _POLICIES = ("always", "trusted", "never")
+_REFUSED_BY_DEFAULT = "has characters that are not printable (control characters, line breaks)"
+"""Why the default check (``str.isprintable``) refuses a value."""
 _INT64 = (-(2**63), 2**63 - 1)
 
 
@@ -135,6 +137,7 @@ class Field:
     generate: Callable[[], str] | None = None
     redact: Redaction = False
     _check: Callable[[str], object] = field(init=False, repr=False, compare=False)
+    _refusal: str = field(init=False, repr=False, compare=False)
     _shown: Callable[[str], str] | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -174,6 +177,8 @@ class Field:
         if self.generate is not None and not callable(self.generate):
             raise fail("generate must be callable")
         object.__setattr__(self, "_check", self._compile_validator(fail))
+        refusal = _REFUSED_BY_DEFAULT if self.validator is None else "rejected by the validator"
+        object.__setattr__(self, "_refusal", refusal)
         object.__setattr__(self, "_shown", self._compile_redaction(fail))
 
     def _compile_validator(
@@ -225,7 +230,7 @@ class Field:
             ok = self._check(value)
         except Exception as exc:  # a user validator failing counts as "invalid", not a crash
             return f"validator raised {type(exc).__name__}"
-        return None if ok else "rejected by the validator"
+        return None if ok else self._refusal
 
     def shown(self, value: object) -> object:
         """The value as spans and logs show it: redacted when the field says so (a non-str
@@ -261,6 +266,8 @@ def resolve_fields(fields: Iterable[Field], attribute_prefix: str) -> dict[str, 
         ):
             if value is None:
                 continue
+            if (kind, value) in seen and seen[kind, value] == item.name and kind == "name":
+                raise FieldConfigError(f"field {item.name!r} is declared twice")
             if (kind, value) in seen:
                 raise FieldConfigError(
                     f"field {item.name!r}: {kind} {value!r} is already used by "

@@ -79,6 +79,8 @@ def test_duplicate_names_keys_and_headers_raise() -> None:
         cb.ContextBridge([cb.Field("a", header="x-a"), cb.Field("b", header="x-a")])
     with pytest.raises(cb.FieldConfigError, match="baggage key"):
         cb.ContextBridge([cb.Field("a"), cb.Field("b", baggage_key="a")])
+    with pytest.raises(cb.FieldConfigError, match="'a' is declared twice"):
+        cb.ContextBridge([cb.Field("a"), cb.Field("a")])
     with pytest.raises(cb.FieldConfigError, match="at least one"):
         cb.ContextBridge([])
     with pytest.raises(cb.FieldConfigError, match="Field instances"):
@@ -89,7 +91,8 @@ def test_default_validation_is_printable_text_up_to_max_length() -> None:
     """By default a value is printable text, no control characters, at most 256 characters."""
     field = cb.Field("note")
     assert field.problem("héllo wörld ✓") is None
-    assert field.problem("a\r\nb") is not None
+    assert "not printable" in str(field.problem("a\r\nb"))  # says why, not just "rejected"
+    assert cb.Field("code", validator=r"[a-z]+").problem("A1") == "rejected by the validator"
     assert field.problem("x" * 256) is None
     assert "max_length" in str(field.problem("x" * 257))
     assert "str" in str(field.problem(42))
@@ -214,3 +217,12 @@ def test_attribute_values() -> None:
     assert cb.fields.attribute_value(-(2**63)) == -(2**63)
     assert cb.fields.attribute_value({"a": 1}) is None
     assert cb.fields.attribute_value(None) is None
+
+
+def test_unknown_field_errors_list_the_declared_fields() -> None:
+    """A misspelt field name is refused with the names that are declared, on write and read."""
+    bridge = cb.ContextBridge([cb.Field("tenant_id"), cb.Field("user_id")])
+    with pytest.raises(cb.UnknownFieldError, match=r"'tenantid'.*tenant_id, user_id"):
+        bridge.scope(tenantid="acme").__enter__()
+    with pytest.raises(cb.UnknownFieldError, match=r"'tenantid'.*tenant_id, user_id"):
+        bridge.get("tenantid")
