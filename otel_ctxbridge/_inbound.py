@@ -271,9 +271,7 @@ class InboundReader:
             extra = {k: v for k, v in members.items() if k not in self._declared}
         return values, extra
 
-    def _members(self, raw: list[bytes] | None) -> dict[str, str]:
-        if not raw:
-            return {}
+    def _members(self, raw: list[bytes]) -> dict[str, str]:
         texts = [_utf8(v) for v in raw]
         members, dropped = parse_baggage([t for t in texts if t is not None])
         if dropped or None in texts:

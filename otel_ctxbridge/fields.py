@@ -137,7 +137,6 @@ class Field:
     generate: Callable[[], str] | None = None
     redact: Redaction = False
     _check: Callable[[str], object] = field(init=False, repr=False, compare=False)
-    _refusal: str = field(init=False, repr=False, compare=False)
     _shown: Callable[[str], str] | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -177,8 +176,6 @@ class Field:
         if self.generate is not None and not callable(self.generate):
             raise fail("generate must be callable")
         object.__setattr__(self, "_check", self._compile_validator(fail))
-        refusal = _REFUSED_BY_DEFAULT if self.validator is None else "rejected by the validator"
-        object.__setattr__(self, "_refusal", refusal)
         object.__setattr__(self, "_shown", self._compile_redaction(fail))
 
     def _compile_validator(
@@ -230,7 +227,8 @@ class Field:
             ok = self._check(value)
         except Exception as exc:  # a user validator failing counts as "invalid", not a crash
             return f"validator raised {type(exc).__name__}"
-        return None if ok else self._refusal
+        refused = _REFUSED_BY_DEFAULT if self.validator is None else "rejected by the validator"
+        return None if ok else refused
 
     def shown(self, value: object) -> object:
         """The value as spans and logs show it: redacted when the field says so (a non-str

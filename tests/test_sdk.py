@@ -364,11 +364,12 @@ class _Stuck(threading.Event):
         return True
 
 
-def test_shutdown_returns_within_its_timeout_when_both_exports_hang(
+@pytest.fixture
+def hung(
     bridge: cb.ContextBridge, app_logger: logging.Logger
-) -> None:
-    """With the span and the log export both hanging, shutdown(timeout) waits for the two
-    providers together: about `timeout` seconds in all, not `timeout` for each."""
+) -> Iterator[tuple[Telemetry, _Stuck]]:
+    """configure() with span and log exports that hang until ``stuck.set()``, a span and a
+    log record buffered; released at teardown."""
     stuck = _Stuck()
     telemetry = configure(
         bridge,
@@ -379,36 +380,35 @@ def test_shutdown_returns_within_its_timeout_when_both_exports_hang(
     try:
         with bridge.scope(request_id="r-1"), trace.get_tracer("t").start_as_current_span("op"):
             app_logger.info("stuck")
-        started = time.monotonic()
-        telemetry.shutdown(timeout=2.0)
-        assert time.monotonic() - started < 3.5  # both providers waited for in parallel
-        assert telemetry.closed
+        yield telemetry, stuck
     finally:
         stuck.set()
 
 
+def test_shutdown_returns_within_its_timeout_when_both_exports_hang(
+    hung: tuple[Telemetry, _Stuck],
+) -> None:
+    """With the span and the log export both hanging, shutdown(timeout) waits for the two
+    providers together: about `timeout` seconds in all, not `timeout` for each."""
+    telemetry, _ = hung
+    started = time.monotonic()
+    telemetry.shutdown(timeout=2.0)
+    assert time.monotonic() - started < 3.5  # both providers waited for in parallel
+    assert telemetry.closed
+
+
 def test_force_flush_returns_false_at_its_timeout_while_an_export_hangs(
-    bridge: cb.ContextBridge, app_logger: logging.Logger
+    hung: tuple[Telemetry, _Stuck],
 ) -> None:
     """The SDK's batch processors export on the caller's thread and ignore the flush timeout:
     with the span and log exports hanging, force_flush(timeout_millis) still returns, False,
     after about that long (both providers waited for together); once the exporter answers,
     a flush completes and says True."""
-    stuck = _Stuck()
-    telemetry = configure(
-        bridge,
-        otlp=False,
-        span_exporters=[stuck],  # type: ignore[list-item] # an exporter by its methods
-        log_exporters=[stuck],  # type: ignore[list-item] # an exporter by its methods
-    )
-    try:
-        with bridge.scope(request_id="r-1"), trace.get_tracer("t").start_as_current_span("op"):
-            app_logger.info("stuck")
-        started = time.monotonic()
-        assert telemetry.force_flush(timeout_millis=500) is False
-        assert time.monotonic() - started < 2.0
-    finally:
-        stuck.set()
+    telemetry, stuck = hung
+    started = time.monotonic()
+    assert telemetry.force_flush(timeout_millis=500) is False
+    assert time.monotonic() - started < 2.0
+    stuck.set()
     assert telemetry.force_flush(timeout_millis=5000) is True
 
 
@@ -427,28 +427,18 @@ def test_force_flush_that_raises_says_false_and_does_not_raise(bridge: cb.Contex
 
 
 def test_force_flush_during_an_outage_keeps_one_flush_in_flight_per_provider(
-    bridge: cb.ContextBridge, app_logger: logging.Logger
+    hung: tuple[Telemetry, _Stuck],
 ) -> None:
     """Flushing again and again while the exports hang (an app flushing after every task
     during a collector outage) does not pile up threads: each call finds the last flush still
     running, waits for it until its own deadline and says False; no new thread is queued."""
-    stuck = _Stuck()
-    telemetry = configure(
-        bridge,
-        otlp=False,
-        span_exporters=[stuck],  # type: ignore[list-item] # an exporter by its methods
-        log_exporters=[stuck],  # type: ignore[list-item] # an exporter by its methods
-    )
-    try:
-        with bridge.scope(request_id="r-1"), trace.get_tracer("t").start_as_current_span("op"):
-            app_logger.info("stuck")
-        assert telemetry.force_flush(timeout_millis=50) is False
-        threads = threading.active_count()
-        for _ in range(20):
-            assert telemetry.force_flush(timeout_millis=20) is False
-        assert threading.active_count() == threads
-    finally:
-        stuck.set()
+    telemetry, stuck = hung
+    assert telemetry.force_flush(timeout_millis=50) is False
+    threads = threading.active_count()
+    for _ in range(20):
+        assert telemetry.force_flush(timeout_millis=20) is False
+    assert threading.active_count() == threads
+    stuck.set()
     assert telemetry.force_flush(timeout_millis=5000) is True
 
 
