@@ -5,6 +5,7 @@ before answering. Used by :class:`~otel_ctxbridge.asgi.ContextBridgeMiddleware`.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
@@ -22,11 +23,13 @@ if TYPE_CHECKING:
     from .asgi import ContextBridgeMiddleware
 
 _logger = logging.getLogger("otel_ctxbridge.asgi")
-_METHODS = frozenset(
+METHODS = frozenset(
     ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "QUERY")
 )
 _ROUTE = "http.route"
 _append_header = speedups.append_header if speedups is not None else None
+_response_started = speedups.response_started if speedups is not None else None
+"""The compiled common case of :meth:`Exchange._started` (True), else NotImplemented."""
 _500 = [(b"content-type", b"text/plain; charset=utf-8"), (b"connection", b"close")]
 
 
@@ -109,21 +112,28 @@ class Exchange:
         elif route is None and (self.status == 404 or self.status == 405):  # noqa: PLR1714
             rename_span(self.frame.spans[0], named, method, {})
 
-    async def send(self, message: Message) -> None:
-        """The ``send`` the application sees for an HTTP request."""
+    def send(self, message: Message) -> Awaitable[None]:
+        """The ``send`` the application sees for an HTTP request. Not a coroutine function:
+        it returns the awaitable of the ``send`` it wraps (one coroutine fewer a message),
+        or, for the last body message of a request still to log, one that logs after it."""
         kind = message["type"]
         if kind == "http.response.start":
             self.status = message.get("status", 200)
             try:
-                self._started(message)
+                if _response_started is None or _response_started(self, message) is not True:
+                    self._started(message)
             except Exception:  # telemetry never throws on the request path
                 _logger.debug("otel_ctxbridge: could not add the request id", exc_info=True)
-        elif kind == "http.response.body" and not message.get("more_body", False):
-            await self.send_next(message)
-            if not self.logged:
-                self.finish()
-            return
+        elif (
+            kind == "http.response.body" and not self.logged and not message.get("more_body", False)
+        ):
+            return self._send_last(message)
+        return self.send_next(message)
+
+    async def _send_last(self, message: Message) -> None:
         await self.send_next(message)
+        if not self.logged:
+            self.finish()
 
     async def send_ws(self, message: Message) -> None:
         """The ``send`` the application sees for a websocket connection."""
@@ -194,7 +204,7 @@ def default_span_name(scope: Scope) -> str:
     its per-request environment lookup for the common methods."""
     path = str(scope.get("path", "")).strip()
     method = str(scope.get("method", "")).strip()
-    if method not in _METHODS:
+    if method not in METHODS:
         from opentelemetry.util.http import sanitize_method  # noqa: PLC0415 - rare methods only
 
         method = sanitize_method(method)

@@ -185,6 +185,10 @@ class TraceHeaderShield:
         headers = scope.get("headers")
         if not headers:
             return await self.app(scope, receive, send)
+        if _trace_headers is not None and headers.__class__ is list:
+            found = _trace_headers(headers, self._rewrite)  # the commonest case, inlined:
+            if found is not None and not found[0] and not found[1]:  # no trace headers
+                return await self.app(scope, receive, send)
         if self._as_they_came(headers):
             return await self.app(scope, receive, send)  # the common cases: no copy
         try:
@@ -221,7 +225,8 @@ class InboundReader:
             self._readers.append((name, field, header, key))
         if self._secret is not None:
             wanted.add(self._secret)
-        self._wanted = frozenset(wanted)
+        self.wanted = frozenset(wanted)
+        """The header names a field (or the trust policy) reads, and ``baggage``."""
         rid = bridge.fields.get(request_id_field)
         # A request id goes back out in a response header: without a validator of its own,
         # hold it to the safe-token pattern (no spaces, no control characters, <= 128).
@@ -231,21 +236,23 @@ class InboundReader:
         """``(field values, extra baggage)``: the valid values this request may set, and for a
         trusted peer the valid undeclared baggage members to forward downstream."""
         headers = scope.get(ORIGINAL_HEADERS) or scope.get("headers") or ()
-        found = _collect_headers(headers, self._wanted) if _collect_headers is not None else None
+        found = _collect_headers(headers, self.wanted) if _collect_headers is not None else None
         if found is NotImplemented or _collect_headers is None:  # the same loop, in Python
             found = None
             for name, value in headers:
-                if name in self._wanted:
+                if name in self.wanted:
                     if found is None:
                         found = {}
                     found.setdefault(name, []).append(value)
         if found is None:
             return {}, None
-        return self._values(scope, found)
+        return self.read_found(scope, found)
 
-    def _values(
+    def read_found(
         self, scope: Scope, found: dict[bytes, list[bytes]]
     ) -> tuple[dict[str, str], dict[str, object] | None]:
+        """:meth:`read` given ``found``: the raw values of the :attr:`wanted` headers (as
+        ``collect_headers`` returns them: lists by header name, in order)."""
         raw_baggage = found.get(_BAGGAGE)
         members = self._members(raw_baggage) if raw_baggage else _NO_MEMBERS
         trusted: bool | None = None

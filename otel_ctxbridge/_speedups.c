@@ -19,7 +19,7 @@
 #define PY_SSIZE_T_CLEAN
 /* What _accel.py expects: a module built from other sources (a stale in-place build) whose
  * API differs is not used. Raise it whenever the Python side starts relying on a change. */
-#define SPEEDUPS_API 11
+#define SPEEDUPS_API 12
 #include <Python.h>
 #include <structmember.h>
 
@@ -247,6 +247,8 @@ configure(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwargs)
 
 #include "_speedups_headers.h"
 
+#include "_speedups_response.h"
+
 static PyMethodDef module_methods[] = {
     {"collect_headers", (PyCFunction)(void (*)(void))collect_headers, METH_FASTCALL,
      "collect_headers(headers, wanted): {name: [values]} of the wanted headers, None when "
@@ -263,6 +265,12 @@ static PyMethodDef module_methods[] = {
     {"write_span", (PyCFunction)(void (*)(void))write_span, METH_FASTCALL,
      "write_span(span, attributes, overwrite, expected, name, renamed): the direct path of _span_write (True), or "
      "False when the caller must take the public one."},
+    {"response_started", (PyCFunction)(void (*)(void))response_started, METH_FASTCALL,
+     "response_started(exchange, message): Exchange._started's common case (True), or "
+     "NotImplemented when the Python code must do it."},
+    {"stamp_plain", (PyCFunction)(void (*)(void))stamp_plain, METH_FASTCALL,
+     "stamp_plain(span, plain, values): the common case of stamping a recording span (True), "
+     "or NotImplemented when the Python code must do it."},
     {"uuid4_texts", uuid4_texts, METH_O,
      "uuid4_texts(raw): the text of a version-4 UUID for each 16 bytes of raw (random bytes)."},
     {"derive", (PyCFunction)(void (*)(void))derive, METH_FASTCALL,
@@ -303,6 +311,10 @@ module_exec(PyObject *module)
         str_get = PyUnicode_InternFromString("get");
         str_scope = PyUnicode_InternFromString("scope");
         zero = PyLong_FromLong(0);
+        if (response_strings() < 0) {
+            Py_CLEAR(zero);
+            return -1;
+        }
         if (!str_key || !str_plans || !str_frame || !str_local || !str_updates || !str_last ||
             !str_get || !str_scope || !str_span_attributes || !str_max_value_len ||
             !str_maxlen || !str_dict || !str_lock || !str_acquire || !str_release || !str_locked || !str_headers ||

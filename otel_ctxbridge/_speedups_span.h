@@ -164,10 +164,29 @@ plain_items(PyObject *dict, int values)
     return 1;
 }
 
+/* 1 when each key of `adding` (exact str) replaces nothing in `items` or a plain value (its
+ * release runs no Python code), 0 otherwise, -1 on error. */
+static int
+plain_replacing(PyObject *items, PyObject *adding)
+{
+    Py_ssize_t pos = 0;
+    PyObject *key, *value;
+    while (PyDict_Next(adding, &pos, &key, &value)) {
+        if (!PyUnicode_CheckExact(key)) {
+            return 0;
+        }
+        PyObject *old = PyDict_GetItemWithError(items, key); /* borrowed */
+        if (old == NULL ? PyErr_Occurred() != NULL : !plain_value(old)) {
+            return old == NULL ? -1 : 0;
+        }
+    }
+    return 1;
+}
+
 /* 1 when the write may skip taking the two locks: the span is the SDK's own class (plain
  * attributes: reading and writing them runs no Python code), its name (when it is to be
- * compared and replaced) and its attributes are plain (see plain_items), and nobody holds
- * its lock or its store's. The GIL is held from here to the end of the write and no Python
+ * compared and replaced) is plain, its attributes' keys are exact str, the values the write
+ * replaces are plain (see plain_replacing), and nobody holds its lock or its store's. The GIL is held from here to the end of the write and no Python
  * code runs in between, so no other thread can enter the sections those locks guard (end(),
  * the SDK's writes, BoundedAttributes' deepcopy) until the write is done: taking them would
  * change nothing but the cost (four method calls). Without a GIL (a free-threaded build that
@@ -179,13 +198,16 @@ locks_free(PyObject *span, PyObject *lock, PyObject *store_lock, PyObject *items
 #ifdef Py_GIL_DISABLED
     return 0;
 #else
-    if ((PyObject *)Py_TYPE(span) != config.span_type || !plain_items(items, 1) ||
-        !plain_items(attributes, 0)) {
-        return 0;
+    if ((PyObject *)Py_TYPE(span) != config.span_type || !plain_items(items, 0)) {
+        return 0; /* (keys of another type may compare in Python code) */
+    }
+    int plain = plain_replacing(items, attributes);
+    if (plain != 1) {
+        return plain;
     }
     if (expected != Py_None) {
-        if (!PyUnicode_CheckExact(expected) || !plain_items(renamed, 0)) {
-            return 0;
+        if (!PyUnicode_CheckExact(expected) || (plain = plain_replacing(items, renamed)) != 1) {
+            return plain == 1 ? 0 : plain;
         }
         PyObject *current = sdk_attribute(span, str_name);
         if (current == NULL) {
@@ -289,4 +311,58 @@ out:
         return NULL;
     }
     return PyBool_FromLong(done);
+}
+
+/* stamp_plain(span, plain, values): _scope.stamp's common case for a span known to be
+ * recording: every value is None (left out) or a str of a field in `plain` (field name ->
+ * attribute name: shown as it is), written with write_span. True when written, NotImplemented
+ * when the Python code must do it (another value, a span the direct write does not apply to). */
+static PyObject *
+stamp_plain(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "stamp_plain() takes 3 arguments");
+        return NULL;
+    }
+    PyObject *span = args[0], *plain = args[1], *values = args[2];
+    if (!PyDict_CheckExact(plain) || !PyDict_CheckExact(values)) {
+        Py_RETURN_NOTIMPLEMENTED;
+    }
+    PyObject *attributes = PyDict_New();
+    if (attributes == NULL) {
+        return NULL;
+    }
+    Py_ssize_t pos = 0;
+    PyObject *name, *value;
+    while (PyDict_Next(values, &pos, &name, &value)) {
+        if (value == Py_None) {
+            continue;
+        }
+        PyObject *attribute = PyUnicode_CheckExact(value)
+                                  ? PyDict_GetItemWithError(plain, name) /* borrowed */
+                                  : NULL;
+        if (attribute == NULL || PyDict_SetItem(attributes, attribute, value) < 0) {
+            Py_DECREF(attributes);
+            if (PyErr_Occurred()) {
+                return NULL;
+            }
+            Py_RETURN_NOTIMPLEMENTED;
+        }
+    }
+    PyObject *written = Py_True;
+    Py_INCREF(written);
+    if (PyDict_GET_SIZE(attributes) > 0) {
+        Py_DECREF(written);
+        PyObject *argv[6] = {span, attributes, Py_True, Py_None, Py_None, Py_None};
+        written = write_span(NULL, argv, 6);
+    }
+    Py_DECREF(attributes);
+    if (written == NULL) {
+        return NULL;
+    }
+    if (written != Py_True) {
+        Py_DECREF(written);
+        Py_RETURN_NOTIMPLEMENTED;
+    }
+    return written;
 }

@@ -49,7 +49,9 @@ from typing import Any
 from opentelemetry.context import Context
 
 from . import _runtime as rt
+from ._accel import speedups
 from ._derive import derive_context
+from ._exchange import METHODS as _METHODS
 from ._exchange import Exchange, default_span_name, echo_value
 from ._inbound import (
     ORIGINAL_HEADERS,
@@ -61,8 +63,8 @@ from ._inbound import (
     TraceHeaderShield,
 )
 from ._misplaced import warn_if_otel_middleware_inside
-from ._scope import span_attributes, stamp
-from ._span_write import remove_attributes
+from ._scope import span_attributes
+from ._span_write import remove_attributes, write_attributes
 from ._state import Frame
 from .bridge import ContextBridge
 from .errors import ContextValueError, requires_extra
@@ -79,6 +81,11 @@ _REQUEST_KEYS = ("method", "path", "status_code", "duration_ms", "client_addr")
 _NAMED = "otel_ctxbridge.span_name"
 _FASTAPI_TELEMETRY = "fastapi.telemetry"
 _STARLETTE_TELEMETRY = "starlette.opentelemetry"
+_attach = rt.attach
+_reset = rt.reset
+_collect_headers = speedups.collect_headers if speedups is not None else None
+_derive = speedups.derive if speedups is not None else None
+_stamp_plain = speedups.stamp_plain if speedups is not None else None
 
 
 def instrument_asgi(
@@ -198,7 +205,7 @@ class ContextBridgeMiddleware:
         except Exception:  # telemetry never throws on the request path
             _logger.exception("otel_ctxbridge: no request context could be built")
             return await self.app(scope, receive, send)
-        token = rt.attach(exchange.ctx)
+        token = _attach(exchange.ctx)
         try:
             if kind == "websocket":
                 await self.app(scope, receive, exchange.send_ws)
@@ -212,20 +219,41 @@ class ContextBridgeMiddleware:
                 if not exchange.logged:
                     exchange.finish()
         finally:
-            rt.detach(token)
+            try:  # rt.detach, inlined
+                _reset(token)
+            except (ValueError, RuntimeError):
+                rt.detach_failed()
 
     def span_details(self, scope: Scope) -> tuple[str, dict[str, Any]]:
         """OTel's ``default_span_details`` hook: the default span name (remembered, to name
         the span after its route later) and no extra attributes: the request's fields are
         set on the span as soon as the request context is built, just after it starts."""
-        name = default_span_name(scope)
+        method, path = scope.get("method"), scope.get("path")
+        if method.__class__ is str and method in _METHODS and path.__class__ is str:
+            path = path.strip()  # default_span_name's common case, inlined
+            name = f"{method} {path}" if path else method
+        else:
+            name = default_span_name(scope)
         scope[_NAMED] = name
         return name, {}
 
-    def _enter(self, scope: Scope, send: Send) -> Exchange:
+    def _enter(  # noqa: PLR0912, PLR0915 - the request path, its steps inlined (a call costs more than its body)
+        self, scope: Scope, send: Send
+    ) -> Exchange:
         named: str | None = scope.pop(_NAMED, None)  # set by span_details: OTel named the span
         values: dict[str, Any]
-        values, extra = self._reader.read(scope)
+        extra: dict[str, object] | None
+        if _collect_headers is not None:  # InboundReader.read, its first step inlined
+            headers = scope.get(ORIGINAL_HEADERS) or scope.get("headers") or ()
+            found = _collect_headers(headers, self._reader.wanted)
+            if found is None:  # no header a field reads, no baggage
+                values, extra = {}, None
+            elif found is NotImplemented:
+                values, extra = self._reader.read(scope)
+            else:
+                values, extra = self._reader.read_found(scope, found)
+        else:
+            values, extra = self._reader.read(scope)
         rid = self._rid
         echo: bytes | None = None
         for name, generate in self._generators:
@@ -240,14 +268,26 @@ class ContextBridgeMiddleware:
             base = rt.with_entry(base, rt.BAGGAGE_KEY, extra or {})
         span: Any = base.get(rt.SPAN_KEY)
         frame = Frame((span,) if span is not None and span.is_recording() else ())
+        bridge = self.bridge
         try:
-            ctx = derive_context(self.bridge, base, values, frame)
+            ctx = None
+            if _derive is not None:  # derive_context, its compiled common case inlined
+                ctx = _derive(bridge._key, bridge._plans, base, values, frame)
+            if ctx is None:
+                ctx = derive_context(bridge, base, values, frame)
         except ContextValueError:  # a generated value, or the baggage limits
             ctx = self._derive_dropping(base, values, extra, frame)
             echo = None  # the request id may be among the dropped values
         if frame.spans:
             if values:
-                stamp(self.bridge, span, values)
+                try:  # stamp(), inlined: the span is known to be recording
+                    plain = bridge._plain_attributes
+                    if _stamp_plain is None or _stamp_plain(span, plain, values) is not True:
+                        attributes = span_attributes(bridge, values)
+                        if attributes:
+                            write_attributes(span, attributes)
+                except Exception:  # telemetry never throws on the request path
+                    _logger.debug("otel_ctxbridge: could not stamp the server span", exc_info=True)
             if inbound and not self.traced_outside:  # no shield: OTel read the raw baggage
                 self._forget_copied(span, values, inbound)
         if self.traced_outside:
