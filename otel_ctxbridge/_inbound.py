@@ -157,12 +157,13 @@ class TraceHeaderShield:
         self._hidden = frozenset(h.lower().encode("latin-1") for h in hidden)
         self._rewrite = frozenset((_BAGGAGE,)) | self._hidden  # always hidden from OTel
 
-    def _as_they_came(self, headers: Any) -> bool:
-        """True when OTel may see ``headers`` unchanged: nothing is to be hidden, and there
-        are no trace headers, or only one ``traceparent`` (and at most one ``tracestate``)
-        already in the normalised form this shield would give them (the common requests).
-        False sends them through :func:`shield_headers`."""
-        found = trace_headers(headers, self._rewrite)
+    @staticmethod
+    def _as_they_came(found: tuple[Sequence[bytes], Sequence[bytes]] | None) -> bool:
+        """True when OTel may see headers with these trace headers (:func:`trace_headers`)
+        unchanged: nothing is to be hidden, and there are no trace headers, or only one
+        ``traceparent`` (and at most one ``tracestate``) already in the normalised form this
+        shield would give them (the common requests). False sends them through
+        :func:`shield_headers`."""
         if found is None:
             return False
         parents, states = found
@@ -185,11 +186,13 @@ class TraceHeaderShield:
         headers = scope.get("headers")
         if not headers:
             return await self.app(scope, receive, send)
-        if _trace_headers is not None and headers.__class__ is list:
-            found = _trace_headers(headers, self._rewrite)  # the commonest case, inlined:
-            if found is not None and not found[0] and not found[1]:  # no trace headers
-                return await self.app(scope, receive, send)
-        if self._as_they_came(headers):
+        if _trace_headers is not None and headers.__class__ is list:  # trace_headers, inlined
+            found = _trace_headers(headers, self._rewrite)
+        else:
+            found = trace_headers(headers, self._rewrite)
+        if found is not None and not found[0] and not found[1]:  # the commonest case
+            return await self.app(scope, receive, send)
+        if self._as_they_came(found):
             return await self.app(scope, receive, send)  # the common cases: no copy
         try:
             cleaned = shield_headers(headers, self._hidden, self._bridge)
