@@ -5,7 +5,6 @@ before answering. Used by :class:`~otel_ctxbridge.asgi.ContextBridgeMiddleware`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
@@ -112,10 +111,8 @@ class Exchange:
         elif route is None and (self.status == 404 or self.status == 405):  # noqa: PLR1714
             rename_span(self.frame.spans[0], named, method, {})
 
-    def send(self, message: Message) -> Awaitable[None]:
-        """The ``send`` the application sees for an HTTP request. Not a coroutine function:
-        it returns the awaitable of the ``send`` it wraps (one coroutine fewer a message),
-        or, for the last body message of a request still to log, one that logs after it."""
+    async def send(self, message: Message) -> None:
+        """The ``send`` the application sees for an HTTP request."""
         kind = message["type"]
         if kind == "http.response.start":
             self.status = message.get("status", 200)
@@ -124,16 +121,12 @@ class Exchange:
                     self._started(message)
             except Exception:  # telemetry never throws on the request path
                 _logger.debug("otel_ctxbridge: could not add the request id", exc_info=True)
-        elif (
-            kind == "http.response.body" and not self.logged and not message.get("more_body", False)
-        ):
-            return self._send_last(message)
-        return self.send_next(message)
-
-    async def _send_last(self, message: Message) -> None:
+        elif kind == "http.response.body" and not message.get("more_body", False):
+            await self.send_next(message)
+            if not self.logged:
+                self.finish()
+            return
         await self.send_next(message)
-        if not self.logged:
-            self.finish()
 
     async def send_ws(self, message: Message) -> None:
         """The ``send`` the application sees for a websocket connection."""

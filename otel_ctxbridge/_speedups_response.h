@@ -86,7 +86,9 @@ plain_route(PyObject *scope)
     if (route == NULL) {
         return NULL;
     }
+    Py_INCREF(route); /* borrowed: a path_format property may change the scope */
     PyObject *template = PyObject_GetAttr(route, str_path_format);
+    Py_DECREF(route);
     if (template == NULL) {
         PyErr_Clear(); /* no template: the Python code decides */
         return NULL;
@@ -102,20 +104,24 @@ plain_route(PyObject *scope)
                 PyUnicode_Compare(app_root, root != NULL ? root : Py_None) == 0;
     }
     if (plain) { /* FastAPI may keep another (include_router's) template */
+        Py_XINCREF(root); /* borrowed: held while the look-up below runs */
         int fastapi = PyDict_Contains(scope, str_fastapi);
         plain = fastapi == 0;
+        if (plain && (root == NULL || PyUnicode_GET_LENGTH(root) == 0)) {
+            Py_XDECREF(root);
+            return template;
+        }
+        if (plain) {
+            PyObject *full = PyUnicode_Concat(root, template);
+            Py_DECREF(root);
+            Py_DECREF(template);
+            return full;
+        }
+        Py_XDECREF(root);
     }
-    if (!plain) {
-        PyErr_Clear();
-        Py_DECREF(template);
-        return NULL;
-    }
-    if (root == NULL || PyUnicode_GET_LENGTH(root) == 0) {
-        return template;
-    }
-    PyObject *full = PyUnicode_Concat(root, template);
+    PyErr_Clear();
     Py_DECREF(template);
-    return full;
+    return NULL;
 }
 
 /* The rename: 1 done (or nothing to do), 0 for the Python code, -1 error. */

@@ -213,9 +213,9 @@ locks_free(PyObject *span, PyObject *lock, PyObject *store_lock, PyObject *items
         if (current == NULL) {
             return PyErr_Occurred() ? -1 : 0;
         }
-        int plain = PyUnicode_CheckExact(current);
+        int named = PyUnicode_CheckExact(current);
         Py_DECREF(current);
-        if (!plain) {
+        if (!named) {
             return 0;
         }
     }

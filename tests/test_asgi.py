@@ -725,3 +725,54 @@ def test_log_errors_off_leaves_error_logging_to_the_server(
     assert response.status_code == 500
     assert response.headers["x-request-id"] == "rid-quiet"
     assert not [r for r in records.records if r.levelno >= logging.ERROR]
+
+
+def test_the_send_an_app_gets_is_a_coroutine_function_as_asgi_adapters_expect(
+    bridge: cb.ContextBridge,
+) -> None:
+    """The wrapped ``send`` stays an ``async def``: asgiref's ``WsgiToAsgi`` (a WSGI app in an
+    ASGI server) checks for one and warns on every request otherwise, and ``start_soon(send,
+    message)`` in a task group needs a coroutine whatever the server's send returns."""
+    import warnings
+
+    from asgiref.wsgi import WsgiToAsgi
+
+    def wsgi_app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"ok"]
+
+    seen: dict[str, Any] = {}
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen["coroutine function"] = asyncio.iscoroutinefunction(send)
+        await WsgiToAsgi(wsgi_app)(scope, receive, send)
+
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def server_send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/",
+        "raw_path": b"/",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"host", b"127.0.0.1")],
+        "client": ("127.0.0.1", 5000),
+        "server": ("127.0.0.1", 8000),
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        asyncio.run(ContextBridgeMiddleware(app, bridge)(scope, receive, server_send))
+    assert seen["coroutine function"] is True
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    assert start["status"] == 200
+    assert any(name == b"x-request-id" for name, _ in start["headers"])
