@@ -50,7 +50,7 @@ from opentelemetry.context import Context
 
 from . import _runtime as rt
 from ._accel import speedups
-from ._derive import derive_context
+from ._derive import derive_context, derive_in_python
 from ._exchange import METHODS as _METHODS
 from ._exchange import Exchange, default_span_name, echo_value
 from ._inbound import (
@@ -237,7 +237,7 @@ class ContextBridgeMiddleware:
         scope[_NAMED] = name
         return name, {}
 
-    def _enter(  # noqa: PLR0912, PLR0915 - the request path, its steps inlined (a call costs more than its body)
+    def _enter(  # noqa: PLR0912, PLR0915 - the request path, inlined: calls cost more
         self, scope: Scope, send: Send
     ) -> Exchange:
         named: str | None = scope.pop(_NAMED, None)  # set by span_details: OTel named the span
@@ -271,10 +271,10 @@ class ContextBridgeMiddleware:
         bridge = self.bridge
         try:
             ctx = None
-            if _derive is not None:  # derive_context, its compiled common case inlined
+            if _derive is not None:  # derive_context, inlined: the compiled common case
                 ctx = _derive(bridge._key, bridge._plans, base, values, frame)
-            if ctx is None:
-                ctx = derive_context(bridge, base, values, frame)
+            if ctx is None:  # or every case, in Python
+                ctx = derive_in_python(bridge, base, values, frame)
         except ContextValueError:  # a generated value, or the baggage limits
             ctx = self._derive_dropping(base, values, extra, frame)
             echo = None  # the request id may be among the dropped values
