@@ -46,11 +46,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from opentelemetry.context import Context
-
 from . import _runtime as rt
 from ._accel import speedups
-from ._derive import derive_context, derive_in_python
+from ._derive import derive_in_python
+from ._entry import derive_dropping, forget_copied
 from ._exchange import METHODS as _METHODS
 from ._exchange import Exchange, default_span_name, echo_value
 from ._inbound import (
@@ -64,11 +63,11 @@ from ._inbound import (
 )
 from ._misplaced import warn_if_otel_middleware_inside
 from ._scope import span_attributes
-from ._span_write import remove_attributes, write_attributes
+from ._span_write import write_attributes
 from ._state import Frame
 from .bridge import ContextBridge
 from .errors import ContextValueError, requires_extra
-from .fields import attribute_value, new_request_id
+from .fields import new_request_id
 from .trust import TrustPolicy
 
 __all__ = ["ACCESS_LOGGER", "ContextBridgeMiddleware", "TraceHeaderShield", "instrument_asgi"]
@@ -178,10 +177,6 @@ class ContextBridgeMiddleware:
         rid = bridge.fields.get(request_id_field)
         self._rid = request_id_field if rid is not None else ""
         self._rid_header = (rid.header or "x-request-id").encode("latin-1") if rid else b""
-        # What a span processor copies from baggage: (field, baggage key, attribute).
-        self._from_baggage = [
-            (f, str(f.baggage_key), str(f.attribute)) for f in bridge.fields.values() if f.propagate
-        ]
         self._log_keys: dict[str, str] = {}
         for name, field in bridge.fields.items():
             if field.log_key in _RESERVED or field.log_key in _REQUEST_KEYS:
@@ -276,7 +271,7 @@ class ContextBridgeMiddleware:
             if ctx is None:  # or every case, in Python
                 ctx = derive_in_python(bridge, base, values, frame)
         except ContextValueError:  # a generated value, or the baggage limits
-            ctx = self._derive_dropping(base, values, extra, frame)
+            ctx = derive_dropping(bridge, base, values, extra, frame)
             echo = None  # the request id may be among the dropped values
         if frame.spans:
             if values:
@@ -289,7 +284,7 @@ class ContextBridgeMiddleware:
                 except Exception:  # telemetry never throws on the request path
                     _logger.debug("otel_ctxbridge: could not stamp the server span", exc_info=True)
             if inbound and not self.traced_outside:  # no shield: OTel read the raw baggage
-                self._forget_copied(span, values, inbound)
+                forget_copied(bridge, span, values, inbound)
         if self.traced_outside:
             scope.setdefault(_FASTAPI_TELEMETRY, None)
             scope.setdefault(_STARLETTE_TELEMETRY, True)
@@ -310,46 +305,6 @@ class ContextBridgeMiddleware:
         secret = self._secret
         if secret is not None and any(name == secret for name, _ in scope.get("headers") or ()):
             scope["headers"] = [h for h in scope["headers"] if h[0] != secret]
-
-    def _forget_copied(self, span: Any, values: dict[str, Any], inbound: Any) -> None:
-        """Remove from the server span the field values a span processor
-        (``ContextSpanProcessor``) copied from the baggage OTel's middleware extracted as it
-        came, before the trust policy saw it, where this request did not write its own: an
-        attribute whose value is still the copied one (a hook's own value stays, unless it is
-        the very value the baggage carried: the two cannot be told apart)."""
-        written = span_attributes(self.bridge, values)
-        copied: dict[str, object] = {}
-        for field, key, attribute in self._from_baggage:
-            raw = inbound.get(key)
-            if raw is None or attribute in written:
-                continue
-            try:
-                shown = attribute_value(field.shown(raw))
-            except Exception:  # a redactor that raises: the processor hid the value too
-                continue
-            if shown is not None:
-                copied[attribute] = shown
-        if copied:
-            remove_attributes(span, copied)
-
-    def _derive_dropping(
-        self, base: Context, values: dict[str, Any], extra: dict[str, object] | None, frame: Frame
-    ) -> Context:
-        """The request context when a value would not go in: the trusted peer's extra baggage
-        first, then each refused value, is dropped (counted) until the rest does."""
-        bridge = self.bridge
-        for _ in range(len(values) + 2):
-            try:
-                return derive_context(bridge, base, values, frame)
-            except ContextValueError as exc:
-                bridge.count_drop(exc.field, exc.reason)
-                if extra:
-                    extra = None
-                    base = rt.with_entry(base, rt.BAGGAGE_KEY, {})
-                else:
-                    values.pop(exc.field, None)
-        values.clear()  # pragma: no cover - every value dropped above
-        return derive_context(bridge, base, {}, frame)  # pragma: no cover
 
     def _guard_native_telemetry(self, scope: Scope, span: Any) -> None:
         if self.traced_outside or (span is not None and span.get_span_context().is_valid):
