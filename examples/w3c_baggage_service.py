@@ -1,6 +1,9 @@
 """A test service for the W3C Baggage test suite, on otel_ctxbridge's W3C baggage codec.
 
-The suite (github.com/w3c/baggage, ``test/``) calls two endpoints:
+The W3C Baggage repository (github.com/w3c/baggage, ``test/``) ships unit tests of its own
+reference parser; its ``test/README.md`` sketches, as not yet implemented, a service test that
+calls two endpoints. This service answers them, and ``tests/test_w3c_baggage.py`` drives it
+with the suite's cases (``test/test_baggage.py``):
 
 - ``GET /baggage/parse`` with a ``baggage`` header: answers the parsed list-members as JSON,
   ``[{"key": ..., "value": ..., "properties": [{"key": ..., "value": ...}, ...]}, ...]``
@@ -9,6 +12,11 @@ The suite (github.com/w3c/baggage, ``test/``) calls two endpoints:
   sets the ``baggage`` response header.
 
 Run: ``python examples/w3c_baggage_service.py`` (port 5001, or ``W3C_BAGGAGE_PORT``).
+
+Limits: up to 180 list-members and 8192 bytes are kept (OpenTelemetry's limits): the
+specification requires 64 members and 8192 bytes and lets a platform drop members past either
+bound, so the suite's older ``test_serialize_many_entries`` case (512 members in 8192 bytes,
+for its reference parser) is answered with the first 180.
 """
 
 from __future__ import annotations

@@ -147,3 +147,16 @@ def test_the_test_service_answers_the_suites_endpoints() -> None:
         assert not_utf8.json() == [
             {"key": "k", "value": "\ufffd", "properties": [{"key": "p", "value": "\ufffd"}]}
         ]
+
+
+def test_more_members_than_otel_carries_keeps_the_first_180_within_8192_bytes() -> None:
+    """The suite's 512-member, 8192-byte case: the first 180 members (OpenTelemetry's limit,
+    above the 64 the specification requires) are kept, in order, and the rest dropped whole,
+    both when parsing the header and when serializing the list."""
+    entries = [BaggageEntry(f"{i:03d}", "0123456789a") for i in range(512)]
+    header = ",".join(f"{e.key}={e.value}" for e in entries) + "b"  # the last value 1 longer
+    assert len(header) == 8192
+    parsed = parse_baggage_entries(header)[0]
+    assert [e.key for e in parsed] == [f"{i:03d}" for i in range(180)]
+    serialized = format_baggage_entries(entries)
+    assert serialized.split(",") == [f"{i:03d}=0123456789a" for i in range(180)]
