@@ -107,7 +107,9 @@ def build_app(variant: str) -> Any:
     nospans = {"exclude_spans": ["receive", "send"]}
     bridge = cb.ContextBridge(
         [
-            cb.Field("request_id", header="x-request-id", generate=cb.new_request_id),
+            cb.Field(
+                "request_id", header="x-request-id", generate=cb.new_request_id, inbound="always"
+            ),
             cb.Field("tenant_id", header="x-tenant-id", inbound="trusted"),
             cb.Field("user_id", propagate=False),
         ]
