@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import NamedTuple
-from urllib.parse import quote, unquote_to_bytes
+from urllib.parse import quote, quote_plus, unquote_to_bytes
 
 from .errors import ContextValueError
 
@@ -47,9 +47,10 @@ MAX_HEADER_BYTES = 8192
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # baggage-octet per W3C, plus "%" which introduces an escape.
 _VALUE = re.compile(r"[\x21\x23-\x2b\x2d-\x3a\x3c-\x5b\x5d-\x7e]*")
-# Characters left as they are when encoding: baggage-octets minus "%" (escape) and "+"
-# (OpenTelemetry Python decodes "+" as a space).
-_SAFE = "!#$&'()*-./:<=>?@[]^_`{|}~"
+# Characters left as they are when encoding, besides letters, digits and "_.-~": what the W3C
+# Baggage reference implementation (urllib.parse.quote) leaves; "+" is escaped (OpenTelemetry
+# Python decodes it as a space), and so is every other baggage-octet.
+_SAFE = "/"
 _OWS = " \t"
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
@@ -60,8 +61,15 @@ def is_valid_key(key: str) -> bool:
 
 
 def encode_value(value: str) -> str:
-    """Percent-encode a baggage value (UTF-8; a space as ``%20``, ``+`` as ``%2B``)."""
+    """Percent-encode a baggage value as the W3C reference implementation does (UTF-8; a
+    space as ``%20``, ``+`` as ``%2B``; only letters, digits and ``_.-~/`` as they are)."""
     return quote(value, safe=_SAFE)
+
+
+def _otel_size(text: str) -> int:
+    """Bytes of ``text`` as OpenTelemetry Python's baggage propagator encodes it
+    (``quote_plus``: ``/`` escaped too, a space as ``+``)."""
+    return len(quote_plus(text))
 
 
 class BaggageEntry(NamedTuple):
@@ -168,8 +176,9 @@ def _parse_member(member: str) -> BaggageEntry | None:
 
 
 def encoded_member_size(key: str, value: str) -> int:
-    """Bytes of ``key=value`` once encoded for the ``baggage`` header."""
-    return len(key) + 1 + len(encode_value(value))
+    """Bytes of ``key=value`` once encoded for the ``baggage`` header, by this library's
+    propagator or by OpenTelemetry Python's (the larger: a service may use either)."""
+    return 1 + max(len(key) + len(encode_value(value)), _otel_size(key) + _otel_size(value))
 
 
 def may_exceed_limits(bag: Mapping[str, object]) -> bool:
@@ -180,8 +189,9 @@ def may_exceed_limits(bag: Mapping[str, object]) -> bool:
         chars = sum(map(len, bag.values()))  # type: ignore[arg-type] # TypeError handled
     except TypeError:  # a non-str value put in baggage by other code
         return True
-    # A character encodes to at most 12 bytes (4 UTF-8 bytes, each as %XX).
-    return 12 * chars + sum(map(len, bag)) + 2 * len(bag) > MAX_MEMBER_BYTES
+    # A character encodes to at most 12 bytes (4 UTF-8 bytes, each as %XX); a key's (a token,
+    # ASCII) to at most 3.
+    return 12 * chars + 3 * sum(map(len, bag)) + 2 * len(bag) > MAX_MEMBER_BYTES
 
 
 def check_baggage_limits(bag: Mapping[str, object], written: Sequence[tuple[str, str]]) -> None:
@@ -197,17 +207,17 @@ def check_baggage_limits(bag: Mapping[str, object], written: Sequence[tuple[str,
     for name, key in written:
         text = str(bag[key])
         # An upper bound first (an ASCII character encodes to at most 3 bytes, any to 12).
-        if len(key) + 1 + len(text) * (3 if text.isascii() else 12) <= MAX_MEMBER_BYTES:
+        if 3 * len(key) + 1 + len(text) * (3 if text.isascii() else 12) <= MAX_MEMBER_BYTES:
             continue
         if encoded_member_size(key, text) > MAX_MEMBER_BYTES:
             raise ContextValueError(name, f"encoded baggage member over {MAX_MEMBER_BYTES} B")
     bound = 0
     for key, value in bag.items():
         text = value if isinstance(value, str) else str(value)
-        bound += len(key) + 2 + len(text) * (3 if text.isascii() else 12)
+        bound += 3 * len(key) + 2 + len(text) * (3 if text.isascii() else 12)
     if bound <= MAX_HEADER_BYTES:
         return
-    exact = len(",".join(f"{k}={encode_value(str(v))}" for k, v in bag.items()))
+    exact = len(bag) - 1 + sum(encoded_member_size(k, str(v)) for k, v in bag.items())
     if exact > MAX_HEADER_BYTES:
         raise ContextValueError(first, f"baggage header would exceed {MAX_HEADER_BYTES} B")
 

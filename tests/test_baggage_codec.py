@@ -43,7 +43,7 @@ def test_a_service_without_this_library_reads_the_same_values(tenant_id: str) ->
 
 def test_encoding_uses_percent_20_and_encodes_plus() -> None:
     """A space is %20 (never +) and a plus is %2B, so W3C and OTel parsers agree."""
-    assert format_baggage({"k": "a b+c,d;e=f%"}) == "k=a%20b%2Bc%2Cd%3Be=f%25"
+    assert format_baggage({"k": "a b+c,d;e=f%"}) == "k=a%20b%2Bc%2Cd%3Be%3Df%25"
 
 
 @pytest.mark.parametrize(
@@ -119,6 +119,26 @@ def test_an_ascii_value_that_grows_past_the_member_limit_when_encoded_is_refused
         header = bridge.inject({})["baggage"]
     assert len(header) <= 4096
     assert baggage.get_all(W3CBaggagePropagator().extract({"baggage": header})) == {"note": fits}
+
+
+def test_the_member_limit_holds_for_opentelemetrys_own_propagator_too() -> None:
+    """A value that fits 4096 bytes as this library encodes it but not as OTel Python's
+    ``quote_plus`` does (slashes: kept by the W3C encoding, escaped by OTel's) is refused at
+    write time: a service on OTel's default propagator would drop it silently on inject.
+    Spaces, which OTel sends as ``+``, are counted as the larger of the two encodings."""
+    bridge = cb.ContextBridge([cb.Field("path", max_length=4096, validator=r"[ -~]*")])
+    slashes = "/" * 2000  # path= + 2000 bytes here, 6000 with OTel's encoding
+    with pytest.raises(cb.ContextValueError, match=r"path.*4096"), bridge.scope(path=slashes):
+        pass
+    carrier: dict[str, str] = {}
+    W3CBaggagePropagator().inject(carrier, baggage.set_baggage("path", slashes))
+    assert "baggage" not in carrier  # what OTel does with it: dropped without a word
+    fits = "/" * 1360  # path= + 1360 * 3 = 4085 bytes with OTel's encoding
+    with bridge.scope(path=fits):
+        header = bridge.inject({})["baggage"]
+        W3CBaggagePropagator().inject(carrier)
+    assert header == f"path={fits}"
+    assert baggage.get_all(W3CBaggagePropagator().extract(carrier)) == {"path": fits}
 
 
 def test_baggage_propagator_is_w3c_correct_and_interoperable() -> None:
