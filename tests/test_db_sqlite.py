@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import warnings
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 
 import otel_ctxbridge as cb
 from otel_ctxbridge.integrations.db import TenantPoolError, TenantPools, Transactions
-from otel_ctxbridge.integrations.sqlite import SQLitePool, create_sqlite_pool
+from otel_ctxbridge.integrations.sqlite import SQLitePool, _sql, create_sqlite_pool
 
 TENANTS = ("acme", "globex")
 
@@ -64,6 +65,20 @@ async def test_asyncpg_placeholders_work_and_quoted_dollars_are_left_alone(
             assert tuple(row) == ("pen", "$1 costs 5")
             assert await conn.fetchval("SELECT count(*) FROM orders WHERE sku = $1", "x") == 0
             assert await conn.fetchrow("SELECT * FROM orders WHERE sku = $1", "x") is None
+
+
+def test_placeholders_become_nameless_with_the_arguments_in_order_of_use() -> None:
+    """``$N`` becomes a nameless ``?`` (SQLite's ``?N`` warns on CPython 3.12.0-3.12.3), the
+    arguments follow the order of use (a reused number repeats its argument), a ``$1`` inside
+    a quoted literal or identifier is left alone, and a count that does not match the highest
+    ``$N`` is refused as asyncpg refuses it."""
+    sql, bound = _sql("""INSERT INTO "t$1"(a, b) VALUES ($2, '$1 is ' || $1 || $2)""", ("x", "y"))
+    assert sql == """INSERT INTO "t$1"(a, b) VALUES (?, '$1 is ' || ? || ?)"""
+    assert bound == ("y", "x", "y")
+    assert _sql("SELECT 1", ()) == ("SELECT 1", ())
+    for query, args in (("SELECT $2", ("a",)), ("SELECT $1", ("a", "b")), ("SELECT $0", ())):
+        with pytest.raises(sqlite3.ProgrammingError, match="argument"):
+            _sql(query, args)
 
 
 async def test_transactions_commit_roll_back_and_nest_as_savepoints(

@@ -175,12 +175,16 @@ async def test_concurrent_requests_never_share_a_transaction(
 ) -> None:
     """Five requests held open at once (a barrier inside their transactions) each have their
     own connection, server backend and transaction id; 100 more all see distinct ids."""
-    barrier = asyncio.Barrier(5)
+    opened: list[object] = []
+    all_open = asyncio.Event()  # (asyncio.Barrier is Python 3.11+)
 
     @tx.transaction()
     async def held_open() -> tuple[int, int, int]:
         conn = tx.current_connection()
-        await barrier.wait()  # all five transactions are open now
+        opened.append(conn)
+        if len(opened) == 5:
+            all_open.set()
+        await asyncio.wait_for(all_open.wait(), 30)  # all five transactions are open now
         txid = await conn.fetchval("SELECT txid_current()")
         pid = await conn.fetchval("SELECT pg_backend_pid()")
         assert tx.current_connection() is conn

@@ -5,7 +5,8 @@
 connections work with :class:`~otel_ctxbridge.integrations.transactions.Transactions`:
 
 - ``execute``, ``executemany``, ``fetch``, ``fetchrow``, ``fetchval`` take asyncpg's ``$1``
-  placeholders, rewritten to SQLite's ``?1`` outside quoted literals; rows are ``sqlite3.Row``.
+  placeholders (rewritten to SQLite's ``?`` outside quoted literals, the arguments in the order
+  they are used); rows are ``sqlite3.Row``.
 - ``transaction()`` begins ``BEGIN IMMEDIATE`` (writers queue on SQLite's lock, up to
   ``busy_timeout`` seconds, instead of failing halfway) and, nested, a ``SAVEPOINT``.
 - A connection comes back to the pool rolled back if it was left inside a transaction.
@@ -35,8 +36,27 @@ _PLACEHOLDER = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|\$(\d+)")
 _savepoints = itertools.count(1)
 
 
-def _sql(query: str) -> str:
-    return _PLACEHOLDER.sub(lambda m: m.group(0) if m.group(1) is None else "?" + m.group(1), query)
+def _sql(query: str, args: Sequence[Any]) -> tuple[str, tuple[Any, ...]]:
+    """``query`` with asyncpg's ``$N`` placeholders as SQLite's nameless ``?`` (outside quoted
+    literals) and ``args`` in the order they are used. (SQLite's own ``?N`` would do, but
+    CPython 3.12.0-3.12.3 warn that it is a named placeholder: python/cpython#117995.) Like
+    asyncpg, the query takes as many arguments as its highest ``$N``: more or fewer raise
+    ``sqlite3.ProgrammingError``."""
+    used: list[int] = []
+
+    def positional(match: re.Match[str]) -> str:
+        if match.group(1) is None:
+            return match.group(0)  # a quoted literal: as it is
+        used.append(int(match.group(1)))
+        return "?"
+
+    sql = _PLACEHOLDER.sub(positional, query)
+    takes = max(used, default=0)
+    if len(args) != takes or 0 in used:
+        raise sqlite3.ProgrammingError(
+            f"the query takes {takes} argument(s) ($1..${takes}), {len(args)} were given"
+        )
+    return sql, tuple(args[n - 1] for n in used)
 
 
 class SQLiteTransaction:
@@ -96,22 +116,24 @@ class SQLiteConnection:
 
     async def execute(self, query: str, *args: Any) -> str:
         """Run one statement; returns ``"OK <rows changed>"``."""
-        cursor = await self.raw.execute(_sql(query), args)
+        cursor = await self.raw.execute(*_sql(query, args))
         await cursor.close()
         return f"OK {cursor.rowcount}"
 
     async def executemany(self, query: str, args: Iterable[Sequence[Any]]) -> None:
         """Run one statement once per argument tuple."""
-        await self.raw.executemany(_sql(query), args)
+        rows = [_sql(query, row) for row in args]
+        if rows:
+            await self.raw.executemany(rows[0][0], [bound for _, bound in rows])
 
     async def fetch(self, query: str, *args: Any) -> list[sqlite3.Row]:
         """All result rows."""
-        async with self.raw.execute(_sql(query), args) as cursor:
+        async with self.raw.execute(*_sql(query, args)) as cursor:
             return list(await cursor.fetchall())
 
     async def fetchrow(self, query: str, *args: Any) -> sqlite3.Row | None:
         """The first row, or None."""
-        async with self.raw.execute(_sql(query), args) as cursor:
+        async with self.raw.execute(*_sql(query, args)) as cursor:
             return await cursor.fetchone()
 
     async def fetchval(self, query: str, *args: Any, column: int = 0) -> Any:
