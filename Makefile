@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # back to pure Python (which a newcomer without a compiler gets, with a warning).
 REQUIRE_EXTENSIONS := $(if $(filter true,$(CI)),OTEL_CTXBRIDGE_REQUIRE_EXTENSIONS=1)
 
-.PHONY: venv test lint typecheck pytest bench demo clean
+.PHONY: venv test test-versions lint typecheck pytest bench demo clean
 
 $(STAMP): pyproject.toml hatch_build.py otel_ctxbridge/_speedups.c $(wildcard otel_ctxbridge/_speedups_*.h)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,25 @@ pytest: $(STAMP)
 
 test: lint typecheck pytest
 
+# The other Python versions the package supports, where this machine has them (on PATH, or
+# installed by pyenv): the whole suite on the compiled accelerator, each in its own venv. CI
+# runs this after `make test`.
+OTHER_PYTHONS := 3.10 3.12 3.13
+
+test-versions:
+	@for v in $(OTHER_PYTHONS); do \
+	  py=$$(command -v python$$v 2>/dev/null); \
+	  if [ -z "$$py" ] || ! "$$py" -c "" >/dev/null 2>&1; then \
+	    py=$$(ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/$$v.*/bin/python$$v 2>/dev/null | tail -1); \
+	  fi; \
+	  if [ -z "$$py" ]; then echo "== Python $$v: not on this machine, skipped"; continue; fi; \
+	  venv=.venv-$$v; echo "== Python $$v: $$py ($$venv)"; \
+	  test -x $$venv/bin/python || "$$py" -m venv $$venv || exit 1; \
+	  $$venv/bin/python -m pip install --quiet --upgrade pip || exit 1; \
+	  $(REQUIRE_EXTENSIONS) $$venv/bin/python -m pip install --quiet -e '.[dev]' || exit 1; \
+	  $$venv/bin/pytest -q -p no:cacheprovider || exit 1; \
+	done
+
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks
 
@@ -43,4 +62,4 @@ demo: $(STAMP)
 	$(BIN)/python examples/demo.py
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache otel_ctxbridge/_speedups.*.so
+	rm -rf $(VENV) .venv-3.* .mypy_cache .ruff_cache .pytest_cache otel_ctxbridge/_speedups.*.so
