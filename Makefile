@@ -37,16 +37,18 @@ pytest: $(STAMP)
 test: lint typecheck pytest
 
 # The other Python versions the package supports, where this machine has them (on PATH, or
-# installed by pyenv): the whole suite on the compiled accelerator, each in its own venv. CI
-# runs this after `make test`.
+# installed by pyenv): the whole suite, each in its own venv (with the compiled accelerator
+# where a compiler is found; CI requires it). CI runs this after `make test`, and a version
+# missing there fails the run, as a missing service does.
 OTHER_PYTHONS := 3.10 3.12 3.13
 
 test-versions:
 	@for v in $(OTHER_PYTHONS); do \
 	  py=$$(command -v python$$v 2>/dev/null); \
 	  if [ -z "$$py" ] || ! "$$py" -c "" >/dev/null 2>&1; then \
-	    py=$$(ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/$$v.*/bin/python$$v 2>/dev/null | tail -1); \
+	    py=$$(ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/$$v.*/bin/python$$v 2>/dev/null | sort -V | tail -1); \
 	  fi; \
+	  if [ -z "$$py" ] && [ "$(CI)" = true ]; then echo "== Python $$v: missing (CI=true)"; exit 1; fi; \
 	  if [ -z "$$py" ]; then echo "== Python $$v: not on this machine, skipped"; continue; fi; \
 	  venv=.venv-$$v; echo "== Python $$v: $$py ($$venv)"; \
 	  test -x $$venv/bin/python || "$$py" -m venv $$venv || exit 1; \

@@ -2,8 +2,9 @@
 
 The W3C Baggage repository (github.com/w3c/baggage, ``test/``) ships unit tests of its own
 reference parser; its ``test/README.md`` sketches, as not yet implemented, a service test that
-calls two endpoints. This service answers them, and ``tests/test_w3c_baggage.py`` drives it
-with the suite's cases (``test/test_baggage.py``):
+calls two endpoints. This service answers them (``tests/test_w3c_baggage.py`` checks it on
+a real server; the suite's own cases, ``test/test_baggage.py``, run there against the codec
+it uses):
 
 - ``GET /baggage/parse`` with a ``baggage`` header: answers the parsed list-members as JSON,
   ``[{"key": ..., "value": ..., "properties": [{"key": ..., "value": ...}, ...]}, ...]``

@@ -175,6 +175,12 @@ def _parse_member(member: str) -> BaggageEntry | None:
     return BaggageEntry(key, value, tuple(properties))
 
 
+def _size_bound(text: str) -> int:
+    """An upper bound of the bytes of ``text`` encoded by either propagator: an ASCII
+    character encodes to at most 3 bytes (%XX), any other to 12 (4 UTF-8 bytes)."""
+    return len(text) * (3 if text.isascii() else 12)
+
+
 def encoded_member_size(key: str, value: str) -> int:
     """Bytes of ``key=value`` once encoded for the ``baggage`` header, by this library's
     propagator or by OpenTelemetry Python's (the larger: a service may use either)."""
@@ -187,11 +193,12 @@ def may_exceed_limits(bag: Mapping[str, object]) -> bool:
         return True
     try:
         chars = sum(map(len, bag.values()))  # type: ignore[arg-type] # TypeError handled
+        # Keys too: baggage extracted by other code may have any (OTel decodes %XX in keys).
+        chars += sum(map(len, bag))
     except TypeError:  # a non-str value put in baggage by other code
         return True
-    # A character encodes to at most 12 bytes (4 UTF-8 bytes, each as %XX); a key's (a token,
-    # ASCII) to at most 3.
-    return 12 * chars + 3 * sum(map(len, bag)) + 2 * len(bag) > MAX_MEMBER_BYTES
+    # A character encodes to at most 12 bytes (4 UTF-8 bytes, each as %XX).
+    return 12 * chars + 2 * len(bag) > MAX_MEMBER_BYTES
 
 
 def check_baggage_limits(bag: Mapping[str, object], written: Sequence[tuple[str, str]]) -> None:
@@ -206,18 +213,20 @@ def check_baggage_limits(bag: Mapping[str, object], written: Sequence[tuple[str,
         raise ContextValueError(first, f"baggage would exceed {MAX_MEMBERS} members")
     for name, key in written:
         text = str(bag[key])
-        # An upper bound first (an ASCII character encodes to at most 3 bytes, any to 12).
-        if 3 * len(key) + 1 + len(text) * (3 if text.isascii() else 12) <= MAX_MEMBER_BYTES:
+        if _size_bound(key) + 1 + _size_bound(text) <= MAX_MEMBER_BYTES:  # surely fits
             continue
         if encoded_member_size(key, text) > MAX_MEMBER_BYTES:
             raise ContextValueError(name, f"encoded baggage member over {MAX_MEMBER_BYTES} B")
     bound = 0
     for key, value in bag.items():
         text = value if isinstance(value, str) else str(value)
-        bound += 3 * len(key) + 2 + len(text) * (3 if text.isascii() else 12)
+        bound += _size_bound(str(key)) + 2 + _size_bound(text)
     if bound <= MAX_HEADER_BYTES:
         return
-    exact = len(bag) - 1 + sum(encoded_member_size(k, str(v)) for k, v in bag.items())
+    pairs = [(str(k), str(v)) for k, v in bag.items()]
+    ours = sum(len(k) + 1 + len(encode_value(v)) for k, v in pairs)
+    otel = sum(_otel_size(k) + 1 + _otel_size(v) for k, v in pairs)
+    exact = len(pairs) - 1 + max(ours, otel)  # the header as either propagator writes it
     if exact > MAX_HEADER_BYTES:
         raise ContextValueError(first, f"baggage header would exceed {MAX_HEADER_BYTES} B")
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from urllib.parse import quote
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from opentelemetry import baggage, propagate
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
+from opentelemetry.context import attach, detach
 
 import otel_ctxbridge as cb
 from otel_ctxbridge.limits import MAX_HEADER_BYTES, format_baggage, parse_baggage
@@ -97,8 +100,6 @@ def test_writes_over_the_baggage_limits_raise_naming_the_field() -> None:
             pass
     many = {f"m{i}": "v" for i in range(180)}
     ctx = propagate.extract({"baggage": ",".join(f"{k}={v}" for k, v in many.items())})
-    from opentelemetry.context import attach, detach
-
     token = attach(ctx)
     try:
         with pytest.raises(cb.ContextValueError, match="180"), bridge.scope(small="v"):
@@ -139,6 +140,27 @@ def test_the_member_limit_holds_for_opentelemetrys_own_propagator_too() -> None:
         W3CBaggagePropagator().inject(carrier)
     assert header == f"path={fits}"
     assert baggage.get_all(W3CBaggagePropagator().extract(carrier)) == {"path": fits}
+
+
+def test_the_header_limit_counts_keys_other_code_extracted_as_otel_encodes_them() -> None:
+    """Baggage OTel's propagator extracted may have keys of any characters (it decodes %XX in
+    keys); they count as OTel encodes them again, so a small write that would push the header
+    past 8192 bytes on OTel's inject (which then drops members silently) is refused."""
+    keys = quote("\U0001f600" * 310), quote("\U0001f601" * 300)
+    inbound = W3CBaggagePropagator().extract({"baggage": f"{keys[0]}=a,{keys[1]}=b"})
+    assert len(baggage.get_all(inbound)) == 2
+    bridge = cb.ContextBridge([cb.Field("note", max_length=4096, validator=r"[ -~]*")])
+    token = attach(inbound)
+    try:
+        with pytest.raises(cb.ContextValueError, match=r"note.*8192"):
+            with bridge.scope(note="," * 330):  # 990 bytes more as OTel encodes it
+                pass
+        with bridge.scope(note="," * 200):  # fits: OTel sends it
+            carrier: dict[str, str] = {}
+            W3CBaggagePropagator().inject(carrier)
+        assert "note=" in carrier["baggage"]
+    finally:
+        detach(token)
 
 
 def test_baggage_propagator_is_w3c_correct_and_interoperable() -> None:

@@ -67,15 +67,35 @@ async def test_asyncpg_placeholders_work_and_quoted_dollars_are_left_alone(
             assert await conn.fetchrow("SELECT * FROM orders WHERE sku = $1", "x") is None
 
 
+async def test_executemany_binds_each_row_and_prepares_even_without_rows(
+    bridge: cb.ContextBridge, pools: TenantPools[Any]
+) -> None:
+    """``executemany`` binds every row of a generator in placeholder order; with no rows it
+    still prepares the statement (bad SQL raises, as asyncpg does), and a row with the wrong
+    number of arguments is refused."""
+    with bridge.scope(tenant_id="acme"):
+        async with pools.acquire() as conn:
+            rows = ((f"note {i}", f"sku-{i}") for i in range(3))
+            await conn.executemany("INSERT INTO orders(sku, note) VALUES ($2, $1)", rows)
+            found = await conn.fetch("SELECT sku, note FROM orders ORDER BY sku")
+            assert [tuple(r) for r in found] == [(f"sku-{i}", f"note {i}") for i in range(3)]
+            with pytest.raises(sqlite3.OperationalError):
+                await conn.executemany("INSERT INTO no_such_table VALUES ($1)", [])
+            with pytest.raises(sqlite3.ProgrammingError):
+                await conn.executemany("INSERT INTO orders(sku) VALUES ($1)", [("a", "b")])
+
+
 def test_placeholders_become_nameless_with_the_arguments_in_order_of_use() -> None:
     """``$N`` becomes a nameless ``?`` (SQLite's ``?N`` warns on CPython 3.12.0-3.12.3), the
     arguments follow the order of use (a reused number repeats its argument), a ``$1`` inside
-    a quoted literal or identifier is left alone, and a count that does not match the highest
-    ``$N`` is refused as asyncpg refuses it."""
+    a quoted literal, identifier or comment is left alone, and a count that does not match the
+    highest ``$N`` is refused as asyncpg refuses it."""
     sql, bound = _sql("""INSERT INTO "t$1"(a, b) VALUES ($2, '$1 is ' || $1 || $2)""", ("x", "y"))
     assert sql == """INSERT INTO "t$1"(a, b) VALUES (?, '$1 is ' || ? || ?)"""
     assert bound == ("y", "x", "y")
     assert _sql("SELECT 1", ()) == ("SELECT 1", ())
+    commented = "SELECT $1 -- not $2\n/* nor $3,\n $4 */"
+    assert _sql(commented, ("a",)) == ("SELECT ? -- not $2\n/* nor $3,\n $4 */", ("a",))
     for query, args in (("SELECT $2", ("a",)), ("SELECT $1", ("a", "b")), ("SELECT $0", ())):
         with pytest.raises(sqlite3.ProgrammingError, match="argument"):
             _sql(query, args)

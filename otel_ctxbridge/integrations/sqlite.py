@@ -32,31 +32,44 @@ if TYPE_CHECKING:
 
 __all__ = ["SQLiteConnection", "SQLitePool", "SQLiteTransaction", "create_sqlite_pool"]
 
-_PLACEHOLDER = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|\$(\d+)")
+_PLACEHOLDER = re.compile(
+    r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|--[^\n]*|/\*.*?\*/|\$(\d+)", re.DOTALL
+)
+"""A quoted literal or identifier, or a comment (left as they are), or a ``$N`` placeholder."""
 _savepoints = itertools.count(1)
 
 
-def _sql(query: str, args: Sequence[Any]) -> tuple[str, tuple[Any, ...]]:
+def _placeholders(query: str) -> tuple[str, tuple[int, ...]]:
     """``query`` with asyncpg's ``$N`` placeholders as SQLite's nameless ``?`` (outside quoted
-    literals) and ``args`` in the order they are used. (SQLite's own ``?N`` would do, but
-    CPython 3.12.0-3.12.3 warn that it is a named placeholder: python/cpython#117995.) Like
-    asyncpg, the query takes as many arguments as its highest ``$N``: more or fewer raise
-    ``sqlite3.ProgrammingError``."""
+    literals, identifiers and comments), and the ``N`` of each in order of use. (SQLite's own
+    ``?N`` would do, but CPython 3.12.0-3.12.3 warn that it is a named placeholder:
+    python/cpython#117995.)"""
     used: list[int] = []
 
     def positional(match: re.Match[str]) -> str:
         if match.group(1) is None:
-            return match.group(0)  # a quoted literal: as it is
+            return match.group(0)  # a literal, an identifier or a comment: as it is
         used.append(int(match.group(1)))
         return "?"
 
-    sql = _PLACEHOLDER.sub(positional, query)
+    return _PLACEHOLDER.sub(positional, query), tuple(used)
+
+
+def _bind(used: tuple[int, ...], args: Sequence[Any]) -> tuple[Any, ...]:
+    """``args`` in the order the placeholders use them. Like asyncpg, a query takes as many
+    arguments as its highest ``$N``: more or fewer raise ``sqlite3.ProgrammingError``."""
     takes = max(used, default=0)
     if len(args) != takes or 0 in used:
         raise sqlite3.ProgrammingError(
             f"the query takes {takes} argument(s) ($1..${takes}), {len(args)} were given"
         )
-    return sql, tuple(args[n - 1] for n in used)
+    return tuple(args[n - 1] for n in used)
+
+
+def _sql(query: str, args: Sequence[Any]) -> tuple[str, tuple[Any, ...]]:
+    """The SQLite statement and its arguments for an asyncpg-style ``query`` and ``args``."""
+    sql, used = _placeholders(query)
+    return sql, _bind(used, args)
 
 
 class SQLiteTransaction:
@@ -122,9 +135,8 @@ class SQLiteConnection:
 
     async def executemany(self, query: str, args: Iterable[Sequence[Any]]) -> None:
         """Run one statement once per argument tuple."""
-        rows = [_sql(query, row) for row in args]
-        if rows:
-            await self.raw.executemany(rows[0][0], [bound for _, bound in rows])
+        sql, used = _placeholders(query)
+        await self.raw.executemany(sql, (_bind(used, row) for row in args))
 
     async def fetch(self, query: str, *args: Any) -> list[sqlite3.Row]:
         """All result rows."""
