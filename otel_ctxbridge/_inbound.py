@@ -49,6 +49,7 @@ _REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
 _collect_headers = speedups.collect_headers if speedups is not None else None
 _trace_headers = speedups.trace_headers if speedups is not None else None
 _traceparent_ready = speedups.traceparent_ready if speedups is not None else None
+_request_id_ready = speedups.request_id_ready if speedups is not None else None
 
 
 def _undecodable(raw: bytes) -> bool:
@@ -190,8 +191,14 @@ class TraceHeaderShield:
             found = _trace_headers(headers, self._rewrite)
         else:
             found = trace_headers(headers, self._rewrite)
-        if found is not None and not found[0] and not found[1]:  # the commonest case
-            return await self.app(scope, receive, send)
+        if found is not None and not found[1]:  # the common cases, inlined: no tracestate,
+            parents = found[0]  # and no traceparent or a single one already normalised
+            if not parents or (
+                len(parents) == 1
+                and _traceparent_ready is not None
+                and _traceparent_ready(parents[0])
+            ):
+                return await self.app(scope, receive, send)
         if self._as_they_came(found):
             return await self.app(scope, receive, send)  # the common cases: no copy
         try:
@@ -265,14 +272,25 @@ class InboundReader:
             member = members.get(key) if key is not None else None
             if raws is None and member is None:
                 continue
-            candidates: list[str | None] = [_utf8(v) for v in raws] if raws else []
-            if member is not None:
-                candidates.append(member)
             if field.inbound == "trusted":
                 if trusted is None:
                     trusted = self._trusted(scope, found)
                 if not trusted:
                     continue
+            if (
+                raws is not None
+                and len(raws) == 1
+                and member is None
+                and name == self._rid_strict
+                and _request_id_ready is not None
+            ):  # the commonest inbound value: a request id from its header alone
+                ready = _request_id_ready(raws[0], field.max_length)
+                if ready is not None:  # a safe token: valid (else the checks below say why)
+                    values[name] = ready
+                    continue
+            candidates: list[str | None] = [_utf8(v) for v in raws] if raws else []
+            if member is not None:
+                candidates.append(member)
             value = self._first_valid(name, field, candidates)
             if value is not None:
                 values[name] = value

@@ -19,7 +19,7 @@
 #define PY_SSIZE_T_CLEAN
 /* What _accel.py expects: a module built from other sources (a stale in-place build) whose
  * API differs is not used. Raise it whenever the Python side starts relying on a change. */
-#define SPEEDUPS_API 12
+#define SPEEDUPS_API 13
 #include <Python.h>
 #include <structmember.h>
 
@@ -259,6 +259,9 @@ static PyMethodDef module_methods[] = {
     {"traceparent_ready", (PyCFunction)traceparent_ready, METH_O,
      "traceparent_ready(value): True when the traceparent bytes are already normalised "
      "(version 00, lower-case hex, ids not all zeros)."},
+    {"request_id_ready", (PyCFunction)(void (*)(void))request_id_ready, METH_FASTCALL,
+     "request_id_ready(raw, max_length): the text of a safe request-id token of at most "
+     "max_length characters, else None."},
     {"append_header", (PyCFunction)(void (*)(void))append_header, METH_FASTCALL,
      "append_header(message, name, value): add the header unless it is there (True), None "
      "for a shape the Python code handles."},

@@ -311,3 +311,42 @@ traceparent_ready(PyObject *Py_UNUSED(module), PyObject *value)
                 lower_hex(p + 36, 16, &parent_set) && parent_set && lower_hex(p + 53, 2, &any_flag);
     return PyBool_FromLong(ready);
 }
+
+static int
+ascii_alnum(unsigned char c)
+{
+    return (c >= '0' && c <= '9') || (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z');
+}
+
+/* request_id_ready(raw, max_length): `raw` (bytes) as text when it is a safe request-id token
+ * (fields.REQUEST_ID_PATTERN: [A-Za-z0-9][A-Za-z0-9._:+/=@-]{0,127}, all ASCII) of at most
+ * `max_length` characters: then it is a valid value of a request id field without a
+ * validator. None otherwise (the Python code checks it, and counts a refusal). */
+static PyObject *
+request_id_ready(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "request_id_ready() takes 2 arguments");
+        return NULL;
+    }
+    Py_ssize_t limit = PyLong_AsSsize_t(args[1]);
+    if (limit == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (!PyBytes_CheckExact(args[0])) {
+        Py_RETURN_NONE;
+    }
+    const unsigned char *raw = (const unsigned char *)PyBytes_AS_STRING(args[0]);
+    Py_ssize_t size = PyBytes_GET_SIZE(args[0]);
+    if (size < 1 || size > 128 || size > limit || !ascii_alnum(raw[0])) {
+        Py_RETURN_NONE;
+    }
+    for (Py_ssize_t i = 1; i < size; i++) {
+        unsigned char c = raw[i];
+        if (!ascii_alnum(c) && c != '.' && c != '_' && c != ':' && c != '+' && c != '/' &&
+            c != '=' && c != '@' && c != '-') {
+            Py_RETURN_NONE;
+        }
+    }
+    return PyUnicode_DecodeASCII((const char *)raw, size, NULL);
+}

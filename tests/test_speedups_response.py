@@ -1,12 +1,16 @@
-"""The compiled steps of a request's way out (``response_started``, ``stamp_plain``) do what
-their Python twins do, or hand the case back to them (NotImplemented)."""
+"""The compiled steps of a request's way in and out (``request_id_ready``,
+``response_started``, ``stamp_plain``) do what their Python twins do, or hand the case back to
+them (None, NotImplemented)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import SpanKind
@@ -188,3 +192,32 @@ def test_a_compiled_stamp_writes_what_python_writes_or_hands_it_back(
         if attributes:
             write_attributes(span, attributes)
     assert dict(span.attributes) == dict(expected_span.attributes)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    raw=st.one_of(
+        st.binary(max_size=140),
+        st.text(alphabet="Az09._:+/=@- \t\r\n%\u00e9", max_size=140).map(str.encode),
+        st.from_regex(cb.REQUEST_ID_PATTERN, fullmatch=True).map(str.encode),
+    ),
+    max_length=st.sampled_from([8, 36, 128, 256]),
+)
+def test_a_compiled_request_id_check_accepts_exactly_what_the_python_checks_accept(
+    raw: bytes, max_length: int
+) -> None:
+    """``request_id_ready`` takes an inbound request id as valid only where the field's own
+    check and the safe-token pattern both would, with the same text (else the Python checks
+    run and count the refusal)."""
+    field = cb.Field("request_id", header="x-request-id", max_length=max_length)
+    try:
+        text: str | None = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    python_ok = (
+        text is not None
+        and field.problem(text) is None
+        and re.fullmatch(cb.REQUEST_ID_PATTERN, text) is not None
+    )
+    ready = _accel.speedups.request_id_ready(raw, max_length)  # type: ignore[union-attr]
+    assert ready == (text if python_ok else None)
