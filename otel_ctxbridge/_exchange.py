@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from .asgi import ContextBridgeMiddleware
 
 _logger = logging.getLogger("otel_ctxbridge.asgi")
-METHODS = frozenset(
+_METHODS = frozenset(
     ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "QUERY")
 )
 _ROUTE = "http.route"
@@ -197,7 +197,7 @@ def default_span_name(scope: Scope) -> str:
     its per-request environment lookup for the common methods."""
     path = str(scope.get("path", "")).strip()
     method = str(scope.get("method", "")).strip()
-    if method not in METHODS:
+    if method not in _METHODS:
         from opentelemetry.util.http import sanitize_method  # noqa: PLC0415 - rare methods only
 
         method = sanitize_method(method)

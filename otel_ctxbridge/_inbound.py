@@ -116,14 +116,22 @@ def trace_headers(
     return parents, states
 
 
-def traceparent_ready(raw: bytes) -> bool:
-    """True when the ``traceparent`` value ``raw`` is already in the normalised form the shield
-    would give it (:func:`~otel_ctxbridge.tracecontext.parse_traceparent` returns it
-    unchanged): OTel may then read it as it came."""
-    if _traceparent_ready is not None:  # the same check, compiled
-        return bool(_traceparent_ready(raw))
+def _traceparent_ready_in_python(raw: bytes) -> bool:
     text = raw.decode("latin-1")
     return parse_traceparent([text]) == text
+
+
+traceparent_ready: Callable[[bytes], bool] = (
+    _traceparent_ready if _traceparent_ready is not None else _traceparent_ready_in_python
+)
+"""True when the ``traceparent`` value ``raw`` is already in the normalised form the shield
+would give it (:func:`~otel_ctxbridge.tracecontext.parse_traceparent` returns it unchanged):
+OTel may then read it as it came. Compiled where the accelerator is built."""
+
+
+def _tracestate_ready(raw: bytes) -> bool:
+    state = raw.decode("latin-1")
+    return parse_tracestate([state]) == state
 
 
 def _trace_pair(parents: list[str], states: list[str], bridge: ContextBridge | None) -> Headers:
@@ -158,27 +166,6 @@ class TraceHeaderShield:
         self._hidden = frozenset(h.lower().encode("latin-1") for h in hidden)
         self._rewrite = frozenset((_BAGGAGE,)) | self._hidden  # always hidden from OTel
 
-    @staticmethod
-    def _as_they_came(found: tuple[Sequence[bytes], Sequence[bytes]] | None) -> bool:
-        """True when OTel may see headers with these trace headers (:func:`trace_headers`)
-        unchanged: nothing is to be hidden, and there are no trace headers, or only one
-        ``traceparent`` (and at most one ``tracestate``) already in the normalised form this
-        shield would give them (the common requests). False sends them through
-        :func:`shield_headers`."""
-        if found is None:
-            return False
-        parents, states = found
-        if not parents:
-            return not states  # a tracestate without a traceparent is dropped
-        if len(parents) != 1 or len(states) > 1:
-            return False
-        if not traceparent_ready(parents[0]):
-            return False
-        if not states:
-            return True
-        state = states[0].decode("latin-1")
-        return parse_tracestate([state]) == state
-
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Run the wrapped app with a scope whose tracing headers are safe for OTel."""
         kind = scope["type"]
@@ -187,20 +174,19 @@ class TraceHeaderShield:
         headers = scope.get("headers")
         if not headers:
             return await self.app(scope, receive, send)
-        if _trace_headers is not None and headers.__class__ is list:  # trace_headers, inlined
-            found = _trace_headers(headers, self._rewrite)
-        else:
-            found = trace_headers(headers, self._rewrite)
-        if found is not None and not found[1]:  # the common cases, inlined: no tracestate,
-            parents = found[0]  # and no traceparent or a single one already normalised
-            if not parents or (
+        found = trace_headers(headers, self._rewrite)
+        if found is not None:  # nothing to hide: may OTel read the trace headers as they came?
+            parents, states = found
+            if not parents:
+                if not states:  # the commonest case (a tracestate alone is dropped below)
+                    return await self.app(scope, receive, send)
+            elif (  # a single pair already in the normalised form the shield would give it
                 len(parents) == 1
-                and _traceparent_ready is not None
-                and _traceparent_ready(parents[0])
+                and len(states) <= 1
+                and traceparent_ready(parents[0])
+                and (not states or _tracestate_ready(states[0]))
             ):
                 return await self.app(scope, receive, send)
-        if self._as_they_came(found):
-            return await self.app(scope, receive, send)  # the common cases: no copy
         try:
             cleaned = shield_headers(headers, self._hidden, self._bridge)
         except Exception:  # telemetry never throws on the request path
@@ -235,8 +221,7 @@ class InboundReader:
             self._readers.append((name, field, header, key))
         if self._secret is not None:
             wanted.add(self._secret)
-        self.wanted = frozenset(wanted)
-        """The header names a field (or the trust policy) reads, and ``baggage``."""
+        self._wanted = frozenset(wanted)
         rid = bridge.fields.get(request_id_field)
         # A request id goes back out in a response header: without a validator of its own,
         # hold it to the safe-token pattern (no spaces, no control characters, <= 128).
@@ -246,23 +231,21 @@ class InboundReader:
         """``(field values, extra baggage)``: the valid values this request may set, and for a
         trusted peer the valid undeclared baggage members to forward downstream."""
         headers = scope.get(ORIGINAL_HEADERS) or scope.get("headers") or ()
-        found = _collect_headers(headers, self.wanted) if _collect_headers is not None else None
+        found = _collect_headers(headers, self._wanted) if _collect_headers is not None else None
         if found is NotImplemented or _collect_headers is None:  # the same loop, in Python
             found = None
             for name, value in headers:
-                if name in self.wanted:
+                if name in self._wanted:
                     if found is None:
                         found = {}
                     found.setdefault(name, []).append(value)
         if found is None:
             return {}, None
-        return self.read_found(scope, found)
+        return self._values(scope, found)
 
-    def read_found(
+    def _values(
         self, scope: Scope, found: dict[bytes, list[bytes]]
     ) -> tuple[dict[str, str], dict[str, object] | None]:
-        """:meth:`read` given ``found``: the raw values of the :attr:`wanted` headers (as
-        ``collect_headers`` returns them: lists by header name, in order)."""
         raw_baggage = found.get(_BAGGAGE)
         members = self._members(raw_baggage) if raw_baggage else _NO_MEMBERS
         trusted: bool | None = None

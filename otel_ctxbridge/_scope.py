@@ -23,6 +23,9 @@ from ._state import EMPTY, MISSING, child_state
 from .fields import attribute_value
 from .limits import MAX_MEMBER_BYTES, may_exceed_limits
 
+_stamp_plain = speedups.stamp_plain if speedups is not None else None
+"""The compiled common case of :func:`stamp_recording` (True), else NotImplemented."""
+
 if TYPE_CHECKING:
     from types import TracebackType
 
@@ -63,13 +66,19 @@ def stamp(bridge: ContextBridge, span: object, values: Mapping[str, Any]) -> Non
     if span is None:
         return
     try:
-        if not span.is_recording():  # type: ignore[attr-defined] # any Span-like object
-            return
+        if span.is_recording():  # type: ignore[attr-defined] # any Span-like object
+            stamp_recording(bridge, span, values)
+    except Exception:  # telemetry never throws on the request path
+        rt._logger.debug("otel_ctxbridge: could not stamp a span", exc_info=True)
+
+
+def stamp_recording(bridge: ContextBridge, span: object, values: Mapping[str, Any]) -> None:
+    """:func:`stamp` for a span known to be recording (may raise). Plain text of fields shown
+    as they are goes in one compiled call; anything else through :func:`span_attributes`."""
+    if _stamp_plain is None or _stamp_plain(span, bridge._plain_attributes, values) is not True:
         attributes = span_attributes(bridge, values)
         if attributes:
             write_attributes(span, attributes)
-    except Exception:  # telemetry never throws on the request path
-        rt._logger.debug("otel_ctxbridge: could not stamp a span", exc_info=True)
 
 
 def entered(bridge: ContextBridge, ctx: Context, values: Mapping[str, Any]) -> Context:

@@ -47,10 +47,8 @@ import logging
 from typing import Any
 
 from . import _runtime as rt
-from ._accel import speedups
-from ._derive import derive_in_python
+from ._derive import derive_context
 from ._entry import derive_dropping, forget_copied
-from ._exchange import METHODS as _METHODS
 from ._exchange import Exchange, default_span_name, echo_value
 from ._inbound import (
     ORIGINAL_HEADERS,
@@ -62,8 +60,7 @@ from ._inbound import (
     TraceHeaderShield,
 )
 from ._misplaced import warn_if_otel_middleware_inside
-from ._scope import span_attributes
-from ._span_write import write_attributes
+from ._scope import stamp
 from ._state import Frame
 from .bridge import ContextBridge
 from .errors import ContextValueError, requires_extra
@@ -80,11 +77,6 @@ _REQUEST_KEYS = ("method", "path", "status_code", "duration_ms", "client_addr")
 _NAMED = "otel_ctxbridge.span_name"
 _FASTAPI_TELEMETRY = "fastapi.telemetry"
 _STARLETTE_TELEMETRY = "starlette.opentelemetry"
-_attach = rt.attach
-_reset = rt.reset
-_collect_headers = speedups.collect_headers if speedups is not None else None
-_derive = speedups.derive if speedups is not None else None
-_stamp_plain = speedups.stamp_plain if speedups is not None else None
 
 
 def instrument_asgi(
@@ -200,7 +192,7 @@ class ContextBridgeMiddleware:
         except Exception:  # telemetry never throws on the request path
             _logger.exception("otel_ctxbridge: no request context could be built")
             return await self.app(scope, receive, send)
-        token = _attach(exchange.ctx)
+        token = rt.attach(exchange.ctx)
         try:
             if kind == "websocket":
                 await self.app(scope, receive, exchange.send_ws)
@@ -214,41 +206,20 @@ class ContextBridgeMiddleware:
                 if not exchange.logged:
                     exchange.finish()
         finally:
-            try:  # rt.detach, inlined
-                _reset(token)
-            except (ValueError, RuntimeError):
-                rt.detach_failed()
+            rt.detach(token)
 
     def span_details(self, scope: Scope) -> tuple[str, dict[str, Any]]:
         """OTel's ``default_span_details`` hook: the default span name (remembered, to name
         the span after its route later) and no extra attributes: the request's fields are
         set on the span as soon as the request context is built, just after it starts."""
-        method, path = scope.get("method"), scope.get("path")
-        if method.__class__ is str and method in _METHODS and path.__class__ is str:
-            path = path.strip()  # default_span_name's common case, inlined
-            name = f"{method} {path}" if path else method
-        else:
-            name = default_span_name(scope)
+        name = default_span_name(scope)
         scope[_NAMED] = name
         return name, {}
 
-    def _enter(  # noqa: PLR0912, PLR0915 - the request path, inlined: calls cost more
-        self, scope: Scope, send: Send
-    ) -> Exchange:
+    def _enter(self, scope: Scope, send: Send) -> Exchange:
         named: str | None = scope.pop(_NAMED, None)  # set by span_details: OTel named the span
         values: dict[str, Any]
-        extra: dict[str, object] | None
-        if _collect_headers is not None:  # InboundReader.read, its first step inlined
-            headers = scope.get(ORIGINAL_HEADERS) or scope.get("headers") or ()
-            found = _collect_headers(headers, self._reader.wanted)
-            if found is None:  # no header a field reads, no baggage
-                values, extra = {}, None
-            elif found is NotImplemented:
-                values, extra = self._reader.read(scope)
-            else:
-                values, extra = self._reader.read_found(scope, found)
-        else:
-            values, extra = self._reader.read(scope)
+        values, extra = self._reader.read(scope)
         rid = self._rid
         echo: bytes | None = None
         for name, generate in self._generators:
@@ -265,24 +236,13 @@ class ContextBridgeMiddleware:
         frame = Frame((span,) if span is not None and span.is_recording() else ())
         bridge = self.bridge
         try:
-            ctx = None
-            if _derive is not None:  # derive_context, inlined: the compiled common case
-                ctx = _derive(bridge._key, bridge._plans, base, values, frame)
-            if ctx is None:  # or every case, in Python
-                ctx = derive_in_python(bridge, base, values, frame)
+            ctx = derive_context(bridge, base, values, frame)
         except ContextValueError:  # a generated value, or the baggage limits
             ctx = derive_dropping(bridge, base, values, extra, frame)
             echo = None  # the request id may be among the dropped values
         if frame.spans:
             if values:
-                try:  # stamp(), inlined: the span is known to be recording
-                    plain = bridge._plain_attributes
-                    if _stamp_plain is None or _stamp_plain(span, plain, values) is not True:
-                        attributes = span_attributes(bridge, values)
-                        if attributes:
-                            write_attributes(span, attributes)
-                except Exception:  # telemetry never throws on the request path
-                    _logger.debug("otel_ctxbridge: could not stamp the server span", exc_info=True)
+                stamp(bridge, span, values)
             if inbound and not self.traced_outside:  # no shield: OTel read the raw baggage
                 forget_copied(bridge, span, values, inbound)
         if self.traced_outside:
