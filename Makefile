@@ -28,7 +28,7 @@ typecheck: $(STAMP)
 # that runs where no C compiler was found at install time.
 PURE_PYTHON_TESTS := tests/test_store.py tests/test_store_update.py tests/test_store_cache.py \
 	tests/test_storage.py tests/test_spans.py tests/test_logs.py tests/test_executors.py \
-	tests/test_speedups.py tests/test_asgi.py tests/test_asgi_routes.py
+	tests/test_speedups.py tests/test_asgi.py tests/test_asgi_routes.py tests/test_scope_exit.py
 
 pytest: $(STAMP)
 	$(BIN)/pytest
