@@ -15,7 +15,7 @@ from . import _runtime as rt
 
 __all__ = ["API", "speedups"]
 
-API = 14
+API = 13
 """The ``SPEEDUPS_API`` of ``_speedups.c`` this Python code works with."""
 
 

@@ -25,14 +25,12 @@ from opentelemetry.trace.propagation import _SPAN_KEY  # the key is stable since
 
 __all__ = [
     "BAGGAGE_KEY",
-    "SCOPE_EXIT_KEY",
     "SPAN_KEY",
     "attach",
     "bind_context",
     "detach",
     "get_current",
     "is_coroutine",
-    "leave_scope",
     "run_coroutine_in",
     "run_in_snapshot",
     "with_entry",
@@ -44,12 +42,6 @@ R = TypeVar("R")
 BAGGAGE_KEY: str = _BAGGAGE_KEY
 SPAN_KEY: str = _SPAN_KEY
 _logger = logging.getLogger("otel_ctxbridge")
-
-SCOPE_EXIT_KEY = "otel_ctxbridge.scope-exit"
-"""Context key under which a scope's context records the context from before the scope: the
-one leaving the scope attaches again (see :func:`leave_scope`). Contexts derived inside the
-scope (spans, updates, ``attach`` of a ``set_value``) copy it, so leaving restores it even
-over what they left attached, as a token reset would."""
 
 detach_failures = 0
 """How many detaches failed because the token belonged to another context (a leak)."""
@@ -95,18 +87,6 @@ def detach_failed() -> None:
         "otel_ctxbridge: failed to detach a context (entered in another task or thread); "
         "a scope or attached context was left open"
     )
-
-
-def leave_scope() -> None:
-    """Leave the innermost scope of the current context: attach the context its exit record
-    (:data:`SCOPE_EXIT_KEY`) names. Without one (the scope was entered in another task or
-    thread, or a context that does not derive from the scope's was attached and left
-    attached) nothing changes and the failure is counted and logged, never raised."""
-    previous = get_current().get(SCOPE_EXIT_KEY)
-    if previous is None:
-        detach_failed()
-        return
-    attach(previous)  # type: ignore[arg-type] # the record is always a Context
 
 
 PLAIN_TYPES: frozenset[type] = frozenset(

@@ -6,6 +6,7 @@ import functools
 import inspect
 import threading
 from collections.abc import Callable, Mapping
+from contextvars import Token
 from inspect import Parameter, Signature
 from types import MethodType
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -88,55 +89,48 @@ def entered(bridge: ContextBridge, ctx: Context, values: Mapping[str, Any]) -> C
     return new
 
 
-def _leave(*args: object) -> None:
-    """``__exit__`` of a scope, a static method: ``with`` calls it with the three exception
-    arguments and keeps nothing alive for it (no bound method, no scope, no token);
-    ``contextlib.ExitStack`` calls it with the scope first."""
-    if len(args) == 4 and isinstance(args[0], PyScopeCore):
-        if args[0]._values is not None:
-            return  # never entered: nothing to leave
-    elif len(args) != 3:
-        raise TypeError(f"__exit__() takes 3 arguments ({len(args)} given)")
-    rt.leave_scope()
-
-
 class PyScopeCore:
     """Entering and leaving a scope, in Python: the reference for the compiled
-    ``_speedups.ScopeCore``, and what runs where that is not built (see :data:`ScopeCore`).
+    ``_speedups.ScopeCore``, and what runs where that is not built (see :data:`ScopeCore`)."""
 
-    An entered scope holds nothing: its context records the context from before it (under
-    ``_runtime.SCOPE_EXIT_KEY``), and ``__exit__`` is a static method that leaves the
-    innermost scope of the current context. Inside one task or thread, where ``with``
-    blocks nest, that is the scope the block entered; an in-flight scope costs its context
-    and nothing more."""
-
-    __slots__ = ("_bridge", "_values")
+    __slots__ = ("_bridge", "_token", "_values")
 
     def __init__(self, bridge: ContextBridge, values: Mapping[str, Any]) -> None:
         self._bridge = bridge
         self._values: Mapping[str, Any] | None = values
+        self._token: Token[Context] | None = None
 
     def __enter__(self: S) -> S:
+        if self._token is not None:
+            raise RuntimeError("this scope is already entered; call bridge.scope() again")
         values = self._values
         if values is None:
-            raise RuntimeError("this scope was already entered; call bridge.scope() again")
-        ctx = rt.get_current()
-        derived = derive_context(self._bridge, ctx, values)
-        if self._values is not values:  # entered meanwhile (by a validator, say)
-            raise RuntimeError("this scope was already entered; call bridge.scope() again")
-        new = rt.with_entry(derived, rt.SCOPE_EXIT_KEY, ctx)
-        rt.attach(new)  # leaving goes back through the exit record, not a token
-        self._values = None  # entered: an in-flight scope holds nothing
-        span = new.get(rt.SPAN_KEY)
+            raise RuntimeError("a scope is entered once; call bridge.scope() again")
+        ctx = derive_context(self._bridge, rt.get_current(), values)
+        self._token = token = rt.attach(ctx)
+        self._values = None  # an in-flight request keeps only the token alive
+        span = ctx.get(rt.SPAN_KEY)
         if span is not None:
             try:
                 stamp(self._bridge, span, values)
             except BaseException:  # stamp() never raises Exception: an interrupt, say
-                rt.attach(ctx)  # the scope is not entered: go back
+                self._token = None  # the scope is not entered: leave nothing attached
+                rt.detach(token)
                 raise
         return self
 
-    __exit__ = staticmethod(_leave)
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        token, self._token = self._token, None
+        if token is not None:
+            try:
+                rt.reset(token)
+            except (ValueError, RuntimeError):
+                rt.detach_failed()
 
 
 def _configured() -> Any:
@@ -160,7 +154,6 @@ def _configured() -> Any:
             bounded_type=BoundedAttributes,
             span_type=SDKSpan,  # its writes may skip free locks under the GIL (_speedups.c)
             lock_type=type(threading.Lock()),
-            scope_exit_key=rt.SCOPE_EXIT_KEY,
             # What inspect.signature() shows of the compiled bridge.scope and bridge.get:
             scope_signature=Signature([Parameter("values", Parameter.VAR_KEYWORD)]),
             get_signature=Signature(
@@ -194,19 +187,10 @@ class Scope(ScopeCore):
 
     Entering attaches a context holding the values on top of the current one and stamps the
     current recording span; leaving restores the context from before, also when the body
-    raises, and with it every ``update()`` made inside (and any context attached inside on
-    top of the scope's and left attached). A ``Scope`` object is entered once; as a
-    decorator each call gets its own scope.
-
-    While its block runs a scope holds nothing (its context records the context to go back
-    to), so ``__exit__`` is a static method: it leaves the innermost scope of the current
-    context. Blocks nest, so that is the scope the block entered; leave a scope in the task
-    or thread that entered it. Leaving where the current context holds no scope (another
-    task, or after attaching a context that does not derive from the scope's and leaving it
-    attached) changes nothing: the failure is logged and counted in
-    ``otel_ctxbridge._runtime.detach_failures``, which the pytest leak detector checks.
-    A generator that yields inside a ``with`` scope breaks nesting (as any context manager
-    over OpenTelemetry's context does): enter scopes around work that does not yield.
+    raises, and with it every ``update()`` made inside. A ``Scope`` object is entered once;
+    as a decorator each call gets its own scope. Leave it in the task or thread that entered
+    it: leaving it elsewhere cannot restore that context (the failure is logged and counted
+    in ``otel_ctxbridge._runtime.detach_failures``, which the pytest leak detector checks).
     """
 
     __slots__ = ()

@@ -19,7 +19,7 @@
 #define PY_SSIZE_T_CLEAN
 /* What _accel.py expects: a module built from other sources (a stale in-place build) whose
  * API differs is not used. Raise it whenever the Python side starts relying on a change. */
-#define SPEEDUPS_API 14
+#define SPEEDUPS_API 13
 #include <Python.h>
 #include <structmember.h>
 
@@ -40,7 +40,6 @@ typedef struct {
     PyObject *bounded_type;      /* opentelemetry.attributes.BoundedAttributes */
     PyObject *span_type;         /* the SDK's span class (opentelemetry.sdk.trace._Span) */
     PyObject *lock_type;         /* type(threading.Lock()) */
-    PyObject *scope_exit_key;    /* _runtime.SCOPE_EXIT_KEY */
 } Config;
 
 /* The exception being raised, held aside while clean-up code runs, then restored or dropped.
@@ -197,15 +196,14 @@ configure(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwargs)
                             "derive",        "stamp",        "detach_failed", "child_state",
                             "empty",         "may_exceed_limits", "member_limit",
                             "scope_signature", "get_signature", "bounded_type",
-                            "span_type",     "lock_type",    "scope_exit_key", NULL};
+                            "span_type",     "lock_type",    NULL};
     Config given;
     if (!PyArg_ParseTupleAndKeywords(
-            args, kwargs, "$OOUUOOOOOOnOOOOOU:configure", names, &given.var, &given.context_type,
+            args, kwargs, "$OOUUOOOOOOnOOOOO:configure", names, &given.var, &given.context_type,
             &given.baggage_key, &given.span_key, &given.derive, &given.stamp,
             &given.detach_failed, &given.child_state, &given.empty,
             &given.may_exceed_limits, &given.member_limit, &given.scope_signature,
-            &given.get_signature, &given.bounded_type, &given.span_type, &given.lock_type,
-            &given.scope_exit_key)) {
+            &given.get_signature, &given.bounded_type, &given.span_type, &given.lock_type)) {
         return NULL;
     }
     if (!PyType_Check(given.context_type) ||
@@ -225,8 +223,7 @@ configure(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwargs)
                             &given.detach_failed, &given.child_state,
                             &given.empty,  &given.may_exceed_limits,
                             &given.scope_signature, &given.get_signature,
-                            &given.bounded_type, &given.span_type, &given.lock_type,
-                            &given.scope_exit_key};
+                            &given.bounded_type, &given.span_type, &given.lock_type};
     for (size_t i = 0; i < sizeof(objects) / sizeof(objects[0]); i++) {
         Py_INCREF(*objects[i]);
     }
@@ -236,8 +233,7 @@ configure(PyObject *Py_UNUSED(module), PyObject *args, PyObject *kwargs)
                             &config.detach_failed, &config.child_state,
                             &config.empty,  &config.may_exceed_limits,
                             &config.scope_signature, &config.get_signature,
-                            &config.bounded_type, &config.span_type, &config.lock_type,
-                            &config.scope_exit_key};
+                            &config.bounded_type, &config.span_type, &config.lock_type};
         for (size_t i = 0; i < sizeof(old) / sizeof(old[0]); i++) {
             Py_DECREF(*old[i]);
         }

@@ -1,7 +1,8 @@
 """Types of the optional compiled accelerator (``_speedups.c``); see ``_accel.py``."""
 
 from collections.abc import Callable, Mapping, Sequence
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
+from types import TracebackType
 from typing import Any
 
 from opentelemetry.context import Context
@@ -17,10 +18,15 @@ class State:
 class ScopeCore:
     _bridge: Any
     _values: Mapping[str, Any] | None
+    _token: Token[Context] | None
     def __init__(self, bridge: Any, values: Mapping[str, Any]) -> None: ...
     def __enter__(self) -> ScopeCore: ...
-    @staticmethod
-    def __exit__(*args: object) -> None: ...
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
 
 class ScopeMaker:
     def __init__(self, bridge: Any, scope_type: type[ScopeCore], original: Any = None) -> None: ...
@@ -76,5 +82,4 @@ def configure(
     bounded_type: type,
     span_type: type,
     lock_type: type,
-    scope_exit_key: str,
 ) -> None: ...

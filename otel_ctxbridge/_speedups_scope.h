@@ -13,14 +13,11 @@ typedef struct {
     vectorcallfunc vectorcall;
 } ScopeMaker;
 
-/* A scope holds nothing once entered: the context it attached records the context to go
- * back to (under config.scope_exit_key), and __exit__ is a static method that leaves the
- * innermost scope of the current context. So a `with` block keeps neither the scope nor a
- * bound __exit__ nor a ContextVar token alive while its body runs (see _scope.PyScopeCore). */
 typedef struct {
     PyObject_HEAD
     ScopeMaker *maker;
     PyObject *values; /* None once entered */
+    PyObject *token;  /* the ContextVar token while entered, else NULL */
 } ScopeCore;
 
 static PyTypeObject *scope_core_type; /* ScopeCore, below */
@@ -73,6 +70,7 @@ new_scope(ScopeMaker *maker, PyObject *values)
     Py_INCREF(values);
     scope->maker = maker;
     scope->values = values;
+    scope->token = NULL;
     return (PyObject *)scope;
 }
 
@@ -217,34 +215,8 @@ scope_init(ScopeCore *self, PyObject *args, PyObject *kwargs)
     Py_INCREF(values);
     Py_XSETREF(self->maker, (ScopeMaker *)maker);
     Py_XSETREF(self->values, values);
+    Py_CLEAR(self->token);
     return 0;
-}
-
-/* `new` (a context this module or derive_context made) with the scope's exit record: the
- * context to go back to when the scope is left. New reference or NULL. */
-static PyObject *
-with_exit_record(PyObject *new, PyObject *ctx, int fresh)
-{
-    PyObject *result = new;
-    if (fresh) { /* made here and not shared yet: the record goes in as it is */
-        Py_INCREF(result);
-    }
-    else { /* a context from derive_context: a copy, as _runtime.with_entry makes it */
-        result = ((PyTypeObject *)config.context_type)->tp_new(
-            (PyTypeObject *)config.context_type, empty_tuple, NULL);
-        if (result == NULL) {
-            return NULL;
-        }
-        if (PyDict_Merge(result, new, 1) < 0) {
-            Py_DECREF(result);
-            return NULL;
-        }
-    }
-    if (PyDict_SetItem(result, config.scope_exit_key, ctx) < 0) {
-        Py_DECREF(result);
-        return NULL;
-    }
-    return result;
 }
 
 static PyObject *
@@ -254,13 +226,16 @@ scope_enter(ScopeCore *self, PyObject *Py_UNUSED(ignored))
         PyErr_SetString(PyExc_RuntimeError, "this scope was not made by bridge.scope()");
         return NULL;
     }
-    if (self->values == NULL || self->values == Py_None) {
+    if (self->token != NULL) {
         PyErr_SetString(PyExc_RuntimeError,
-                        "this scope was already entered; call bridge.scope() again");
+                        "this scope is already entered; call bridge.scope() again");
         return NULL;
     }
-    PyObject *ctx = NULL, *derived = NULL, *new = NULL, *token = NULL, *span = NULL;
-    PyObject *result = NULL;
+    if (self->values == NULL || self->values == Py_None) {
+        PyErr_SetString(PyExc_RuntimeError, "a scope is entered once; call bridge.scope() again");
+        return NULL;
+    }
+    PyObject *ctx = NULL, *new = NULL, *token = NULL, *span = NULL, *result = NULL;
     if (PyContextVar_Get(config.var, NULL, &ctx) < 0) {
         return NULL;
     }
@@ -272,36 +247,28 @@ scope_enter(ScopeCore *self, PyObject *Py_UNUSED(ignored))
     PyObject *values = self->values;
     Py_INCREF(maker);
     Py_INCREF(values);
-    int fresh = 1;
-    derived = fast_derive(maker->key, maker->plans, ctx, values, NULL);
-    if (derived == NULL && !PyErr_Occurred()) {
+    new = fast_derive(maker->key, maker->plans, ctx, values, NULL);
+    if (new == NULL && !PyErr_Occurred()) {
         PyObject *args[3] = {maker->bridge, ctx, values};
-        derived = PyObject_Vectorcall(config.derive, args, 3, NULL);
-        fresh = 0;
+        new = PyObject_Vectorcall(config.derive, args, 3, NULL);
     }
-    if (derived == NULL || !PyDict_Check(derived)) {
-        if (derived != NULL) {
-            PyErr_SetString(PyExc_TypeError, "derive_context() must return a Context");
-        }
-        goto done;
-    }
-    new = with_exit_record(derived, ctx, fresh);
     if (new == NULL) {
         goto done;
     }
-    if (self->values != values) { /* entered meanwhile (by a validator, say) */
+    if (self->token != NULL) { /* entered meanwhile (by a validator, say) */
         PyErr_SetString(PyExc_RuntimeError,
-                        "this scope was already entered; call bridge.scope() again");
+                        "this scope is already entered; call bridge.scope() again");
         goto done;
     }
     token = PyContextVar_Set(config.var, new);
     if (token == NULL) {
         goto done;
     }
-    Py_CLEAR(token); /* leaving goes back through the exit record, not a token */
+    self->token = token; /* the scope's from here */
+    token = NULL;
     Py_INCREF(Py_None);
-    Py_SETREF(self->values, Py_None); /* entered: an in-flight scope holds nothing */
-    span = PyDict_GetItemWithError(new, config.span_key);
+    Py_SETREF(self->values, Py_None); /* an in-flight request keeps only the token alive */
+    span = PyDict_Check(new) ? PyDict_GetItemWithError(new, config.span_key) : NULL;
     if (span == NULL && PyErr_Occurred()) {
         PyErr_Clear(); /* telemetry never throws: an odd context is not stamped */
     }
@@ -309,12 +276,12 @@ scope_enter(ScopeCore *self, PyObject *Py_UNUSED(ignored))
         PyObject *args[3] = {maker->bridge, span, values};
         PyObject *stamped = PyObject_Vectorcall(config.stamp, args, 3, NULL);
         if (stamped == NULL) { /* stamp() catches Exception: only BaseException lands here */
-            HeldError held = hold_error(); /* the scope is not entered: go back, re-raise */
-            token = PyContextVar_Set(config.var, ctx);
-            if (token == NULL) {
+            HeldError held = hold_error(); /* the scope is not entered: detach, re-raise */
+            token = self->token;
+            self->token = NULL;
+            if (token != NULL && PyContextVar_Reset(config.var, token) < 0) {
                 PyErr_Clear();
             }
-            Py_CLEAR(token);
             restore_error(held);
             goto done;
         }
@@ -324,65 +291,36 @@ scope_enter(ScopeCore *self, PyObject *Py_UNUSED(ignored))
     result = (PyObject *)self;
 done:
     Py_DECREF(ctx);
-    Py_XDECREF(derived);
     Py_XDECREF(new);
+    Py_XDECREF(token);
     Py_DECREF(values);
     Py_DECREF(maker);
     return result;
 }
 
-/* Leave the innermost scope of the current context: attach the context its exit record
- * names. Without one (the scope was entered in another task or thread, or a context that
- * does not derive from the scope's was attached and left attached) nothing changes and the
- * failure is counted and logged, never raised. */
 static PyObject *
-leave_scope(void)
+scope_exit(ScopeCore *self, PyObject *const *Py_UNUSED(args), Py_ssize_t nargs)
 {
-    PyObject *ctx = NULL, *previous = NULL;
-    if (PyContextVar_Get(config.var, NULL, &ctx) < 0) {
-        return NULL;
-    }
-    if (ctx != NULL && PyDict_Check(ctx)) {
-        previous = PyDict_GetItemWithError(ctx, config.scope_exit_key);
-        if (previous == NULL && PyErr_Occurred()) {
-            Py_DECREF(ctx);
-            return NULL;
-        }
-        Py_XINCREF(previous);
-    }
-    Py_XDECREF(ctx);
-    if (previous == NULL) {
-        return PyObject_CallNoArgs(config.detach_failed);
-    }
-    PyObject *token = PyContextVar_Set(config.var, previous);
-    Py_DECREF(previous);
-    if (token == NULL) {
-        return NULL;
-    }
-    Py_DECREF(token);
-    Py_RETURN_NONE;
-}
-
-/* __exit__, a static method: `with` calls it with the three exception arguments (no scope
- * is bound, so none is kept alive), contextlib.ExitStack with the scope first. */
-static PyObject *
-scope_exit(PyObject *Py_UNUSED(type), PyObject *const *args, Py_ssize_t nargs)
-{
-    if (nargs == 4 && PyObject_TypeCheck(args[0], scope_core_type)) {
-        PyObject *values = ((ScopeCore *)args[0])->values;
-        if (values != NULL && values != Py_None) {
-            Py_RETURN_NONE; /* never entered: nothing to leave */
-        }
-    }
-    else if (nargs != 3) {
+    if (nargs != 3) {
         PyErr_Format(PyExc_TypeError, "__exit__() takes 3 arguments (%zd given)", nargs);
         return NULL;
     }
-    if (!configured) {
-        PyErr_SetString(PyExc_RuntimeError, "this scope was not made by bridge.scope()");
-        return NULL;
+    PyObject *token = self->token;
+    if (token == NULL) {
+        Py_RETURN_NONE;
     }
-    return leave_scope();
+    self->token = NULL;
+    int failed = PyContextVar_Reset(config.var, token);
+    Py_DECREF(token);
+    if (failed < 0) {
+        if (!PyErr_ExceptionMatches(PyExc_ValueError) &&
+            !PyErr_ExceptionMatches(PyExc_RuntimeError)) {
+            return NULL;
+        }
+        PyErr_Clear(); /* a token of another context: counted and logged, never raised */
+        return PyObject_CallNoArgs(config.detach_failed);
+    }
+    Py_RETURN_NONE;
 }
 
 static PyObject *
@@ -401,6 +339,7 @@ scope_traverse(ScopeCore *self, visitproc visit, void *arg)
     Py_VISIT(Py_TYPE(self));
     Py_VISIT(self->maker);
     Py_VISIT(self->values);
+    Py_VISIT(self->token);
     return 0;
 }
 
@@ -409,6 +348,7 @@ scope_clear(ScopeCore *self)
 {
     Py_CLEAR(self->maker);
     Py_CLEAR(self->values);
+    Py_CLEAR(self->token);
     return 0;
 }
 
@@ -425,15 +365,16 @@ scope_dealloc(ScopeCore *self)
 static PyMethodDef scope_methods[] = {
     {"__enter__", (PyCFunction)scope_enter, METH_NOARGS,
      "Attach a context holding the values on top of the current one; return the scope."},
-    {"__exit__", (PyCFunction)(void (*)(void))scope_exit, METH_FASTCALL | METH_STATIC,
-     "Leave the innermost scope of the current context (a static method: `with` keeps "
-     "nothing alive for it)."},
+    {"__exit__", (PyCFunction)(void (*)(void))scope_exit, METH_FASTCALL,
+     "Restore the context from before the scope."},
     {NULL, NULL, 0, NULL},
 };
 
 static PyMemberDef scope_members[] = {
     {"_values", T_OBJECT, offsetof(ScopeCore, values), READONLY,
      "The values to set; None once entered."},
+    {"_token", T_OBJECT, offsetof(ScopeCore, token), READONLY,
+     "The token of the attached context while entered, else None."},
     {NULL, 0, 0, 0, NULL},
 };
 
