@@ -22,7 +22,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 typecheck: $(STAMP)
-	$(BIN)/mypy --strict otel_ctxbridge
+	$(BIN)/mypy --strict otel_ctxbridge benchmarks
 
 # The core store tests run twice: on the compiled accelerator, then on the pure-Python code
 # that runs where no C compiler was found at install time.

@@ -33,9 +33,9 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 Row = tuple[str, float, float]
 VARIANTS = (
@@ -104,7 +104,7 @@ def build_app(variant: str) -> Any:
     import otel_ctxbridge as cb
     from otel_ctxbridge.asgi import instrument_asgi
 
-    nospans = {"exclude_spans": ["receive", "send"]}
+    nospans: list[Literal["receive", "send"]] = ["receive", "send"]
     bridge = cb.ContextBridge(
         [
             cb.Field(
@@ -114,13 +114,13 @@ def build_app(variant: str) -> Any:
             cb.Field("user_id", propagate=False),
         ]
     )
-    factories = {
+    factories: dict[str, Callable[[], Any]] = {
         "otel": lambda: OpenTelemetryMiddleware(app),
-        "otel-nospans": lambda: OpenTelemetryMiddleware(app, **nospans),
+        "otel-nospans": lambda: OpenTelemetryMiddleware(app, exclude_spans=nospans),
         "cid": lambda: CorrelationIdMiddleware(app),
         "otel+cid": lambda: OpenTelemetryMiddleware(CorrelationIdMiddleware(app)),
         "otel-nospans+cid": lambda: OpenTelemetryMiddleware(
-            CorrelationIdMiddleware(app), **nospans
+            CorrelationIdMiddleware(app), exclude_spans=nospans
         ),
         "ctxbridge": lambda: instrument_asgi(app, bridge, access_log=False),
     }
