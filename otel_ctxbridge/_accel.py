@@ -15,7 +15,7 @@ from . import _runtime as rt
 
 __all__ = ["API", "speedups"]
 
-API = 13
+API = 14
 """The ``SPEEDUPS_API`` of ``_speedups.c`` this Python code works with."""
 
 

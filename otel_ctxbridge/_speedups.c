@@ -11,7 +11,8 @@
  *
  * One translation unit: this file holds the shared declarations, configure(), the module's
  * functions and its set-up, and includes the parts, each where its definitions are needed:
- * _speedups_state.h (State), _speedups_derive.h (the common case of derive_context),
+ * _speedups_state.h (State), _speedups_scope_state.h (what a `with` block holds),
+ * _speedups_derive.h (the common case of derive_context),
  * _speedups_stand.h (noticing a replaced bridge method), _speedups_scope.h (ScopeMaker,
  * ScopeCore), _speedups_getter.h (FieldGetter), _speedups_span.h (writing onto SDK spans),
  * _speedups_headers.h (the loops over ASGI header lists).
@@ -19,7 +20,7 @@
 #define PY_SSIZE_T_CLEAN
 /* What _accel.py expects: a module built from other sources (a stale in-place build) whose
  * API differs is not used. Raise it whenever the Python side starts relying on a change. */
-#define SPEEDUPS_API 13
+#define SPEEDUPS_API 14
 #include <Python.h>
 #include <structmember.h>
 
@@ -121,6 +122,8 @@ static PyObject *str_name;            /* "_name" */
 
 #include "_speedups_state.h"
 
+#include "_speedups_scope_state.h"
+
 #include "_speedups_derive.h"
 
 #include "_speedups_stand.h"
@@ -141,7 +144,7 @@ derive(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
         Py_RETURN_NONE;
     }
     PyObject *frame = args[4] == Py_None ? NULL : args[4];
-    PyObject *new = fast_derive(args[0], args[1], args[2], args[3], frame);
+    PyObject *new = fast_derive(args[0], args[1], args[2], args[3], frame, NULL);
     if (new == NULL && !PyErr_Occurred()) {
         Py_RETURN_NONE;
     }
@@ -337,6 +340,12 @@ module_exec(PyObject *module)
     if (state_type == NULL || PyModule_AddObjectRef(module, "State", (PyObject *)state_type) < 0) {
         return -1;
     }
+    scope_state_type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &scope_state_spec,
+                                                                (PyObject *)&PyDict_Type);
+    if (scope_state_type == NULL ||
+        PyModule_AddObjectRef(module, "ScopeState", (PyObject *)scope_state_type) < 0) {
+        return -1;
+    }
     maker_type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &maker_spec, NULL);
     if (maker_type == NULL ||
         PyModule_AddObjectRef(module, "ScopeMaker", (PyObject *)maker_type) < 0) {
@@ -353,6 +362,20 @@ module_exec(PyObject *module)
         PyModule_AddObjectRef(module, "ScopeCore", (PyObject *)scope_core_type) < 0) {
         return -1;
     }
+    /* ScopeCore.__exit__ is a ScopeExit (see _speedups_scope.h), put in the type's dict
+     * before any subclass exists. */
+    PyObject *exit_type = PyType_FromModuleAndSpec(module, &scope_exit_spec, NULL);
+    PyObject *scope_exit = exit_type == NULL ? NULL : ((PyTypeObject *)exit_type)->tp_alloc(
+                                                          (PyTypeObject *)exit_type, 0);
+    Py_XDECREF(exit_type);
+    added = scope_exit == NULL ? -1
+                               : PyDict_SetItemString(scope_core_type->tp_dict, "__exit__",
+                                                      scope_exit);
+    Py_XDECREF(scope_exit);
+    if (added < 0) {
+        return -1;
+    }
+    PyType_Modified(scope_core_type);
     return 0;
 }
 

@@ -15,6 +15,17 @@ class State:
     generation: int
     def __init__(self, local: Mapping[str, object], frame: Any, generation: int) -> None: ...
 
+class ScopeState(dict[str, object]):
+    local: Mapping[str, object]
+    frame: Any
+    generation: int
+    def __call__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
 class ScopeCore:
     _bridge: Any
     _values: Mapping[str, Any] | None

@@ -73,9 +73,11 @@ done:
 }
 
 /* derive_context's common case. Returns a new context, NULL with an exception set, or
- * NULL without one when the case is not common (the caller then runs the Python one). */
+ * NULL without one when the case is not common (the caller then runs the Python one). The
+ * context's baggage and state are `into` when given (a `with` block's ScopeState, blank). */
 static PyObject *
-fast_derive(PyObject *key, PyObject *plans, PyObject *ctx, PyObject *values, PyObject *frame_arg)
+fast_derive(PyObject *key, PyObject *plans, PyObject *ctx, PyObject *values, PyObject *frame_arg,
+            ScopeState *into)
 {
     PyObject *parent = NULL, *frame = NULL, *old = NULL, *bag = NULL, *state = NULL;
     PyObject *result = NULL, *name, *value;
@@ -95,9 +97,10 @@ fast_derive(PyObject *key, PyObject *plans, PyObject *ctx, PyObject *values, PyO
     }
     Py_XINCREF(parent); /* held: the calls below may run Python code */
     if (parent != NULL) {
-        if (Py_TYPE(parent) == state_type) {
-            frame = ((State *)parent)->frame;
-            if (frame == NULL || ((State *)parent)->local == NULL) {
+        StateFields *fields = fields_of(parent);
+        if (fields != NULL) {
+            frame = fields->frame;
+            if (frame == NULL || fields->local == NULL) {
                 goto not_handled; /* a state cleared by the garbage collector */
             }
             Py_INCREF(frame);
@@ -126,18 +129,24 @@ fast_derive(PyObject *key, PyObject *plans, PyObject *ctx, PyObject *values, PyO
     if (inherited < 0) {
         goto error;
     }
-    if (inherited) {
-        if (!PyDict_Check(old)) {
-            goto not_handled;
+    if (inherited && !PyDict_Check(old)) {
+        goto not_handled;
+    }
+    if (into != NULL) { /* the baggage is the ScopeState: one object for both */
+        bag = (PyObject *)into;
+        Py_INCREF(bag);
+        if (inherited && PyDict_Update(bag, old) < 0) {
+            goto error;
         }
-        bag = PyDict_Copy(old);
-        chars = -1;
     }
     else {
-        bag = PyDict_New();
+        bag = inherited ? PyDict_Copy(old) : PyDict_New();
+        if (bag == NULL) {
+            goto error;
+        }
     }
-    if (bag == NULL) {
-        goto error;
+    if (inherited) {
+        chars = -1;
     }
     while (PyDict_Next(values, &pos, &name, &value)) {
         if (!PyUnicode_CheckExact(name) || !PyUnicode_CheckExact(value)) {
@@ -163,7 +172,7 @@ fast_derive(PyObject *key, PyObject *plans, PyObject *ctx, PyObject *values, PyO
             goto not_handled_or_error; /* the Python path checks the limits exactly */
         }
     }
-    state = derived_state(parent, frame, frame_arg);
+    state = derived_state(parent, frame, frame_arg, into);
     if (state == NULL) {
         goto error;
     }
@@ -185,6 +194,9 @@ not_handled_or_error:
 not_handled:
 error:
     Py_CLEAR(result);
+    if (into != NULL) {
+        PyDict_Clear((PyObject *)into); /* blank again: only the block's way back */
+    }
 done:
     Py_XDECREF(parent);
     Py_XDECREF(frame);

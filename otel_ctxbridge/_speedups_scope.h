@@ -17,7 +17,8 @@ typedef struct {
     PyObject_HEAD
     ScopeMaker *maker;
     PyObject *values; /* None once entered */
-    PyObject *token;  /* the ContextVar token while entered, else NULL */
+    PyObject *token;  /* the ContextVar token while entered, else NULL (see exit_state) */
+    ScopeState *exit_state; /* made when __exit__ is looked up before entering (`with`) */
 } ScopeCore;
 
 static PyTypeObject *scope_core_type; /* ScopeCore, below */
@@ -71,6 +72,7 @@ new_scope(ScopeMaker *maker, PyObject *values)
     scope->maker = maker;
     scope->values = values;
     scope->token = NULL;
+    scope->exit_state = NULL;
     return (PyObject *)scope;
 }
 
@@ -216,9 +218,23 @@ scope_init(ScopeCore *self, PyObject *args, PyObject *kwargs)
     Py_XSETREF(self->maker, (ScopeMaker *)maker);
     Py_XSETREF(self->values, values);
     Py_CLEAR(self->token);
+    Py_CLEAR(self->exit_state);
     return 0;
 }
 
+/* True when the scope is entered and not left. */
+static int
+scope_is_entered(ScopeCore *self)
+{
+    return self->token != NULL || (self->exit_state != NULL && self->exit_state->prev != NULL);
+}
+
+/* Entering. The context is attached in one of two ways:
+ * - in a `with` block (exit_state made when the block looked up __exit__): the scope's state
+ *   is exit_state, which records the context to go back to and is what the block calls on
+ *   leaving; an in-flight block holds nothing else (no scope, bound method or token);
+ * - otherwise (__enter__ called by hand, ExitStack, async with): a ContextVar token, which
+ *   the scope keeps; a scope entered and never left then keeps no earlier context alive. */
 static PyObject *
 scope_enter(ScopeCore *self, PyObject *Py_UNUSED(ignored))
 {
@@ -226,7 +242,7 @@ scope_enter(ScopeCore *self, PyObject *Py_UNUSED(ignored))
         PyErr_SetString(PyExc_RuntimeError, "this scope was not made by bridge.scope()");
         return NULL;
     }
-    if (self->token != NULL) {
+    if (scope_is_entered(self)) {
         PyErr_SetString(PyExc_RuntimeError,
                         "this scope is already entered; call bridge.scope() again");
         return NULL;
@@ -245,9 +261,11 @@ scope_enter(ScopeCore *self, PyObject *Py_UNUSED(ignored))
     }
     ScopeMaker *maker = self->maker; /* held, with the values, while Python code may run */
     PyObject *values = self->values;
+    ScopeState *exit_state = self->exit_state;
     Py_INCREF(maker);
     Py_INCREF(values);
-    new = fast_derive(maker->key, maker->plans, ctx, values, NULL);
+    Py_XINCREF(exit_state);
+    new = fast_derive(maker->key, maker->plans, ctx, values, NULL, exit_state);
     if (new == NULL && !PyErr_Occurred()) {
         PyObject *args[3] = {maker->bridge, ctx, values};
         new = PyObject_Vectorcall(config.derive, args, 3, NULL);
@@ -255,7 +273,7 @@ scope_enter(ScopeCore *self, PyObject *Py_UNUSED(ignored))
     if (new == NULL) {
         goto done;
     }
-    if (self->token != NULL) { /* entered meanwhile (by a validator, say) */
+    if (scope_is_entered(self)) { /* entered meanwhile (by a validator, say) */
         PyErr_SetString(PyExc_RuntimeError,
                         "this scope is already entered; call bridge.scope() again");
         goto done;
@@ -264,10 +282,18 @@ scope_enter(ScopeCore *self, PyObject *Py_UNUSED(ignored))
     if (token == NULL) {
         goto done;
     }
-    self->token = token; /* the scope's from here */
-    token = NULL;
+    if (exit_state != NULL) {
+        Py_CLEAR(token);
+        Py_INCREF(ctx);
+        exit_state->prev = ctx;
+        exit_state->entered_in = Py_XNewRef(PyThreadState_Get()->context);
+    }
+    else {
+        self->token = token; /* the scope's from here */
+        token = NULL;
+    }
     Py_INCREF(Py_None);
-    Py_SETREF(self->values, Py_None); /* an in-flight request keeps only the token alive */
+    Py_SETREF(self->values, Py_None); /* an in-flight request keeps only the context alive */
     span = PyDict_Check(new) ? PyDict_GetItemWithError(new, config.span_key) : NULL;
     if (span == NULL && PyErr_Occurred()) {
         PyErr_Clear(); /* telemetry never throws: an odd context is not stamped */
@@ -277,11 +303,20 @@ scope_enter(ScopeCore *self, PyObject *Py_UNUSED(ignored))
         PyObject *stamped = PyObject_Vectorcall(config.stamp, args, 3, NULL);
         if (stamped == NULL) { /* stamp() catches Exception: only BaseException lands here */
             HeldError held = hold_error(); /* the scope is not entered: detach, re-raise */
-            token = self->token;
-            self->token = NULL;
-            if (token != NULL && PyContextVar_Reset(config.var, token) < 0) {
+            PyObject *left;
+            if (exit_state != NULL) {
+                left = scope_state_leave(exit_state);
+            }
+            else {
+                token = self->token;
+                self->token = NULL;
+                left = token == NULL || PyContextVar_Reset(config.var, token) == 0 ? Py_None : NULL;
+                Py_XINCREF(left);
+            }
+            if (left == NULL) {
                 PyErr_Clear();
             }
+            Py_XDECREF(left);
             restore_error(held);
             goto done;
         }
@@ -295,19 +330,17 @@ done:
     Py_XDECREF(token);
     Py_DECREF(values);
     Py_DECREF(maker);
+    Py_XDECREF(exit_state);
     return result;
 }
 
+/* Leaving: restore the context from before the scope (a no-op when not entered). */
 static PyObject *
-scope_exit(ScopeCore *self, PyObject *const *Py_UNUSED(args), Py_ssize_t nargs)
+scope_leave(ScopeCore *self)
 {
-    if (nargs != 3) {
-        PyErr_Format(PyExc_TypeError, "__exit__() takes 3 arguments (%zd given)", nargs);
-        return NULL;
-    }
     PyObject *token = self->token;
     if (token == NULL) {
-        Py_RETURN_NONE;
+        return self->exit_state != NULL ? scope_state_leave(self->exit_state) : Py_NewRef(Py_None);
     }
     self->token = NULL;
     int failed = PyContextVar_Reset(config.var, token);
@@ -322,6 +355,84 @@ scope_exit(ScopeCore *self, PyObject *const *Py_UNUSED(args), Py_ssize_t nargs)
     }
     Py_RETURN_NONE;
 }
+
+/* ScopeExit: ScopeCore.__exit__. Looked up on a scope that is not entered yet (a `with`
+ * statement looks __exit__ up before calling __enter__), it gives the state the scope will
+ * attach, which leaves the scope when called: the block then holds that one object. Looked
+ * up on the class (contextlib.ExitStack), it is the function __exit__(scope, *exc_info). */
+typedef struct {
+    PyObject_HEAD
+} ScopeExit;
+
+static PyObject *
+scope_exit_object(ScopeCore *scope, PyObject *descriptor)
+{
+    if (scope->exit_state == NULL && scope->token == NULL && configured &&
+        scope->values != NULL && scope->values != Py_None) {
+        scope->exit_state = (ScopeState *)new_scope_state();
+        if (scope->exit_state == NULL) {
+            return NULL;
+        }
+    }
+    if (scope->exit_state != NULL) {
+        Py_INCREF(scope->exit_state);
+        return (PyObject *)scope->exit_state;
+    }
+    return PyMethod_New(descriptor, (PyObject *)scope);
+}
+
+static PyObject *
+scope_exit_get(PyObject *self, PyObject *obj, PyObject *Py_UNUSED(type))
+{
+    if (obj == NULL || obj == Py_None) {
+        Py_INCREF(self);
+        return self;
+    }
+    if (!PyObject_TypeCheck(obj, scope_core_type)) {
+        PyErr_SetString(PyExc_TypeError, "__exit__ applies to scopes");
+        return NULL;
+    }
+    return scope_exit_object((ScopeCore *)obj, self);
+}
+
+static PyObject *
+scope_exit_call(PyObject *Py_UNUSED(self), PyObject *args, PyObject *kwargs)
+{
+    if ((kwargs != NULL && PyDict_GET_SIZE(kwargs) != 0) || PyTuple_GET_SIZE(args) != 4 ||
+        !PyObject_TypeCheck(PyTuple_GET_ITEM(args, 0), scope_core_type)) {
+        PyErr_SetString(PyExc_TypeError,
+                        "__exit__(scope, exc_type, exc, tb) takes a scope and 3 arguments");
+        return NULL;
+    }
+    return scope_leave((ScopeCore *)PyTuple_GET_ITEM(args, 0));
+}
+
+static PyObject *
+scope_exit_name(PyObject *Py_UNUSED(self), void *closure)
+{
+    return PyUnicode_FromString((const char *)closure);
+}
+
+static PyGetSetDef scope_exit_getset[] = {
+    {"__name__", scope_exit_name, NULL, NULL, "__exit__"},
+    {"__qualname__", scope_exit_name, NULL, NULL, "ScopeCore.__exit__"},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyType_Slot scope_exit_slots[] = {
+    {Py_tp_doc, "__exit__(exc_type, exc, tb): restore the context from before the scope."},
+    {Py_tp_getset, scope_exit_getset},
+    {Py_tp_descr_get, scope_exit_get},
+    {Py_tp_call, scope_exit_call},
+    {0, NULL},
+};
+
+static PyType_Spec scope_exit_spec = {
+    .name = "otel_ctxbridge._speedups.ScopeExit",
+    .basicsize = sizeof(ScopeExit),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE | Py_TPFLAGS_DISALLOW_INSTANTIATION,
+    .slots = scope_exit_slots,
+};
 
 static PyObject *
 scope_get_bridge(ScopeCore *self, void *Py_UNUSED(closure))
@@ -340,6 +451,7 @@ scope_traverse(ScopeCore *self, visitproc visit, void *arg)
     Py_VISIT(self->maker);
     Py_VISIT(self->values);
     Py_VISIT(self->token);
+    Py_VISIT(self->exit_state);
     return 0;
 }
 
@@ -349,6 +461,7 @@ scope_clear(ScopeCore *self)
     Py_CLEAR(self->maker);
     Py_CLEAR(self->values);
     Py_CLEAR(self->token);
+    Py_CLEAR(self->exit_state);
     return 0;
 }
 
@@ -365,8 +478,6 @@ scope_dealloc(ScopeCore *self)
 static PyMethodDef scope_methods[] = {
     {"__enter__", (PyCFunction)scope_enter, METH_NOARGS,
      "Attach a context holding the values on top of the current one; return the scope."},
-    {"__exit__", (PyCFunction)(void (*)(void))scope_exit, METH_FASTCALL,
-     "Restore the context from before the scope."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -374,7 +485,7 @@ static PyMemberDef scope_members[] = {
     {"_values", T_OBJECT, offsetof(ScopeCore, values), READONLY,
      "The values to set; None once entered."},
     {"_token", T_OBJECT, offsetof(ScopeCore, token), READONLY,
-     "The token of the attached context while entered, else None."},
+     "The token of the attached context while entered outside a with block, else None."},
     {NULL, 0, 0, 0, NULL},
 };
 

@@ -1,14 +1,55 @@
 /* State (the compiled _state.PyState) and the helpers that make one for a derived context.
  * Included once by _speedups.c (one translation unit), after the declarations it uses. */
 
-/* State: what _state.PyState is (the process-local values of a context, its frame and
- * when it was written), as a compiled type that C code creates without a Python call. */
+/* What _state.PyState holds: the process-local values of a context, its frame and when it
+ * was written. */
 typedef struct {
-    PyObject_HEAD
     PyObject *local;
     PyObject *frame;
     PyObject *generation;
+} StateFields;
+
+/* State: _state.PyState as a compiled type that C code creates without a Python call. */
+typedef struct {
+    PyObject_HEAD
+    StateFields f;
 } State;
+
+/* ScopeState (_speedups_scope_state.h): the baggage dict of a scope entered by a `with`
+ * block, which is also the scope's State and what the block calls on leaving. */
+typedef struct {
+    PyDictObject bag;
+    StateFields f;
+    PyObject *prev;       /* while the block runs: the context to go back to, else NULL */
+    PyObject *entered_in; /* the contextvars.Context the block entered it in */
+} ScopeState;
+
+static PyTypeObject *scope_state_type; /* ScopeState */
+
+/* The fields of a compiled State or ScopeState (borrowed), else NULL. */
+static inline StateFields *
+fields_of(PyObject *state)
+{
+    if (Py_TYPE(state) == state_type) {
+        return &((State *)state)->f;
+    }
+    if (Py_TYPE(state) == scope_state_type) {
+        return &((ScopeState *)state)->f;
+    }
+    return NULL;
+}
+
+/* Set `fields` (of a State or ScopeState). */
+static void
+set_fields(StateFields *fields, PyObject *local, PyObject *frame, PyObject *generation)
+{
+    Py_INCREF(local);
+    Py_INCREF(frame);
+    Py_INCREF(generation);
+    Py_XSETREF(fields->local, local);
+    Py_XSETREF(fields->frame, frame);
+    Py_XSETREF(fields->generation, generation);
+}
 
 static PyObject *
 new_state(PyObject *local, PyObject *frame, PyObject *generation)
@@ -17,12 +58,8 @@ new_state(PyObject *local, PyObject *frame, PyObject *generation)
     if (state == NULL) {
         return NULL;
     }
-    Py_INCREF(local);
-    Py_INCREF(frame);
-    Py_INCREF(generation);
-    state->local = local;
-    state->frame = frame;
-    state->generation = generation;
+    state->f.local = state->f.frame = state->f.generation = NULL;
+    set_fields(&state->f, local, frame, generation);
     PyObject_GC_Track(state);
     return (PyObject *)state;
 }
@@ -47,18 +84,18 @@ static int
 state_traverse(State *self, visitproc visit, void *arg)
 {
     Py_VISIT(Py_TYPE(self));
-    Py_VISIT(self->local);
-    Py_VISIT(self->frame);
-    Py_VISIT(self->generation);
+    Py_VISIT(self->f.local);
+    Py_VISIT(self->f.frame);
+    Py_VISIT(self->f.generation);
     return 0;
 }
 
 static int
 state_clear(State *self)
 {
-    Py_CLEAR(self->local);
-    Py_CLEAR(self->frame);
-    Py_CLEAR(self->generation);
+    Py_CLEAR(self->f.local);
+    Py_CLEAR(self->f.frame);
+    Py_CLEAR(self->f.generation);
     return 0;
 }
 
@@ -73,20 +110,20 @@ state_dealloc(State *self)
 }
 
 static PyMemberDef state_members[] = {
-    {"local", T_OBJECT_EX, offsetof(State, local), READONLY, "The process-local values."},
-    {"generation", T_OBJECT_EX, offsetof(State, generation), READONLY, "When it was written."},
+    {"local", T_OBJECT_EX, offsetof(State, f.local), READONLY, "The process-local values."},
+    {"generation", T_OBJECT_EX, offsetof(State, f.generation), READONLY, "When it was written."},
     {NULL, 0, 0, 0, NULL},
 };
 
 static PyObject *
 state_get_frame(State *self, void *Py_UNUSED(closure))
 {
-    if (self->frame == NULL) {
+    if (self->f.frame == NULL) {
         PyErr_SetString(PyExc_AttributeError, "frame");
         return NULL;
     }
-    Py_INCREF(self->frame);
-    return self->frame;
+    Py_INCREF(self->f.frame);
+    return self->f.frame;
 }
 
 static int
@@ -97,7 +134,7 @@ state_set_frame(State *self, PyObject *frame, void *Py_UNUSED(closure))
         return -1;
     }
     Py_INCREF(frame);
-    Py_XSETREF(self->frame, frame);
+    Py_XSETREF(self->f.frame, frame);
     return 0;
 }
 
@@ -150,30 +187,44 @@ is_printable(PyObject *value)
     return 1;
 }
 
+/* `into` given these fields, or a new State when `into` is NULL. New reference or NULL. */
+static PyObject *
+fill_state(ScopeState *into, PyObject *local, PyObject *frame, PyObject *generation)
+{
+    if (into == NULL) {
+        return new_state(local, frame, generation);
+    }
+    set_fields(&into->f, local, frame, generation);
+    Py_INCREF(into);
+    return (PyObject *)into;
+}
+
 /* The State of a context written on top of one holding `state` (borrowed, may be NULL;
  * `parent_frame` is its frame) with no new process-local values, as _derive.derive_context
- * makes it; `frame` is the request frame to start (NULL: none). New reference or NULL. */
+ * makes it; `frame` is the request frame to start (NULL: none). It is `into` when given (the
+ * ScopeState of a `with` block). New reference or NULL. */
 static PyObject *
-derived_state(PyObject *state, PyObject *parent_frame, PyObject *frame)
+derived_state(PyObject *state, PyObject *parent_frame, PyObject *frame, ScopeState *into)
 {
+    StateFields *parent = state != NULL ? fields_of(state) : NULL;
     if (frame == NULL) {
         if (state == NULL) {
-            return new_state(config.empty, Py_None, zero);
+            return fill_state(into, config.empty, Py_None, zero);
         }
         if (parent_frame == Py_None) {
-            if (Py_TYPE(state) == state_type) {
-                return new_state(((State *)state)->local, Py_None, zero);
+            if (parent != NULL) {
+                return fill_state(into, parent->local, Py_None, zero);
             }
             PyObject *local = PyObject_GetAttr(state, str_local);
             if (local == NULL) {
                 return NULL;
             }
-            PyObject *result = new_state(local, Py_None, zero);
+            PyObject *result = fill_state(into, local, Py_None, zero);
             Py_DECREF(local);
             return result;
         }
     }
-    else if (frame != parent_frame && (state == NULL || Py_TYPE(state) == state_type)) {
+    else if (frame != parent_frame && (state == NULL || parent != NULL)) {
         /* A request frame to start: fresh (no updates recorded yet), its state has generation
          * 0, as child_state() says. */
         PyObject *updates = PyObject_GetAttr(frame, str_updates);
@@ -183,9 +234,16 @@ derived_state(PyObject *state, PyObject *parent_frame, PyObject *frame)
         int fresh = updates == config.empty;
         Py_DECREF(updates);
         if (fresh) {
-            return new_state(state != NULL ? ((State *)state)->local : config.empty, frame, zero);
+            return fill_state(into, parent != NULL ? parent->local : config.empty, frame, zero);
         }
     }
     PyObject *args[3] = {state != NULL ? state : Py_None, Py_None, frame != NULL ? frame : Py_None};
-    return PyObject_Vectorcall(config.child_state, args, 3, NULL);
+    PyObject *made = PyObject_Vectorcall(config.child_state, args, 3, NULL);
+    StateFields *child = made != NULL && into != NULL ? fields_of(made) : NULL;
+    if (child == NULL) {
+        return made;
+    }
+    PyObject *filled = fill_state(into, child->local, child->frame, child->generation);
+    Py_DECREF(made);
+    return filled;
 }

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import contextvars
 import gc
+import threading
 import weakref
 from collections.abc import Iterator
 
@@ -141,3 +142,37 @@ def test_scopes_entered_and_never_left_do_not_keep_each_other(bridge: cb.Context
     gc.collect()
     assert first() is None
     assert leaked_in.run(bridge.get, "request_id") == "r-99"
+
+
+def test_a_generator_closed_in_another_thread_changes_nothing_there(
+    bridge: cb.ContextBridge,
+) -> None:
+    """A generator suspended inside its scope and closed by another thread (inside a scope of
+    its own, in a thread that never set a context before) leaves that thread's context as it
+    is: the failure is counted, and the thread's scope is left normally afterwards."""
+    failures = rt.detach_failures
+    outside = rt.get_current()
+
+    def rows() -> Iterator[int]:
+        with bridge.scope(tenant_id="producer"):
+            yield 1
+
+    generator = rows()
+    next(generator)
+    seen: list[object] = []
+
+    def close_elsewhere() -> None:
+        before = rt.get_current()
+        with bridge.scope(request_id="r-3"):
+            generator.close()
+            seen.append(bridge.get("request_id"))
+            seen.append(bridge.get("tenant_id"))
+        seen.append(rt.get_current() is before)
+
+    worker = threading.Thread(target=close_elsewhere)
+    worker.start()
+    worker.join()
+    assert seen == ["r-3", None, True]
+    assert rt.detach_failures == failures + 1
+    assert bridge.get("tenant_id") == "producer"  # still attached here: it never left
+    rt.attach(outside)  # the test's own clean-up (the fixture checks what is left attached)

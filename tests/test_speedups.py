@@ -3,6 +3,7 @@ contexts and errors as the pure-Python reference, and it neither leaks nor keeps
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import os
 import re
@@ -19,7 +20,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from opentelemetry import baggage
+from opentelemetry import baggage, propagate
 from opentelemetry.context import Context
 
 import otel_ctxbridge as cb
@@ -78,15 +79,23 @@ def _starts() -> Iterator[tuple[str, Context]]:
 STARTS = dict(_starts())
 
 
-def _outcome(make: Any, start: Context, values: Mapping[str, Any]) -> tuple[Any, ...]:
-    """Enter a scope made by ``make`` on ``start``: what the context inside holds, or the
-    error entering raised."""
+def _outcome(
+    make: Any, start: Context, values: Mapping[str, Any], by_hand: bool = False
+) -> tuple[Any, ...]:
+    """Enter a scope made by ``make`` on ``start`` (in a ``with`` block, or by calling
+    ``__enter__`` and ``__exit__``): what the context inside holds, or the error entering
+    raised."""
     token = _runtime.attach(start)
     try:
         try:
             scope = make(values)
-            with scope:
+            if by_hand:
+                scope.__enter__()
                 inside = _runtime.get_current()
+                scope.__exit__(None, None, None)
+            else:
+                with scope:
+                    inside = _runtime.get_current()
         except Exception as exc:  # compared between the two implementations
             return ("error", type(exc), str(exc))
         assert _runtime.get_current() is start
@@ -113,17 +122,21 @@ def _described(ctx: Context) -> tuple[Any, ...]:
 @given(
     start=st.sampled_from(sorted(STARTS)),
     values=st.dictionaries(st.sampled_from(NAMES), VALUES, max_size=4),
+    by_hand=st.booleans(),
 )
 def test_compiled_scope_gives_the_same_context_or_error_as_python(
-    start: str, values: dict[str, Any]
+    start: str, values: dict[str, Any], by_hand: bool
 ) -> None:
     """For any values on any kind of parent context, entering the compiled scope and the
     pure-Python one give equal contexts (baggage in the same order, the same state), or the
-    same error with the same message."""
-    compiled_outcome = _outcome(lambda v: BRIDGE.scope(**v), STARTS[start], values)
+    same error with the same message: in a ``with`` block (where the compiled scope's
+    baggage is also its state and its way back) and entered by hand (a ContextVar token)."""
+    compiled_outcome = _outcome(lambda v: BRIDGE.scope(**v), STARTS[start], values, by_hand)
     saved, _derive._compiled = _derive._compiled, None  # the reference: Python only
     try:
-        python_outcome = _outcome(lambda v: _scope.PyScopeCore(BRIDGE, v), STARTS[start], values)
+        python_outcome = _outcome(
+            lambda v: _scope.PyScopeCore(BRIDGE, v), STARTS[start], values, by_hand
+        )
     finally:
         _derive._compiled = saved
     assert compiled_outcome == python_outcome
@@ -286,14 +299,31 @@ def _enter_invalid() -> None:
         pass
 
 
-@pytest.mark.parametrize("enter", [_enter_valid, _enter_local, _enter_invalid])
+def _enter_by_hand() -> None:
+    scope = BRIDGE.scope(plain="a", pattern="abc")
+    scope.__enter__()
+    scope.__exit__(None, None, None)
+
+
+def _enter_exit_looked_up_first() -> None:
+    scope = BRIDGE.scope(plain="a")
+    leave = scope.__exit__  # as a with statement does: then the scope leaves through it
+    scope.__enter__()
+    leave(None, None, None)
+    scope.__exit__(None, None, None)  # a second exit does nothing
+
+
+ENTERS = [_enter_valid, _enter_local, _enter_invalid, _enter_by_hand, _enter_exit_looked_up_first]
+
+
+@pytest.mark.parametrize("enter", ENTERS)
 def test_entering_and_leaving_scopes_does_not_leak(enter: Any) -> None:
     """20,000 scopes (fast path, fallback, failed validation) leave no memory behind: a
     reference-counting slip would grow by at least a dict or a context each time."""
     assert _growth(enter) < 20_000  # far below one leaked object a round (>= 40 bytes)
 
 
-@pytest.mark.parametrize("enter", [_enter_valid, _enter_local, _enter_invalid])
+@pytest.mark.parametrize("enter", ENTERS)
 def test_entering_and_leaving_scopes_keeps_no_reference(enter: Any) -> None:
     """The parent context, the bridge and the values are referenced exactly as often after
     1,000 scopes as before: no reference is kept (which would pin them) or dropped."""
@@ -382,6 +412,64 @@ def test_names_and_values_that_run_code_when_hashed_never_crash() -> None:
         key = _Hostile("plain")
         key.on_hash = lambda: BRIDGE.__dict__.__setitem__("_last", (None, {}, {}))
         assert BRIDGE.get(key) == "p"
+
+
+@compiled
+async def test_a_with_block_in_flight_holds_its_context_and_one_object() -> None:
+    """While a ``with bridge.scope(...)`` block waits, no scope object is alive: the block
+    holds one object, the scope's baggage, which is also its state (and its way back). The
+    baggage is a dict to OpenTelemetry: read, copied by ``set_baggage`` and injected as usual,
+    and leaving restores the context from before."""
+    release = asyncio.Event()
+    inside: list[Context] = []
+
+    async def request(i: int) -> None:
+        with BRIDGE.scope(plain=f"r{i}", renamed="x"):
+            inside.append(_runtime.get_current())
+            await release.wait()
+
+    def scopes_alive() -> int:
+        return sum(isinstance(o, _accel.speedups.ScopeCore) for o in gc.get_objects())
+
+    before = scopes_alive()
+    tasks = [asyncio.create_task(request(i)) for i in range(50)]
+    await asyncio.sleep(0)
+    assert scopes_alive() == before
+    ctx = inside[7]
+    held = ctx[_runtime.BAGGAGE_KEY]
+    assert held is ctx[BRIDGE._key]
+    assert isinstance(held, dict)
+    assert dict(baggage.get_all(ctx)) == {"plain": "r7", "app.renamed": "x"}
+    extended = baggage.set_baggage("other", "o", context=ctx)
+    assert dict(baggage.get_all(extended)) == {"plain": "r7", "app.renamed": "x", "other": "o"}
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier, context=extended)
+    assert "plain=r7" in carrier["baggage"]
+    assert "other=o" in carrier["baggage"]
+    token = _runtime.attach(extended)
+    try:
+        assert (BRIDGE.get("plain"), BRIDGE.get("renamed")) == ("r7", "x")
+    finally:
+        _runtime.detach(token)
+    release.set()
+    await asyncio.gather(*tasks)
+    assert BRIDGE.current() == {}
+
+
+@compiled
+def test_the_compiled_exit_applies_to_scopes_only() -> None:
+    """``ScopeCore.__exit__`` read from the class is a function of a scope and the three
+    exception values (as ``contextlib.ExitStack`` calls it); anything else is a TypeError."""
+    exit_function: Any = _accel.speedups.ScopeCore.__exit__
+    with pytest.raises(TypeError, match="scope"):
+        exit_function(object(), None, None, None)
+    with pytest.raises(TypeError):
+        exit_function(BRIDGE.scope(plain="a"))
+    scope = BRIDGE.scope(plain="a")
+    leave: Any = scope.__exit__
+    with pytest.raises(TypeError):
+        leave(None, None)
+    exit_function(BRIDGE.scope(plain="a"), None, None, None)  # never entered: nothing to do
 
 
 @compiled
@@ -490,13 +578,13 @@ def test_a_field_named_self_works_like_any_other() -> None:
         assert bridge.get("self") == "you"
 
 
-@pytest.mark.parametrize("core", ["compiled", "python"])
+@pytest.mark.parametrize("core", ["compiled", "compiled in a with block", "python"])
 def test_an_interrupt_while_stamping_leaves_no_context_attached(
     core: str, monkeypatch: pytest.MonkeyPatch, spans: Any
 ) -> None:
     """When stamping the span is interrupted (KeyboardInterrupt), the scope is not entered
     and nothing stays attached: a with-statement would not call __exit__."""
-    if core == "compiled" and _accel.speedups is None:
+    if core != "python" and _accel.speedups is None:
         pytest.skip("the accelerator is not built or is switched off")
 
     def interrupted(*args: Any, **kwargs: Any) -> None:
@@ -512,12 +600,16 @@ def test_an_interrupt_while_stamping_leaves_no_context_attached(
         with trace.get_tracer("t").start_as_current_span("s"):
             inside = _runtime.get_current()
             scope = (
-                BRIDGE.scope(plain="a")
-                if core == "compiled"
-                else _scope.PyScopeCore(BRIDGE, {"plain": "a"})
+                _scope.PyScopeCore(BRIDGE, {"plain": "a"})
+                if core == "python"
+                else BRIDGE.scope(plain="a")
             )
             with pytest.raises(KeyboardInterrupt):
-                scope.__enter__()
+                if core == "compiled in a with block":
+                    with scope:
+                        pytest.fail("the body of a scope that was not entered ran")
+                else:
+                    scope.__enter__()
             assert _runtime.get_current() is inside
         assert _runtime.get_current() is before
     finally:

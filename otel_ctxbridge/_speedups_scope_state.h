@@ -1,0 +1,152 @@
+/* ScopeState: what a `with bridge.scope(...)` block holds while it runs.
+ * Included once by _speedups.c (one translation unit), after _speedups_state.h.
+ *
+ * A `with` statement looks `__exit__` up before calling `__enter__` and keeps what it got
+ * until the block ends. ScopeCore.__exit__ (_speedups_scope.h) then gives a blank
+ * ScopeState, which entering fills in: it is the baggage dict of the scope's context, the
+ * scope's State (under the bridge's key; a dict subclass with State's fields) and the
+ * record of the way back (the context from before and the contextvars.Context it was
+ * entered in). One object where a token-based scope needs four (the scope, its bound
+ * __exit__, the ContextVar token and the State). Leaving clears the way back, so a context
+ * that outlives the block (a task started in it) keeps no earlier context alive. */
+
+/* A blank ScopeState: no baggage, the fields of a State holding nothing. New reference. */
+static PyObject *
+new_scope_state(void)
+{
+    /* dict's __new__ (inherited): an empty dict, fields NULL, tracked by the collector */
+    ScopeState *state = (ScopeState *)scope_state_type->tp_new(scope_state_type, empty_tuple, NULL);
+    if (state == NULL) {
+        return NULL;
+    }
+    set_fields(&state->f, config.empty, Py_None, zero);
+    return (PyObject *)state;
+}
+
+/* Leave the block: make the context from before it current again, in the contextvars.Context
+ * it was entered in; elsewhere (another task or thread) the failure is counted and logged,
+ * as for a ContextVar token of another context. Once; then a no-op. */
+static PyObject *
+scope_state_leave(ScopeState *self)
+{
+    PyObject *prev = self->prev, *entered_in = self->entered_in;
+    if (prev == NULL) {
+        Py_RETURN_NONE;
+    }
+    self->prev = NULL;
+    self->entered_in = NULL;
+    PyObject *result;
+    if (PyThreadState_Get()->context != entered_in) {
+        result = PyObject_CallNoArgs(config.detach_failed);
+    }
+    else {
+        PyObject *token = PyContextVar_Set(config.var, prev);
+        result = token == NULL ? NULL : Py_NewRef(Py_None);
+        Py_XDECREF(token);
+    }
+    Py_DECREF(prev);
+    Py_XDECREF(entered_in);
+    return result;
+}
+
+/* state(exc_type, exc, tb): what the `with` block calls on leaving. */
+static PyObject *
+scope_state_call(ScopeState *self, PyObject *args, PyObject *kwargs)
+{
+    if ((kwargs != NULL && PyDict_GET_SIZE(kwargs) != 0) || PyTuple_GET_SIZE(args) != 3) {
+        PyErr_SetString(PyExc_TypeError, "__exit__() takes 3 positional arguments");
+        return NULL;
+    }
+    return scope_state_leave(self);
+}
+
+static PyObject *
+scope_state_get_frame(ScopeState *self, void *Py_UNUSED(closure))
+{
+    if (self->f.frame == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "frame");
+        return NULL;
+    }
+    return Py_NewRef(self->f.frame);
+}
+
+static int
+scope_state_set_frame(ScopeState *self, PyObject *frame, void *Py_UNUSED(closure))
+{
+    if (frame == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "a State's frame cannot be deleted");
+        return -1;
+    }
+    Py_INCREF(frame);
+    Py_XSETREF(self->f.frame, frame);
+    return 0;
+}
+
+static int
+scope_state_traverse(ScopeState *self, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(self));
+    Py_VISIT(self->f.local);
+    Py_VISIT(self->f.frame);
+    Py_VISIT(self->f.generation);
+    Py_VISIT(self->prev);
+    Py_VISIT(self->entered_in);
+    return PyDict_Type.tp_traverse((PyObject *)self, visit, arg);
+}
+
+static int
+scope_state_clear(ScopeState *self)
+{
+    Py_CLEAR(self->f.local);
+    Py_CLEAR(self->f.frame);
+    Py_CLEAR(self->f.generation);
+    Py_CLEAR(self->prev);
+    Py_CLEAR(self->entered_in);
+    return PyDict_Type.tp_clear((PyObject *)self);
+}
+
+static void
+scope_state_dealloc(ScopeState *self)
+{
+    PyTypeObject *type = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    Py_CLEAR(self->f.local);
+    Py_CLEAR(self->f.frame);
+    Py_CLEAR(self->f.generation);
+    Py_CLEAR(self->prev);
+    Py_CLEAR(self->entered_in);
+    PyDict_Type.tp_dealloc((PyObject *)self); /* frees the object */
+    Py_DECREF(type);
+}
+
+static PyMemberDef scope_state_members[] = {
+    {"local", T_OBJECT_EX, offsetof(ScopeState, f.local), READONLY, "The process-local values."},
+    {"generation", T_OBJECT_EX, offsetof(ScopeState, f.generation), READONLY,
+     "When it was written."},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyGetSetDef scope_state_getset[] = {
+    {"frame", (getter)scope_state_get_frame, (setter)scope_state_set_frame,
+     "The frame update() writes in, or None (set once, by the first update).", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyType_Slot scope_state_slots[] = {
+    {Py_tp_doc, "The baggage of a scope entered by a with block, which is also its State and "
+                "what the block calls on leaving (see _speedups_scope_state.h)."},
+    {Py_tp_call, scope_state_call},
+    {Py_tp_traverse, scope_state_traverse},
+    {Py_tp_clear, scope_state_clear},
+    {Py_tp_dealloc, scope_state_dealloc},
+    {Py_tp_members, scope_state_members},
+    {Py_tp_getset, scope_state_getset},
+    {0, NULL},
+};
+
+static PyType_Spec scope_state_spec = {
+    .name = "otel_ctxbridge._speedups.ScopeState",
+    .basicsize = sizeof(ScopeState),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = scope_state_slots,
+};
