@@ -230,10 +230,12 @@ scope_is_entered(ScopeCore *self)
 }
 
 /* Entering. The context is attached in one of two ways:
- * - in a `with` block (exit_state made when the block looked up __exit__): the scope's state
- *   is exit_state, which records the context to go back to and is what the block calls on
- *   leaving; an in-flight block holds nothing else (no scope, bound method or token);
- * - otherwise (__enter__ called by hand, ExitStack, async with): a ContextVar token, which
+ * - when __exit__ was looked up on the scope before entering (a `with` statement does so):
+ *   the scope's baggage and state are exit_state (a ScopeState), which records the context to
+ *   go back to and is what the block calls on leaving; an in-flight block holds nothing else
+ *   (no scope, bound method or token). A scope entered this way and never left keeps the
+ *   context from before it alive as long as its own context lives;
+ * - otherwise (__enter__ called by hand, ExitStack, `async with`): a ContextVar token, which
  *   the scope keeps; a scope entered and never left then keeps no earlier context alive. */
 static PyObject *
 scope_enter(ScopeCore *self, PyObject *Py_UNUSED(ignored))
@@ -277,6 +279,20 @@ scope_enter(ScopeCore *self, PyObject *Py_UNUSED(ignored))
         PyErr_SetString(PyExc_RuntimeError,
                         "this scope is already entered; call bridge.scope() again");
         goto done;
+    }
+    if (exit_state != NULL) {
+        /* The way back is the context current now, as a token would record it: the code
+         * that ran since the first read (a validator, a finalizer during a collection) may
+         * have attached or left one. */
+        PyObject *now = NULL;
+        if (PyContextVar_Get(config.var, NULL, &now) < 0) {
+            goto done;
+        }
+        Py_XSETREF(ctx, now);
+        if (ctx == NULL) {
+            PyErr_SetString(PyExc_LookupError, "OpenTelemetry's context variable has no value");
+            goto done;
+        }
     }
     token = PyContextVar_Set(config.var, new);
     if (token == NULL) {
@@ -325,7 +341,7 @@ scope_enter(ScopeCore *self, PyObject *Py_UNUSED(ignored))
     Py_INCREF(self);
     result = (PyObject *)self;
 done:
-    Py_DECREF(ctx);
+    Py_XDECREF(ctx);
     Py_XDECREF(new);
     Py_XDECREF(token);
     Py_DECREF(values);

@@ -7,19 +7,24 @@
  * scope's State (under the bridge's key; a dict subclass with State's fields) and the
  * record of the way back (the context from before and the contextvars.Context it was
  * entered in). One object where a token-based scope needs four (the scope, its bound
- * __exit__, the ContextVar token and the State). Leaving clears the way back, so a context
- * that outlives the block (a task started in it) keeps no earlier context alive. */
+ * __exit__, the ContextVar token and the State). While the block runs, contexts captured in
+ * it (a task started in it) keep the way back alive with the scope's context; leaving clears
+ * it, so a context that outlives the block keeps no earlier context alive. To OpenTelemetry
+ * it is a dict; copied or pickled, a plain one. */
+
+static PyObject *scope_state_vectorcall(ScopeState *, PyObject *const *, size_t, PyObject *);
 
 /* A blank ScopeState: no baggage, the fields of a State holding nothing. New reference. */
 static PyObject *
 new_scope_state(void)
 {
-    /* dict's __new__ (inherited): an empty dict, fields NULL, tracked by the collector */
-    ScopeState *state = (ScopeState *)scope_state_type->tp_new(scope_state_type, empty_tuple, NULL);
+    /* dict's __new__: an empty dict, fields NULL, tracked by the collector */
+    ScopeState *state = (ScopeState *)PyDict_Type.tp_new(scope_state_type, empty_tuple, NULL);
     if (state == NULL) {
         return NULL;
     }
     set_fields(&state->f, config.empty, Py_None, zero);
+    state->vectorcall = (vectorcallfunc)scope_state_vectorcall;
     return (PyObject *)state;
 }
 
@@ -51,9 +56,10 @@ scope_state_leave(ScopeState *self)
 
 /* state(exc_type, exc, tb): what the `with` block calls on leaving. */
 static PyObject *
-scope_state_call(ScopeState *self, PyObject *args, PyObject *kwargs)
+scope_state_vectorcall(ScopeState *self, PyObject *const *Py_UNUSED(args), size_t nargsf,
+                       PyObject *kwnames)
 {
-    if ((kwargs != NULL && PyDict_GET_SIZE(kwargs) != 0) || PyTuple_GET_SIZE(args) != 3) {
+    if (PyVectorcall_NARGS(nargsf) != 3 || (kwnames != NULL && PyTuple_GET_SIZE(kwnames) != 0)) {
         PyErr_SetString(PyExc_TypeError, "__exit__() takes 3 positional arguments");
         return NULL;
     }
@@ -119,7 +125,26 @@ scope_state_dealloc(ScopeState *self)
     Py_DECREF(type);
 }
 
+/* Copied or pickled, it is the plain dict of its baggage. */
+static PyObject *
+scope_state_reduce(ScopeState *self, PyObject *Py_UNUSED(ignored))
+{
+    PyObject *bag = PyDict_Copy((PyObject *)self);
+    if (bag == NULL) {
+        return NULL;
+    }
+    PyObject *result = Py_BuildValue("(O(N))", (PyObject *)&PyDict_Type, bag);
+    return result;
+}
+
+static PyMethodDef scope_state_methods[] = {
+    {"__reduce__", (PyCFunction)scope_state_reduce, METH_NOARGS,
+     "Copied or pickled, a ScopeState is the plain dict of its baggage."},
+    {NULL, NULL, 0, NULL},
+};
+
 static PyMemberDef scope_state_members[] = {
+    {"__vectorcalloffset__", T_PYSSIZET, offsetof(ScopeState, vectorcall), READONLY, NULL},
     {"local", T_OBJECT_EX, offsetof(ScopeState, f.local), READONLY, "The process-local values."},
     {"generation", T_OBJECT_EX, offsetof(ScopeState, f.generation), READONLY,
      "When it was written."},
@@ -135,10 +160,11 @@ static PyGetSetDef scope_state_getset[] = {
 static PyType_Slot scope_state_slots[] = {
     {Py_tp_doc, "The baggage of a scope entered by a with block, which is also its State and "
                 "what the block calls on leaving (see _speedups_scope_state.h)."},
-    {Py_tp_call, scope_state_call},
+    {Py_tp_call, PyVectorcall_Call},
     {Py_tp_traverse, scope_state_traverse},
     {Py_tp_clear, scope_state_clear},
     {Py_tp_dealloc, scope_state_dealloc},
+    {Py_tp_methods, scope_state_methods},
     {Py_tp_members, scope_state_members},
     {Py_tp_getset, scope_state_getset},
     {0, NULL},
@@ -147,6 +173,7 @@ static PyType_Slot scope_state_slots[] = {
 static PyType_Spec scope_state_spec = {
     .name = "otel_ctxbridge._speedups.ScopeState",
     .basicsize = sizeof(ScopeState),
-    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_IMMUTABLETYPE,
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_IMMUTABLETYPE |
+             Py_TPFLAGS_DISALLOW_INSTANTIATION | Py_TPFLAGS_HAVE_VECTORCALL,
     .slots = scope_state_slots,
 };

@@ -22,6 +22,7 @@ typedef struct {
     StateFields f;
     PyObject *prev;       /* while the block runs: the context to go back to, else NULL */
     PyObject *entered_in; /* the contextvars.Context the block entered it in */
+    vectorcallfunc vectorcall; /* leaving, called without building an argument tuple */
 } ScopeState;
 
 static PyTypeObject *scope_state_type; /* ScopeState */

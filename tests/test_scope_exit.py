@@ -176,3 +176,35 @@ def test_a_generator_closed_in_another_thread_changes_nothing_there(
     assert rt.detach_failures == failures + 1
     assert bridge.get("tenant_id") == "producer"  # still attached here: it never left
     rt.attach(outside)  # the test's own clean-up (the fixture checks what is left attached)
+
+
+@pytest.mark.parametrize("by_hand", [False, True], ids=["with block", "by hand"])
+def test_a_scope_left_while_entering_another_does_not_come_back(by_hand: bool) -> None:
+    """A generator suspended in its scope and collected (in a cycle) while another scope is
+    being entered leaves its scope then; leaving the other scope goes back to the context
+    current when it attached its own, so the generator's tenant does not come back."""
+
+    def collecting(value: str) -> bool:  # a collection while entering, as allocation may run
+        gc.collect()
+        return True
+
+    bridge = cb.ContextBridge([cb.Field("tenant_id"), cb.Field("request_id", validator=collecting)])
+
+    def rows() -> Iterator[int]:
+        with bridge.scope(tenant_id="producer"):
+            yield 1
+
+    generator = rows()
+    next(generator)
+    assert bridge.get("tenant_id") == "producer"
+    cycle: list[object] = [generator]
+    cycle.append(cycle)
+    del generator, cycle
+    scope = bridge.scope(request_id="r-1")
+    if by_hand:
+        scope.__enter__()
+        scope.__exit__(None, None, None)
+    else:
+        with scope:
+            pass
+    assert bridge.get("tenant_id") is None

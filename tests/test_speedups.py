@@ -4,8 +4,10 @@ contexts and errors as the pure-Python reference, and it neither leaks nor keeps
 from __future__ import annotations
 
 import asyncio
+import copy
 import gc
 import os
+import pickle
 import re
 import subprocess
 import sys
@@ -440,6 +442,11 @@ async def test_a_with_block_in_flight_holds_its_context_and_one_object() -> None
     assert held is ctx[BRIDGE._key]
     assert isinstance(held, dict)
     assert dict(baggage.get_all(ctx)) == {"plain": "r7", "app.renamed": "x"}
+    for copied in (copy.copy(held), copy.deepcopy(held), pickle.loads(pickle.dumps(held))):
+        assert type(copied) is dict
+        assert copied == {"plain": "r7", "app.renamed": "x"}
+    with pytest.raises(TypeError):
+        type(held)()
     extended = baggage.set_baggage("other", "o", context=ctx)
     assert dict(baggage.get_all(extended)) == {"plain": "r7", "app.renamed": "x", "other": "o"}
     carrier: dict[str, str] = {}
