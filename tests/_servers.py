@@ -5,7 +5,7 @@ API (small on purpose; other test modules may use it):
 - ``serve(app, **config) -> ContextManager[str]``: start uvicorn in a thread on a free
   127.0.0.1 port, yield the base URL (``"http://127.0.0.1:PORT"``), stop it on exit. ``config``
   goes to ``uvicorn.Config`` (defaults: ``log_config=None`` so the test's logging setup stays
-  as it is, ``access_log=False``, ``lifespan="auto"``).
+  as it is, ``access_log=False``, ``lifespan="auto"``, ``timeout_keep_alive=60``).
 - ``free_port() -> int``: a port that was free on 127.0.0.1 a moment ago (for subprocesses).
 - ``wait_for_port(port, timeout=10.0, process=None)``: block until something accepts on
   127.0.0.1:``port``; raises ``RuntimeError`` if ``process`` (a ``subprocess.Popen``) exits or
@@ -61,7 +61,16 @@ def serve(app: Any, **config: Any) -> Iterator[str]:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    options: dict[str, Any] = {"log_config": None, "access_log": False, "lifespan": "auto"}
+    # timeout_keep_alive: the client shares this process (and its GIL) with the server and, with
+    # hundreds of requests in flight, may take longer than uvicorn's 5 s to send on a
+    # keep-alive connection its pool has given a request; the server would close it under the
+    # request (the client then reads a reset: httpx.ReadError). Servers outlive idle clients.
+    options: dict[str, Any] = {
+        "log_config": None,
+        "access_log": False,
+        "lifespan": "auto",
+        "timeout_keep_alive": 60,
+    }
     options.update(config)
     server = uvicorn.Server(uvicorn.Config(app, **options))
     errors: list[BaseException] = []
