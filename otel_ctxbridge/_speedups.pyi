@@ -3,7 +3,7 @@
 from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar, Token
 from types import TracebackType
-from typing import Any
+from typing import Any, final
 
 from opentelemetry.context import Context
 
@@ -15,6 +15,7 @@ class State:
     generation: int
     def __init__(self, local: Mapping[str, object], frame: Any, generation: int) -> None: ...
 
+@final
 class ScopeState(dict[str, object]):
     local: Mapping[str, object]
     frame: Any
