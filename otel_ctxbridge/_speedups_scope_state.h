@@ -66,46 +66,20 @@ scope_state_vectorcall(ScopeState *self, PyObject *const *Py_UNUSED(args), size_
     return scope_state_leave(self);
 }
 
-static PyObject *
-scope_state_get_frame(ScopeState *self, void *Py_UNUSED(closure))
-{
-    if (self->f.frame == NULL) {
-        PyErr_SetString(PyExc_AttributeError, "frame");
-        return NULL;
-    }
-    return Py_NewRef(self->f.frame);
-}
-
-static int
-scope_state_set_frame(ScopeState *self, PyObject *frame, void *Py_UNUSED(closure))
-{
-    if (frame == NULL) {
-        PyErr_SetString(PyExc_AttributeError, "a State's frame cannot be deleted");
-        return -1;
-    }
-    Py_INCREF(frame);
-    Py_XSETREF(self->f.frame, frame);
-    return 0;
-}
-
 static int
 scope_state_traverse(ScopeState *self, visitproc visit, void *arg)
 {
     Py_VISIT(Py_TYPE(self));
-    Py_VISIT(self->f.local);
-    Py_VISIT(self->f.frame);
-    Py_VISIT(self->f.generation);
     Py_VISIT(self->prev);
     Py_VISIT(self->entered_in);
-    return PyDict_Type.tp_traverse((PyObject *)self, visit, arg);
+    int visited = visit_fields(&self->f, visit, arg);
+    return visited != 0 ? visited : PyDict_Type.tp_traverse((PyObject *)self, visit, arg);
 }
 
 static int
 scope_state_clear(ScopeState *self)
 {
-    Py_CLEAR(self->f.local);
-    Py_CLEAR(self->f.frame);
-    Py_CLEAR(self->f.generation);
+    clear_fields(&self->f);
     Py_CLEAR(self->prev);
     Py_CLEAR(self->entered_in);
     return PyDict_Type.tp_clear((PyObject *)self);
@@ -116,9 +90,7 @@ scope_state_dealloc(ScopeState *self)
 {
     PyTypeObject *type = Py_TYPE(self);
     PyObject_GC_UnTrack(self);
-    Py_CLEAR(self->f.local);
-    Py_CLEAR(self->f.frame);
-    Py_CLEAR(self->f.generation);
+    clear_fields(&self->f);
     Py_CLEAR(self->prev);
     Py_CLEAR(self->entered_in);
     PyDict_Type.tp_dealloc((PyObject *)self); /* frees the object */
@@ -133,8 +105,7 @@ scope_state_reduce(ScopeState *self, PyObject *Py_UNUSED(ignored))
     if (bag == NULL) {
         return NULL;
     }
-    PyObject *result = Py_BuildValue("(O(N))", (PyObject *)&PyDict_Type, bag);
-    return result;
+    return Py_BuildValue("(O(N))", (PyObject *)&PyDict_Type, bag);
 }
 
 static PyMethodDef scope_state_methods[] = {
@@ -151,12 +122,6 @@ static PyMemberDef scope_state_members[] = {
     {NULL, 0, 0, 0, NULL},
 };
 
-static PyGetSetDef scope_state_getset[] = {
-    {"frame", (getter)scope_state_get_frame, (setter)scope_state_set_frame,
-     "The frame update() writes in, or None (set once, by the first update).", NULL},
-    {NULL, NULL, NULL, NULL, NULL},
-};
-
 static PyType_Slot scope_state_slots[] = {
     {Py_tp_doc, "The baggage of a scope entered by a with block, which is also its State and "
                 "what the block calls on leaving (see _speedups_scope_state.h)."},
@@ -166,7 +131,7 @@ static PyType_Slot scope_state_slots[] = {
     {Py_tp_dealloc, scope_state_dealloc},
     {Py_tp_methods, scope_state_methods},
     {Py_tp_members, scope_state_members},
-    {Py_tp_getset, scope_state_getset},
+    {Py_tp_getset, state_getset}, /* frame, shared with State */
     {0, NULL},
 };
 

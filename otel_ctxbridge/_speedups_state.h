@@ -52,6 +52,24 @@ set_fields(StateFields *fields, PyObject *local, PyObject *frame, PyObject *gene
     Py_XSETREF(fields->generation, generation);
 }
 
+/* tp_traverse and tp_clear of `fields` (of a State or ScopeState). */
+static int
+visit_fields(StateFields *fields, visitproc visit, void *arg)
+{
+    Py_VISIT(fields->local);
+    Py_VISIT(fields->frame);
+    Py_VISIT(fields->generation);
+    return 0;
+}
+
+static void
+clear_fields(StateFields *fields)
+{
+    Py_CLEAR(fields->local);
+    Py_CLEAR(fields->frame);
+    Py_CLEAR(fields->generation);
+}
+
 static PyObject *
 new_state(PyObject *local, PyObject *frame, PyObject *generation)
 {
@@ -85,18 +103,13 @@ static int
 state_traverse(State *self, visitproc visit, void *arg)
 {
     Py_VISIT(Py_TYPE(self));
-    Py_VISIT(self->f.local);
-    Py_VISIT(self->f.frame);
-    Py_VISIT(self->f.generation);
-    return 0;
+    return visit_fields(&self->f, visit, arg);
 }
 
 static int
 state_clear(State *self)
 {
-    Py_CLEAR(self->f.local);
-    Py_CLEAR(self->f.frame);
-    Py_CLEAR(self->f.generation);
+    clear_fields(&self->f);
     return 0;
 }
 
@@ -116,31 +129,33 @@ static PyMemberDef state_members[] = {
     {NULL, 0, 0, 0, NULL},
 };
 
+/* The frame of a State or ScopeState (both types use state_getset). */
 static PyObject *
-state_get_frame(State *self, void *Py_UNUSED(closure))
+state_get_frame(PyObject *self, void *Py_UNUSED(closure))
 {
-    if (self->f.frame == NULL) {
+    StateFields *fields = fields_of(self);
+    if (fields->frame == NULL) {
         PyErr_SetString(PyExc_AttributeError, "frame");
         return NULL;
     }
-    Py_INCREF(self->f.frame);
-    return self->f.frame;
+    return Py_NewRef(fields->frame);
 }
 
 static int
-state_set_frame(State *self, PyObject *frame, void *Py_UNUSED(closure))
+state_set_frame(PyObject *self, PyObject *frame, void *Py_UNUSED(closure))
 {
     if (frame == NULL) {
         PyErr_SetString(PyExc_AttributeError, "a State's frame cannot be deleted");
         return -1;
     }
+    StateFields *fields = fields_of(self);
     Py_INCREF(frame);
-    Py_XSETREF(self->f.frame, frame);
+    Py_XSETREF(fields->frame, frame);
     return 0;
 }
 
 static PyGetSetDef state_getset[] = {
-    {"frame", (getter)state_get_frame, (setter)state_set_frame,
+    {"frame", state_get_frame, state_set_frame,
      "The frame update() writes in, or None (set once, by the first update).", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
