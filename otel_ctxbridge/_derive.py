@@ -10,7 +10,7 @@ from opentelemetry.context import Context
 
 from ._accel import speedups
 from ._runtime import BAGGAGE_KEY as _BAGGAGE
-from ._state import EMPTY, Frame, State, child_state, pending_values
+from ._state import EMPTY, Frame, State, child_state, pending_values, state_in
 from .errors import ContextValueError, UnknownFieldError
 from .limits import MAX_MEMBER_BYTES, check_written, may_exceed_limits
 
@@ -39,7 +39,7 @@ def derive_in_python(  # noqa: PLR0912, PLR0915 - one loop over the values, kept
     bridge: ContextBridge, ctx: Context, values: Mapping[str, Any], frame: Frame | None = None
 ) -> Context:
     """:func:`derive_context` in Python: every case, and the reference for the compiled one."""
-    state: State | None = ctx.get(bridge._key)  # type: ignore[assignment] # our own key
+    state = state_in(ctx, bridge._key)
     if state is not None and state.frame is not None and state.frame.updates:
         values = pending_values(state, values)
     bag: dict[str, object] | None = None

@@ -92,8 +92,9 @@ fast_derive(PyObject *key, PyObject *plans, PyObject *ctx, PyObject *values, PyO
     if (parent == NULL && PyErr_Occurred()) {
         goto error;
     }
-    if (parent == Py_None) {
-        parent = NULL;
+    if (parent == Py_None ||
+        (parent != NULL && fields_of(parent) == NULL && PyDict_Check(parent))) {
+        parent = NULL; /* a plain dict (a copied snapshot's ScopeState): no state, as state_in */
     }
     Py_XINCREF(parent); /* held: the calls below may run Python code */
     if (parent != NULL) {

@@ -63,6 +63,21 @@ if TYPE_CHECKING:
 else:
     State = speedups.State if speedups is not None else PyState
 
+_STATE_TYPES: frozenset[type] = frozenset(
+    (PyState, speedups.State, speedups.ScopeState) if speedups is not None else (PyState,)
+)
+
+
+def state_in(ctx: Mapping[str, object], key: str) -> State | None:
+    """The :class:`State` a bridge keeps under ``key`` in ``ctx``, or None.
+
+    None also when something else is there: a snapshot of a context taken inside a ``with``
+    block (``dict(ctx)``) and copied with :func:`copy.deepcopy` or :mod:`pickle` holds a plain
+    dict there (the copy of the block's state, which is also its baggage dict). Its propagated
+    values still read from the baggage; reading never raises on it."""
+    state = ctx.get(key)
+    return state if type(state) in _STATE_TYPES else None  # type: ignore[return-value] # checked
+
 
 class Frame:
     """Mutable cell of a request (or scope): the values ``update()`` set, and the spans to

@@ -25,8 +25,8 @@ from ._state import (
     EMPTY,
     MISSING,
     Frame,
-    State,
     frame_of,
+    state_in,
 )
 from .errors import MissingContextError, UnknownFieldError
 from .fields import Field, resolve_fields
@@ -101,7 +101,7 @@ class ContextBridge:
             value = self._cached(ctx)[0][name]
             return default if value is MISSING else value
         self._missed = ctx
-        state: State | None = ctx.get(self._key)  # type: ignore[assignment] # our own key
+        state = state_in(ctx, self._key)
         if key is None:  # a process-local field
             value = state.local.get(name, MISSING) if state is not None else MISSING
         else:
@@ -140,7 +140,7 @@ class ContextBridge:
 
     def values_in(self, ctx: Context) -> dict[str, Any]:
         """The declared fields set in ``ctx`` (with the request's late updates), by name."""
-        state: State | None = ctx.get(self._key)  # type: ignore[assignment] # our own key
+        state = state_in(ctx, self._key)
         bag: Any = ctx.get(rt.BAGGAGE_KEY) or EMPTY
         local = state.local if state is not None else EMPTY
         values: dict[str, Any] = {}
@@ -198,7 +198,7 @@ class ContextBridge:
             ContextValueError, UnknownFieldError: a value is refused; nothing is changed.
         """
         ctx = rt.get_current()
-        state: State | None = ctx.get(self._key)  # type: ignore[assignment] # our own key
+        state = state_in(ctx, self._key)
         if state is None:
             raise MissingContextError(
                 "update() outside any scope or request: use bridge.scope(...) or "

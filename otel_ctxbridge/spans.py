@@ -23,7 +23,7 @@ from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 
 from . import _runtime as rt
 from ._span_write import write_attributes
-from ._state import CHANGES, EMPTY, MISSING
+from ._state import CHANGES, EMPTY, MISSING, state_in
 from .fields import attribute_value
 
 if TYPE_CHECKING:
@@ -99,7 +99,7 @@ class FieldReader(Generic[T]):
             return last[2]  # type: ignore[no-any-return] # built by self._build
         changes = CHANGES[0]
         bag = ctx.get(rt.BAGGAGE_KEY)
-        state: Any = ctx.get(self.key)
+        state: Any = state_in(ctx, self.key)
         frame = state.frame if state is not None else None
         mark = frame.updates if frame is not None else None
         slot = id(bag if bag is not None else state)
@@ -117,7 +117,7 @@ class FieldReader(Generic[T]):
 
     def read(self, ctx: Context) -> tuple[Any, ...]:
         """The shown value of each entry in ``ctx`` (``MISSING`` when unset), in entry order."""
-        return self._read(ctx.get(rt.BAGGAGE_KEY), ctx.get(self.key))
+        return self._read(ctx.get(rt.BAGGAGE_KEY), state_in(ctx, self.key))
 
     def _read(self, bag: Any, state: Any) -> tuple[Any, ...]:
         bag = bag or EMPTY

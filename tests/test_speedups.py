@@ -24,6 +24,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from opentelemetry import baggage, propagate
 from opentelemetry.context import Context
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import otel_ctxbridge as cb
 from otel_ctxbridge import _accel, _derive, _runtime, _scope
@@ -461,6 +464,50 @@ async def test_a_with_block_in_flight_holds_its_context_and_one_object() -> None
     release.set()
     await asyncio.gather(*tasks)
     assert BRIDGE.current() == {}
+
+
+@compiled
+@pytest.mark.parametrize("copier", [copy.deepcopy, lambda d: pickle.loads(pickle.dumps(d))])
+def test_a_copied_snapshot_of_a_with_block_context_reads_its_values_and_never_raises(
+    copier: Any,
+) -> None:
+    """A snapshot of a context taken inside a ``with`` block (``dict(ctx)``), deep-copied or
+    pickled, holds one plain dict under both the baggage key and the bridge's key (the copy of
+    the block's one object). Attached again, it reads as a context without a bridge state:
+    the propagated values come from its baggage, a scope entered on it (compiled and Python
+    derivation alike) builds on them, a span started in it gets them, and ``update()`` says
+    there is no scope instead of failing on the dict."""
+    with BRIDGE.scope(plain="p1", renamed="x"):
+        snapshot = dict(_runtime.get_current())
+    copied = copier(snapshot)
+    assert type(copied[BRIDGE._key]) is dict
+    token = _runtime.attach(Context(copied))
+    try:
+        assert (BRIDGE.get("plain"), BRIDGE.get("renamed"), BRIDGE.get("local")) == (
+            "p1",
+            "x",
+            None,
+        )
+        assert BRIDGE.current() == {"plain": "p1", "renamed": "x"}
+        with BRIDGE.scope(local="l1"):  # the Python derivation (a process-local field)
+            assert BRIDGE.current() == {"plain": "p1", "renamed": "x", "local": "l1"}
+        with BRIDGE.scope(plain="p2"):  # the compiled one
+            assert BRIDGE.current() == {"plain": "p2", "renamed": "x"}
+            BRIDGE.update(plain="p3")
+            assert BRIDGE.get("plain") == "p3"
+        with pytest.raises(cb.MissingContextError):
+            BRIDGE.update(plain="p4")
+        assert BRIDGE.current() == {"plain": "p1", "renamed": "x"}
+        exporter = InMemorySpanExporter()
+        provider = TracerProvider()
+        provider.add_span_processor(cb.ContextSpanProcessor(BRIDGE))
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        with provider.get_tracer("snapshot").start_as_current_span("read"):
+            pass
+        (span,) = exporter.get_finished_spans()
+        assert {"p1", "x"} <= set((span.attributes or {}).values())
+    finally:
+        _runtime.detach(token)
 
 
 @compiled
