@@ -102,7 +102,6 @@ static int context_is_plain = 0; /* Context keeps dict's __new__ and __init__ (c
 static PyObject *str_key;      /* "_key" */
 static PyObject *str_plans;    /* "_plans" */
 static PyObject *str_frame;    /* "frame" */
-static PyObject *str_local;    /* "local" */
 static PyObject *str_updates;  /* "updates" */
 static PyObject *zero;         /* 0 */
 static PyObject *str_get;      /* "get" */
@@ -300,7 +299,6 @@ module_exec(PyObject *module)
         str_key = PyUnicode_InternFromString("_key");
         str_plans = PyUnicode_InternFromString("_plans");
         str_frame = PyUnicode_InternFromString("frame");
-        str_local = PyUnicode_InternFromString("local");
         str_span_attributes = PyUnicode_InternFromString("_attributes");
         str_max_value_len = PyUnicode_InternFromString("max_value_len");
         str_maxlen = PyUnicode_InternFromString("maxlen");
@@ -321,7 +319,7 @@ module_exec(PyObject *module)
             Py_CLEAR(zero);
             return -1;
         }
-        if (!str_key || !str_plans || !str_frame || !str_local || !str_updates || !str_last ||
+        if (!str_key || !str_plans || !str_frame || !str_updates || !str_last ||
             !str_get || !str_scope || !str_span_attributes || !str_max_value_len ||
             !str_maxlen || !str_dict || !str_lock || !str_acquire || !str_release || !str_locked || !str_headers ||
             !str_end_time || !str_name || !zero) {

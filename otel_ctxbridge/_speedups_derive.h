@@ -92,23 +92,20 @@ fast_derive(PyObject *key, PyObject *plans, PyObject *ctx, PyObject *values, PyO
     if (parent == NULL && PyErr_Occurred()) {
         goto error;
     }
-    if (parent == Py_None ||
-        (parent != NULL && fields_of(parent) == NULL && PyDict_Check(parent))) {
-        parent = NULL; /* a plain dict (a copied snapshot's ScopeState): no state, as state_in */
+    if (parent == Py_None) {
+        parent = NULL;
     }
     Py_XINCREF(parent); /* held: the calls below may run Python code */
     if (parent != NULL) {
         StateFields *fields = fields_of(parent);
-        if (fields != NULL) {
-            frame = fields->frame;
-            if (frame == NULL || fields->local == NULL) {
-                goto not_handled; /* a state cleared by the garbage collector */
-            }
-            Py_INCREF(frame);
+        if (fields == NULL) {
+            goto not_handled; /* no compiled state (a copied snapshot's plain dict): state_in */
         }
-        else if ((frame = PyObject_GetAttr(parent, str_frame)) == NULL) {
-            goto error;
+        frame = fields->frame;
+        if (frame == NULL || fields->local == NULL) {
+            goto not_handled; /* a state cleared by the garbage collector */
         }
+        Py_INCREF(frame);
         if (frame != Py_None) { /* updates to catch up: the Python path merges them */
             PyObject *updates = PyObject_GetAttr(frame, str_updates);
             if (updates == NULL) {

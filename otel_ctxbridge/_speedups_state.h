@@ -215,8 +215,8 @@ fill_state(ScopeState *into, PyObject *local, PyObject *frame, PyObject *generat
     return (PyObject *)into;
 }
 
-/* The State of a context written on top of one holding `state` (borrowed, may be NULL;
- * `parent_frame` is its frame) with no new process-local values, as _derive.derive_context
+/* The State of a context written on top of one holding `state` (a compiled State or
+ * ScopeState, borrowed, may be NULL; `parent_frame` is its frame) with no new process-local values, as _derive.derive_context
  * makes it; `frame` is the request frame to start (NULL: none). It is `into` when given (the
  * ScopeState of a `with` block). New reference or NULL. */
 static PyObject *
@@ -228,19 +228,10 @@ derived_state(PyObject *state, PyObject *parent_frame, PyObject *frame, ScopeSta
             return fill_state(into, config.empty, Py_None, zero);
         }
         if (parent_frame == Py_None) {
-            if (parent != NULL) {
-                return fill_state(into, parent->local, Py_None, zero);
-            }
-            PyObject *local = PyObject_GetAttr(state, str_local);
-            if (local == NULL) {
-                return NULL;
-            }
-            PyObject *result = fill_state(into, local, Py_None, zero);
-            Py_DECREF(local);
-            return result;
+            return fill_state(into, parent->local, Py_None, zero);
         }
     }
-    else if (frame != parent_frame && (state == NULL || parent != NULL)) {
+    else if (frame != parent_frame) {
         /* A request frame to start: fresh (no updates recorded yet), its state has generation
          * 0, as child_state() says. */
         PyObject *updates = PyObject_GetAttr(frame, str_updates);
