@@ -32,6 +32,13 @@ from otel_ctxbridge.executors import (
 )
 from otel_ctxbridge.logs import ContextLogFilter
 
+# The fork pools are tested on purpose (a forked worker inherits the submitter's state): the
+# warning Python 3.12+ gives for forking a process that has threads (the SDK's exporters, the
+# event loop's executor) is about that choice, not about the library.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:This process .* is multi-threaded, use of fork:DeprecationWarning"
+)
+
 N = 200
 # Module-level so that a worker process (spawned: it re-imports this module) has one too.
 CHILD_BRIDGE = cb.ContextBridge(
