@@ -238,15 +238,34 @@ def instrument_http_clients(
     return egress
 
 
+_instrumented_by_us: set[type] = set()
+"""The instrumentor classes (process-wide singletons) an :class:`HttpEgress` instrumented and
+has not undone: a second :func:`instrument_http_clients` is told so, not that another tool did
+it."""
+
+
 def _instrument(egress: HttpEgress, instrumentor: Any, **kwargs: Any) -> None:
+    kind = type(instrumentor)
     if instrumentor.is_instrumented_by_opentelemetry:
+        if kind in _instrumented_by_us:
+            raise EgressConfigError(
+                f"{kind.__name__} is already instrumented by an earlier "
+                "instrument_http_clients() call (one egress policy per process): call "
+                "uninstrument() on the HttpEgress it returned before instrumenting again"
+            )
         raise EgressConfigError(
-            f"{type(instrumentor).__name__} is already instrumented without the egress policy "
+            f"{kind.__name__} is already instrumented without the egress policy "
             "(so every host gets baggage); let instrument_http_clients() instrument it: under "
             "opentelemetry-instrument, set OTEL_PYTHON_DISABLED_INSTRUMENTATIONS=httpx,requests"
         )
     instrumentor.instrument(**kwargs)
-    egress._undo.append(instrumentor.uninstrument)
+    _instrumented_by_us.add(kind)
+
+    def undo() -> None:
+        _instrumented_by_us.discard(kind)
+        instrumentor.uninstrument()
+
+    egress._undo.append(undo)
 
 
 def use_default_propagator_if_unset() -> bool:

@@ -497,6 +497,33 @@ def test_instrumenting_an_already_instrumented_library_is_refused(
         HTTPXClientInstrumentor().uninstrument()
 
 
+def test_instrumenting_twice_says_the_earlier_call_did_it_and_works_after_uninstrument(
+    bridge: cb.ContextBridge, spans: InMemorySpanExporter
+) -> None:
+    """A second ``instrument_http_clients`` (an app factory called twice, tests) is refused
+    naming the earlier call and ``uninstrument()``, not ``opentelemetry-instrument``; the first
+    stays in force, and after its ``uninstrument()`` a new policy can be installed."""
+    from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
+
+    first = instrument_http_clients(bridge, EgressPolicy(hosts=["orders"]))
+    try:
+        with pytest.raises(EgressConfigError, match="earlier instrument_http_clients") as raised:
+            instrument_http_clients(bridge, EgressPolicy(hosts=["billing"]))
+        assert "uninstrument()" in str(raised.value)
+        assert "OTEL_PYTHON_DISABLED_INSTRUMENTATIONS" not in str(raised.value)
+        assert HTTPXClientInstrumentor().is_instrumented_by_opentelemetry  # the first holds
+    finally:
+        first.uninstrument()
+    second = instrument_http_clients(bridge, EgressPolicy(hosts=["billing"]))
+    second.uninstrument()
+    HTTPXClientInstrumentor().instrument()  # by another tool: the original diagnosis again
+    try:
+        with pytest.raises(EgressConfigError, match="without the egress policy"):
+            instrument_http_clients(bridge, EgressPolicy(hosts=["orders"]))
+    finally:
+        HTTPXClientInstrumentor().uninstrument()
+
+
 def test_default_propagator_installed_only_when_unconfigured(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
