@@ -180,7 +180,9 @@ def configure(
     with _lock:
         if _active is not None:
             raise AlreadyConfiguredError(
-                "otel_ctxbridge.configure() was already called; shutdown() the handle first"
+                "otel_ctxbridge.configure() was already called: it runs once per process "
+                "(OpenTelemetry's global providers can be set once, shutdown() does not undo "
+                "that); use the Telemetry handle the first call returned"
             )
         _refuse_foreign_providers()
         resource = _resource(service_name, resource_attributes)

@@ -274,8 +274,11 @@ def test_configure_refuses_to_install_twice(bridge: cb.ContextBridge) -> None:
     """A second configure() raises AlreadyConfiguredError while the first is active, and
     after shutdown too (OTel's global providers can be set once per process)."""
     telemetry = configure(bridge, otlp=False)
-    with pytest.raises(cb.AlreadyConfiguredError, match="already called"):
+    with pytest.raises(cb.AlreadyConfiguredError, match="already called") as raised:
         configure(bridge, otlp=False)
+    # Not a hint to shut down and configure again: that is refused too (below).
+    assert "once per process" in str(raised.value)
+    assert "shutdown() the handle first" not in str(raised.value)
     telemetry.shutdown()
     telemetry.shutdown()  # idempotent
     with pytest.raises(cb.AlreadyConfiguredError, match=r"earlier configure\(\) that was shut"):
