@@ -112,15 +112,52 @@ async def _with_store(var: ContextVar[T | None], store: T, coro: Coroutine[Any, 
         var.reset(token)
 
 
+_READ_ONLY = (
+    "the store of bridge.storage() is a snapshot of the fields: change them with "
+    "bridge.update(name=value) (or run/enter_with a new store)"
+)
+
+
+class _FieldsSnapshot(dict[str, Any]):
+    """What ``BridgedStorage.get_store()`` returns: a dict (JSON, ``**`` and ``dict()`` work)
+    that refuses changes with a ``TypeError`` naming ``bridge.update``, since changing a copy
+    would change nothing where the fields live. Copies and pickles are plain dicts."""
+
+    __slots__ = ()
+
+    def _refuse(self, *args: object, **kwargs: object) -> Any:
+        raise TypeError(_READ_ONLY)
+
+    __setitem__ = __delitem__ = __ior__ = _refuse
+    clear = pop = popitem = setdefault = update = _refuse
+
+    def __reduce__(self) -> tuple[type[dict[str, Any]], tuple[dict[str, Any]]]:
+        return dict, (dict(self),)
+
+    def copy(self) -> dict[str, Any]:
+        """A plain, changeable dict of the same fields."""
+        return dict(self)
+
+
+def _mapping(method: str, store: object) -> Mapping[str, Any]:
+    if not isinstance(store, Mapping):
+        raise TypeError(
+            f"storage().{method}(store, ...): the store must be a mapping of field names to "
+            f"values, not {type(store).__name__}"
+        )
+    return store
+
+
 class BridgedStorage(AsyncLocalStorage[dict[str, Any]]):
     """An :class:`AsyncLocalStorage` whose store is a dict of a bridge's declared fields.
 
     The values go where the bridge puts them (baggage or the process-local slot), so spans,
     logs and downstream calls see them; ``run`` and ``enter_with`` start a scope of their own
     (like ``bridge.scope``: the current span is stamped, ``bridge.update`` works inside).
-    ``get_store()`` returns a fresh dict each time, so changing it changes nothing: change
-    values with ``run``, ``enter_with`` or the bridge's ``update``. ``disable()`` only makes
-    ``get_store()`` answer None; the fields still reach spans, logs and carriers.
+    ``get_store()`` returns a fresh read-only dict each time (changing it raises
+    ``TypeError``): change values with ``run``, ``enter_with`` or the bridge's ``update``.
+    ``disable()`` only makes ``get_store()`` answer None; the fields still reach spans, logs
+    and carriers.
     """
 
     def __init__(self, bridge: ContextBridge) -> None:
@@ -135,19 +172,21 @@ class BridgedStorage(AsyncLocalStorage[dict[str, Any]]):
     def run(self, store: Mapping[str, Any], fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
         """Call ``fn`` with exactly the fields of ``store`` set (others unset)."""
         self._enabled = True
-        return self._bridge.run(self._cleared(store), fn, *args, **kwargs)
+        return self._bridge.run(self._cleared(_mapping("run", store)), fn, *args, **kwargs)
 
     def get_store(self) -> dict[str, Any] | None:
-        """A dict of the declared fields set now, or None when none is set or disabled."""
+        """A read-only dict of the declared fields set now, or None when none is set or
+        disabled."""
         if not self._enabled:
             return None
         values = self._bridge.values_in(rt.get_current())
-        return values or None
+        return _FieldsSnapshot(values) if values else None
 
     def enter_with(self, store: Mapping[str, Any]) -> None:
         """Set exactly the fields of ``store`` for the rest of the current context."""
         self._enabled = True
-        rt.attach(entered(self._bridge, rt.get_current(), self._cleared(store)))
+        values = self._cleared(_mapping("enter_with", store))
+        rt.attach(entered(self._bridge, rt.get_current(), values))
 
     def exit(self, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
         """Call ``fn`` with every declared field unset."""

@@ -226,19 +226,75 @@ def test_bridged_run_and_enter_with_are_scopes_that_update_works_in(
     assert dict(outer.attributes or {}) == {"app.request_id": "r-1", "app.user_id": "u-1"}
 
 
-def test_bridged_get_store_is_a_copy_and_disable_only_hides_it(bridge: cb.ContextBridge) -> None:
-    """Changing the dict get_store() returned changes nothing; disable() makes get_store()
-    answer None while the fields still reach the bridge's readers."""
+def test_bridged_get_store_refuses_changes_and_disable_only_hides_it(
+    bridge: cb.ContextBridge,
+) -> None:
+    """Changing the dict get_store() returned (as a Node user changes the store object) raises
+    a TypeError naming ``bridge.update`` instead of silently changing a copy; the fields stay
+    as they were; disable() makes get_store() answer None while the fields still reach the
+    bridge's readers."""
     als = bridge.storage()
 
     def body() -> tuple[object, object, object]:
         store = als.get_store()
         assert store is not None
-        store["tenant_id"] = "changed"
+        for change in (
+            lambda: store.__setitem__("tenant_id", "changed"),
+            lambda: store.update(tenant_id="changed"),
+            lambda: store.pop("tenant_id"),
+            lambda: store.setdefault("user_id", "u"),
+            store.clear,
+        ):
+            with pytest.raises(TypeError, match=r"bridge\.update\(name=value\)"):
+                change()
+        assert store == {"tenant_id": "acme"}
         als.disable()
         return bridge.get("tenant_id"), als.get_store(), bridge.inject({})["baggage"]
 
     assert als.run({"tenant_id": "acme"}, body) == ("acme", None, "tenant_id=acme")
+
+
+def test_bridged_get_store_reads_as_a_plain_dict(bridge: cb.ContextBridge) -> None:
+    """The store serialises and copies as a dict: JSON, ``**``, ``dict()``, ``copy``,
+    ``pickle`` and ``|`` give ordinary values (the copies can be changed)."""
+    import copy
+    import json
+    import pickle
+
+    als = bridge.storage()
+
+    def body() -> None:
+        store = als.get_store()
+        assert store is not None
+        assert json.loads(json.dumps(store)) == {"request_id": "r-1"}
+        for plain in (
+            dict(store),
+            {**store},
+            store.copy(),
+            copy.copy(store),
+            copy.deepcopy(store),
+            pickle.loads(pickle.dumps(store)),
+            store | {},
+        ):
+            assert type(plain) is dict
+            assert plain == {"request_id": "r-1"}
+            plain["request_id"] = "mine"
+
+    als.run({"request_id": "r-1"}, body)
+
+
+@pytest.mark.parametrize("store", ["r-1", None, [("request_id", "r-1")]])
+def test_bridged_run_and_enter_with_refuse_a_store_that_is_no_mapping(
+    bridge: cb.ContextBridge, store: object
+) -> None:
+    """A store that is not a mapping of field names (a bare request id, a list of pairs) is
+    refused with a TypeError that says what the store must be, before anything is set."""
+    als = bridge.storage()
+    with pytest.raises(TypeError, match="must be a mapping of field names"):
+        als.run(store, lambda: None)  # type: ignore[arg-type] # the wrong type is the test
+    with pytest.raises(TypeError, match="must be a mapping of field names"):
+        als.enter_with(store)  # type: ignore[arg-type] # the wrong type is the test
+    assert als.get_store() is None
 
 
 async def test_run_scopes_a_coroutine_that_is_not_native() -> None:
