@@ -202,7 +202,10 @@ class ContextBridge:
         if state is None:
             raise MissingContextError(
                 "update() outside any scope or request: use bridge.scope(...) or "
-                "bridge.run(...) around the work (or storage().enter_with(...) on purpose)"
+                "bridge.run(...) around the work (or storage().enter_with(...) on purpose); "
+                "in a thread or callback started from a request, wrap its function with "
+                "bridge.bind(fn) (or use ContextExecutor) so that it runs in the request's "
+                "context"
             )
         if not values:
             return

@@ -23,9 +23,11 @@ def test_update_outside_any_scope_is_refused_and_changes_nothing(
     bridge: cb.ContextBridge,
 ) -> None:
     """Outside a scope or request update() raises MissingContextError instead of leaving the
-    values in the thread's context for whatever runs there next (the next pool job)."""
-    with pytest.raises(cb.MissingContextError, match="update"):
+    values in the thread's context for whatever runs there next (the next pool job); the
+    message names the fix for a thread started from a request (``bridge.bind``)."""
+    with pytest.raises(cb.MissingContextError, match="update") as raised:
         bridge.update(user_id="u-1")
+    assert "bridge.bind(fn)" in str(raised.value)
     assert dict(bridge.current()) == {}
 
     def job(i: int) -> object:
