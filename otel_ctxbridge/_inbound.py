@@ -286,7 +286,9 @@ class InboundReader:
         texts = [_utf8(v) for v in raw]
         members, dropped = parse_baggage([t for t in texts if t is not None])
         if dropped or None in texts:
-            self.bridge.count_drop("baggage", "malformed baggage members dropped")
+            self.bridge.count_drop(
+                "baggage", "baggage members dropped: malformed, or past 180 members or 8192 bytes"
+            )
         return members
 
     def _first_valid(self, name: str, field: Field, candidates: list[str | None]) -> str | None:

@@ -51,7 +51,10 @@ class BaggagePropagator(TextMapPropagator):
             _logger.warning("otel_ctxbridge: unreadable baggage header dropped")
             return ctx
         if dropped:
-            _logger.debug("otel_ctxbridge: dropped %d malformed baggage members", dropped)
+            _logger.debug(
+                "otel_ctxbridge: dropped %d baggage members (malformed or past the limits)",
+                dropped,
+            )
         if not members:
             return ctx
         bag: dict[str, object] = dict(ctx.get(rt.BAGGAGE_KEY) or {})  # type: ignore[call-overload]

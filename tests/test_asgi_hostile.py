@@ -270,3 +270,23 @@ def test_spoofed_baggage_never_shows_on_the_server_span_under_the_users_own_otel
     assert "app.tenant_id" not in first.attributes
     assert first.attributes["app.user_id"] == "hook-user"[:length_limit]
     assert second.attributes["app.tenant_id"] == "from-hook"[:length_limit]
+
+
+def test_oversized_baggage_is_reported_as_past_the_limits_not_as_malformed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """2,000 well-formed members: the drop warning says the limits may be why (not only
+    "malformed"), counted once under "baggage", without any member's value."""
+    import logging
+
+    from otel_ctxbridge._inbound import InboundReader
+
+    bridge = cb.ContextBridge([cb.Field("request_id", header="x-request-id", inbound="always")])
+    reader = InboundReader(bridge, TrustPolicy(), "request_id")
+    members = b",".join(b"m%d=secret%d" % (i, i) for i in range(2000))
+    scope = {"type": "http", "headers": [(b"baggage", members)], "client": ("203.0.113.9", 1)}
+    with caplog.at_level(logging.WARNING):
+        reader.read(scope)
+    assert bridge.drop_counts() == {"baggage": 1}
+    assert "past 180 members or 8192 bytes" in caplog.text
+    assert "secret" not in caplog.text
