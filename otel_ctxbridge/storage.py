@@ -171,8 +171,9 @@ class BridgedStorage(AsyncLocalStorage[dict[str, Any]]):
 
     def run(self, store: Mapping[str, Any], fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
         """Call ``fn`` with exactly the fields of ``store`` set (others unset)."""
+        values = self._cleared(_mapping("run", store))
         self._enabled = True
-        return self._bridge.run(self._cleared(_mapping("run", store)), fn, *args, **kwargs)
+        return self._bridge.run(values, fn, *args, **kwargs)
 
     def get_store(self) -> dict[str, Any] | None:
         """A read-only dict of the declared fields set now, or None when none is set or
@@ -184,8 +185,8 @@ class BridgedStorage(AsyncLocalStorage[dict[str, Any]]):
 
     def enter_with(self, store: Mapping[str, Any]) -> None:
         """Set exactly the fields of ``store`` for the rest of the current context."""
-        self._enabled = True
         values = self._cleared(_mapping("enter_with", store))
+        self._enabled = True
         rt.attach(entered(self._bridge, rt.get_current(), values))
 
     def exit(self, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:

@@ -288,13 +288,16 @@ def test_bridged_run_and_enter_with_refuse_a_store_that_is_no_mapping(
     bridge: cb.ContextBridge, store: object
 ) -> None:
     """A store that is not a mapping of field names (a bare request id, a list of pairs) is
-    refused with a TypeError that says what the store must be, before anything is set."""
+    refused with a TypeError that says what the store must be, before anything is set (a
+    disabled storage stays disabled)."""
     als = bridge.storage()
+    als.disable()
     with pytest.raises(TypeError, match="must be a mapping of field names"):
         als.run(store, lambda: None)  # type: ignore[arg-type] # the wrong type is the test
     with pytest.raises(TypeError, match="must be a mapping of field names"):
         als.enter_with(store)  # type: ignore[arg-type] # the wrong type is the test
-    assert als.get_store() is None
+    with bridge.scope(request_id="r-1"):
+        assert als.get_store() is None  # still disabled
 
 
 async def test_run_scopes_a_coroutine_that_is_not_native() -> None:
