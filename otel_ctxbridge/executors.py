@@ -15,7 +15,10 @@ What carries the context already and what does not:
 
 - Processes share no memory: :class:`ContextProcessExecutor` (or :func:`submit_with_context`
   on any ``ProcessPoolExecutor``) sends the context as W3C headers with each task and restores
-  it in the worker process; process-local fields stay behind, as everywhere else.
+  it in the worker process; process-local fields stay behind, as everywhere else. They submit
+  from an empty context: a pool starts its workers when tasks are submitted, and a worker
+  *forked* inside a request would otherwise keep that request's context (process-local values
+  included) for every plain ``submit`` it runs afterwards.
 """
 
 from __future__ import annotations
@@ -49,6 +52,14 @@ def _in_this_context(fn: Callable[P, R]) -> Callable[P, R]:
     if rt._VAR is None:  # pragma: no cover - a custom OTel runtime context is not a ContextVar
         fn = rt.bind_context(fn)
     return functools.partial(contextvars.copy_context().run, fn)
+
+
+def _submit_from_an_empty_context(
+    submit: Callable[..., Future[R]], fn: Callable[..., Any], /, *args: Any, **kwargs: Any
+) -> Future[R]:
+    """``submit(fn, *args, **kwargs)`` called in an empty ``contextvars`` context, so that a
+    worker process it forks starts with none (the task carries its own, as headers)."""
+    return contextvars.Context().run(submit, fn, *args, **kwargs)
 
 
 def context_headers(bridge: ContextBridge | None = None) -> dict[str, str]:
@@ -92,7 +103,10 @@ class ContextProcessExecutor(ProcessPoolExecutor):
     def submit(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> Future[R]:
         """Schedule ``fn(*args, **kwargs)`` in a worker process, in the current context."""
         headers = context_headers(self._bridge)
-        return super().submit(call_with_headers, headers, fn, *args, **kwargs)
+        submit = super().submit
+        return _submit_from_an_empty_context(
+            submit, call_with_headers, headers, fn, *args, **kwargs
+        )
 
 
 def submit_with_context(
@@ -108,7 +122,10 @@ def submit_with_context(
     if isinstance(executor, (ContextExecutor, ContextProcessExecutor)):
         return executor.submit(fn, *args, **kwargs)
     if isinstance(executor, ProcessPoolExecutor):
-        return executor.submit(call_with_headers, context_headers(bridge), fn, *args, **kwargs)
+        headers = context_headers(bridge)
+        return _submit_from_an_empty_context(
+            executor.submit, call_with_headers, headers, fn, *args, **kwargs
+        )
     return executor.submit(_in_this_context(fn), *args, **kwargs)
 
 
@@ -132,7 +149,8 @@ def run_in_executor(
         executor, ContextProcessExecutor
     ):
         call = functools.partial(call_with_headers, context_headers(bridge), fn, *args)
-        return running.run_in_executor(executor, call)
+        # The pool may fork a worker now: from an empty context (see the module documentation).
+        return contextvars.Context().run(running.run_in_executor, executor, call)
     if isinstance(executor, (ContextExecutor, ContextProcessExecutor)):
         return running.run_in_executor(executor, fn, *args)
     return running.run_in_executor(executor, _in_this_context(fn), *args)

@@ -133,6 +133,33 @@ async def test_plain_process_pool_through_the_helpers(bridge: cb.ContextBridge) 
     assert (via_submit["request_id"], via_submit["tenant_id"]) == ("r-loop", "acme")
 
 
+@pytest.mark.parametrize(
+    "helper", ["submit_with_context", "run_in_executor", "ContextProcessExecutor"]
+)
+async def test_a_worker_forked_by_a_helper_inside_a_request_keeps_nothing_of_it(
+    helper: str,
+) -> None:
+    """A pool starts its workers when tasks are submitted. A worker forked while a helper
+    submits a request's task must not keep that request's context: the plain ``submit`` calls
+    it runs afterwards (in that request or outside any) see no request id, no propagated
+    tenant and no process-local user."""
+    context = multiprocessing.get_context("fork")
+    kind = ContextProcessExecutor if helper == "ContextProcessExecutor" else ProcessPoolExecutor
+    with kind(max_workers=1, mp_context=context) as pool:
+        with CHILD_BRIDGE.scope(request_id="r-a", tenant_id="acme", user_id="alice"):
+            if helper == "run_in_executor":
+                first = await run_in_executor(pool, child_task, 1)
+            elif helper == "submit_with_context":
+                first = submit_with_context(pool, child_task, 1).result(timeout=60)
+            else:
+                first = pool.submit(child_task, 1).result(timeout=60)
+            later = ProcessPoolExecutor.submit(pool, child_task, 2).result(timeout=60)
+        after = ProcessPoolExecutor.submit(pool, child_task, 3).result(timeout=60)
+    assert (first["request_id"], first["tenant_id"], first["user_id"]) == ("r-a", "acme", None)
+    for seen in (later, after):
+        assert (seen["request_id"], seen["tenant_id"], seen["user_id"]) == (None, None, None)
+
+
 async def test_late_updates_reach_a_plain_process_pool_when_the_bridge_is_passed(
     bridge: cb.ContextBridge,
 ) -> None:
