@@ -244,6 +244,47 @@ async def test_max_pools_evicts_the_idle_pool_and_refuses_when_all_are_busy(
         await registry.close()
 
 
+async def test_waiting_for_a_connection_is_bounded_by_acquire_timeout(
+    bridge: cb.ContextBridge, dsns: dict[str, str]
+) -> None:
+    """A tenant's pool with every connection lent out makes the next borrower wait at most
+    ``acquire_timeout``, then raise TenantPoolError naming the tenant and ``max_size``; a
+    transaction that holds the only connection and opens ``nested="new"`` gets the same
+    error instead of waiting for itself forever. Nothing stays lent out afterwards."""
+    from otel_ctxbridge.integrations.db import Transactions
+
+    registry = TenantPools(bridge, dsns, max_size=1, acquire_timeout=0.3)
+    tx = Transactions(registry)
+    try:
+        with bridge.scope(tenant_id="acme"):
+            async with registry.acquire() as conn:
+                await conn.execute("SELECT 1")
+                started = asyncio.get_running_loop().time()
+                with pytest.raises(TenantPoolError, match=r"'acme'.*0\.3 s \(max_size=1\)"):
+                    async with registry.acquire():
+                        pass
+                assert asyncio.get_running_loop().time() - started < 5
+            async with tx.transaction():
+                with pytest.raises(TenantPoolError, match="nested='new'"):
+                    async with tx.transaction(nested="new"):
+                        pass
+            async with registry.acquire() as conn:  # the pool is whole again
+                assert await conn.fetchval("SELECT 1") == 1
+        assert registry.in_use() == 0
+    finally:
+        await registry.close()
+
+
+def test_acquire_timeout_must_be_positive_or_none(
+    bridge: cb.ContextBridge, dsns: dict[str, str]
+) -> None:
+    """A zero or negative ``acquire_timeout`` is refused at construction."""
+    for bad in (0, -1.0):
+        with pytest.raises(ValueError, match="acquire_timeout"):
+            TenantPools(bridge, dsns, acquire_timeout=bad)
+    TenantPools(bridge, dsns, acquire_timeout=None)
+
+
 async def test_a_failed_pool_creation_is_retried_by_the_next_request(
     bridge: cb.ContextBridge, dsns: dict[str, str]
 ) -> None:

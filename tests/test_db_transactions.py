@@ -208,6 +208,19 @@ async def test_concurrent_requests_never_share_a_transaction(
     assert len(set(ids)) == 100
 
 
+async def test_a_thread_is_told_it_cannot_use_the_transaction(
+    bridge: cb.ContextBridge, tx: Transactions[Any]
+) -> None:
+    """From a worker thread (``asyncio.to_thread`` copies the context), using the request's
+    transaction raises TransactionScopeError saying a thread cannot use it, not the advice for
+    tasks (``tx.shared``, which wraps coroutine functions)."""
+    with bridge.scope(tenant_id="acme"):
+        async with tx.transaction():
+            with pytest.raises(TransactionScopeError, match="a thread cannot use it") as raised:
+                await asyncio.to_thread(tx.current_connection)
+    assert "tx.shared" not in str(raised.value)
+
+
 async def test_nested_transaction_is_a_savepoint_by_default_or_joins_or_is_new(
     bridge: cb.ContextBridge, tx: Transactions[Any], schemas: dict[str, str]
 ) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast, overload
 
 from otel_ctxbridge.errors import (
@@ -76,6 +76,10 @@ class TenantPools(Generic[C]):
         min_size, max_size: bounds of each tenant's pool.
         max_pools: most pools kept open at once; opening one more closes the least recently
             used idle pool, or raises :class:`TenantPoolError` when all are in use.
+        acquire_timeout: seconds :meth:`acquire` waits for a free connection of the tenant's
+            pool before it raises :class:`TenantPoolError` (None: as long as it takes). A
+            task that holds one connection and asks for another (``nested="new"``
+            transactions) needs ``max_size`` >= 2, or it would wait for itself.
         connect: ``asyncpg.create_pool``-compatible factory,
             ``connect(dsn, min_size=..., max_size=..., **pool_options) -> Awaitable[pool]``.
         pool_options: more keyword arguments for ``connect`` (``command_timeout``, ``init``...).
@@ -93,6 +97,7 @@ class TenantPools(Generic[C]):
         min_size: int = ...,
         max_size: int = ...,
         max_pools: int = ...,
+        acquire_timeout: float | None = ...,
         connect: None = ...,
         **pool_options: Any,
     ) -> None: ...
@@ -107,6 +112,7 @@ class TenantPools(Generic[C]):
         min_size: int = ...,
         max_size: int = ...,
         max_pools: int = ...,
+        acquire_timeout: float | None = ...,
         connect: Callable[..., Awaitable[PoolLike[C]]],
         **pool_options: Any,
     ) -> None: ...
@@ -120,6 +126,7 @@ class TenantPools(Generic[C]):
         min_size: int = 1,
         max_size: int = 10,
         max_pools: int = 100,
+        acquire_timeout: float | None = 30.0,
         connect: Callable[..., Awaitable[PoolLike[Any]]] | None = None,
         **pool_options: Any,
     ) -> None:
@@ -135,6 +142,8 @@ class TenantPools(Generic[C]):
             raise ValueError("TenantPools: need 0 <= min_size <= max_size and max_size >= 1")
         if max_pools < 1:
             raise ValueError("TenantPools: max_pools must be at least 1")
+        if acquire_timeout is not None and not acquire_timeout > 0:
+            raise ValueError("TenantPools: acquire_timeout must be positive seconds or None")
         if not (isinstance(dsn_for_tenant, Mapping) or callable(dsn_for_tenant)):
             raise TypeError("TenantPools: dsn_for_tenant must be a mapping or a callable")
         if connect is None:
@@ -149,6 +158,7 @@ class TenantPools(Generic[C]):
         self._options: dict[str, Any] = {"min_size": min_size, "max_size": max_size}
         self._options.update(pool_options)
         self._max_pools = max_pools
+        self._acquire_timeout = acquire_timeout
         self._entries: OrderedDict[str, _Entry] = OrderedDict()  # least recently used first
         self._closing: set[asyncio.Future[Any]] = set()
         self._closed = False
@@ -233,8 +243,9 @@ class TenantPools(Generic[C]):
         """``async with pools.acquire() as conn``: a connection of the current tenant's pool,
         returned to that pool when the block ends (also on errors and cancellation).
 
-        Raises :class:`MissingContextError` without a tenant and :class:`UnknownTenantError`
-        for a tenant the registry does not know."""
+        Raises :class:`MissingContextError` without a tenant, :class:`UnknownTenantError`
+        for a tenant the registry does not know, and :class:`TenantPoolError` when no
+        connection comes free within ``acquire_timeout``."""
         return self._lease(self.tenant())
 
     @asynccontextmanager
@@ -243,7 +254,25 @@ class TenantPools(Generic[C]):
         entry.leases += 1  # counted before any await: an entry in use is never evicted
         try:
             pool = cast(PoolLike[C], await asyncio.shield(entry.ready))
-            async with pool.acquire() as connection:
+            async with AsyncExitStack() as lent:
+                borrow = lent.enter_async_context(pool.acquire())
+                timeout = self._acquire_timeout
+                if timeout is None:
+                    connection = await borrow
+                else:
+                    loop = asyncio.get_running_loop()
+                    started = loop.time()
+                    try:
+                        connection = await asyncio.wait_for(borrow, timeout)
+                    except asyncio.TimeoutError:
+                        if loop.time() - started < timeout:
+                            raise  # the pool's own (a connect timeout), not the wait's
+                        raise TenantPoolError(
+                            f"no connection of tenant {tenant!r}'s pool came free within "
+                            f"{timeout:g} s (max_size={self._options['max_size']}); a task "
+                            "that holds one and asks for another (nested='new') needs "
+                            "max_size >= 2"
+                        ) from None
                 yield connection
         finally:
             entry.leases -= 1

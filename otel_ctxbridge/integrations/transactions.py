@@ -180,6 +180,12 @@ class Transactions(Generic[C]):
             raise TransactionScopeError("the transaction in this context has already ended")
         me = _this_task()
         if held.owner is not me:
+            if me is None:  # a worker thread (asyncio.to_thread, an executor)
+                raise TransactionScopeError(
+                    "the transaction in this context belongs to the task that opened it; a "
+                    "thread cannot use it (the connection belongs to its event loop): run the "
+                    "query in that task, awaiting it there"
+                )
             raise TransactionScopeError(
                 "the transaction in this context belongs to the task that opened it; a task "
                 "spawned inside may use it only through tx.shared(fn)"
