@@ -8,6 +8,7 @@ tracer (the code a worker runs), without a broker.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -80,6 +81,26 @@ def test_worker_takes_fields_by_policy_and_restores_its_context(
     assert _runtime.get_current() is before
     assert seen[0] == {"request_id": "r-1", "trace_id": int("ab" * 16, 16)}
     assert seen[1] == seen[0]
+
+
+def test_an_untrusted_worker_says_once_which_trusted_fields_it_leaves_out(
+    bridge: cb.ContextBridge, local_app: tuple[Celery, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A message carrying the tenant (``inbound="trusted"``) to a worker instrumented with
+    ``trusted=False`` is not silently half-restored: one warning names the field and
+    ``trusted=True``, without its value, however many tasks follow."""
+    app, seen = local_app
+    with bridge.scope(request_id="r-1", tenant_id="acme"):
+        headers = bridge.inject({})
+    with caplog.at_level(logging.WARNING, logger="otel_ctxbridge"):
+        _run_like_a_worker(app, headers)
+        _run_like_a_worker(app, headers)
+    told = [r.getMessage() for r in caplog.records if "leaves out" in r.getMessage()]
+    assert len(told) == 1
+    assert "tenant_id" in told[0]
+    assert "trusted=True" in told[0]
+    assert "acme" not in caplog.text
+    assert [s.get("tenant_id") for s in seen] == [None, None]
 
 
 def test_an_instrumentation_connected_first_keeps_its_span_and_the_thread_is_restored(

@@ -37,6 +37,7 @@ from otel_ctxbridge import _runtime as rt
 from otel_ctxbridge._scope import stamp
 from otel_ctxbridge.bridge import ContextBridge
 from otel_ctxbridge.carriers import context_from
+from otel_ctxbridge.limits import parse_baggage
 
 __all__ = ["CeleryInstrumentation", "instrument_celery"]
 
@@ -62,6 +63,7 @@ class CeleryInstrumentation:
         """Whether ``inbound="trusted"`` fields are taken from task messages."""
         self.generate = generate
         """Whether missing generate-able fields (the request id) get a fresh value."""
+        self._told_untrusted = trusted  # said once that trusted fields were left out
         self._uid = f"otel_ctxbridge-{uuid.uuid4()}"
         self._keys = tuple(
             dict.fromkeys((*_CARRIED, *(f.header for f in bridge.fields.values() if f.header)))
@@ -99,9 +101,12 @@ class CeleryInstrumentation:
             span = trace.get_current_span(base)
             if not span.get_span_context().is_valid:
                 base = Context()  # start clean: nothing an earlier task left behind
+            carrier = self._carrier(request)
+            if not self._told_untrusted:
+                self._tell_if_trusted_fields_left_out(carrier)
             ctx = context_from(
                 self.bridge,
-                self._carrier(request),
+                carrier,
                 trusted=self.trusted,
                 generate=self.generate,
                 base=base,
@@ -125,6 +130,30 @@ class CeleryInstrumentation:
             if value is not None:
                 carrier[key] = value
         return carrier
+
+    def _tell_if_trusted_fields_left_out(self, carrier: dict[str, Any]) -> None:
+        """Once: a message carried ``inbound="trusted"`` fields, which a worker instrumented
+        with ``trusted=False`` does not take (a tenant the task then lacks). Names only."""
+        raw = carrier.get("baggage")
+        texts = [raw] if isinstance(raw, str) else [t for t in raw or () if isinstance(t, str)]
+        members = parse_baggage(texts)[0] if texts else {}
+        left_out = [
+            name
+            for name, field in self.bridge.fields.items()
+            if field.inbound == "trusted"
+            and (
+                (field.header is not None and carrier.get(field.header) is not None)
+                or (field.propagate and str(field.baggage_key) in members)
+            )
+        ]
+        if left_out:
+            self._told_untrusted = True
+            _logger.warning(
+                "otel_ctxbridge: task messages carry %s (inbound='trusted'), which "
+                "instrument_celery(trusted=False) leaves out; pass trusted=True if only your "
+                "own services can publish to this broker",
+                ", ".join(left_out),
+            )
 
     def _postrun(self, sender: Any = None, task: Any = None, **_: Any) -> None:
         request = getattr(task, "request", None)
