@@ -4,7 +4,12 @@
 
     telemetry = cb.configure(bridge, service_name="orders", endpoint="http://collector:4318")
     ...
-    telemetry.shutdown()        # at exit (also registered by the SDK's atexit hooks)
+    telemetry.shutdown()        # at exit: in the ASGI lifespan's shutdown, say
+
+The SDK flushes at interpreter exit (``atexit``), which SIGTERM skips; ``configure()`` therefore
+also shuts down on SIGTERM, when nothing else handles it (``flush_on_sigterm``). Where a
+server resets signal handlers in its worker processes (gunicorn with ``--preload``), call
+``telemetry.shutdown()`` from the application's lifespan shutdown.
 
 ``configure()`` runs once per process: OpenTelemetry lets the global providers be set once,
 so a second call raises :class:`~otel_ctxbridge.AlreadyConfiguredError`, also after
@@ -40,6 +45,7 @@ from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 
+from . import _sigterm
 from ._background import BackgroundCall, wait_all
 from ._otlp_export import (
     DEFAULT_EXPORT_TIMEOUT as DEFAULT_EXPORT_TIMEOUT,  # noqa: PLC0414 - explicit re-export (mypy)
@@ -57,6 +63,8 @@ _logger = logging.getLogger("otel_ctxbridge")
 _lock = threading.Lock()
 _active: Telemetry | None = None
 _installed: weakref.WeakSet[TracerProvider] = weakref.WeakSet()  # by configure(), ever
+_SIGTERM_WAIT = 8.0
+"""Seconds a SIGTERM waits for the flush (``shutdown()`` returns within about 5)."""
 
 
 class Telemetry:
@@ -75,6 +83,8 @@ class Telemetry:
         self.logging_handler = handler
         """The handler on the root logger that turns stdlib records into OTel log records."""
         self._closed = False
+        self.flushes_on_sigterm = False
+        """True when ``configure()`` installed the SIGTERM handler that shuts this down."""
         self._flush_lock = threading.Lock()
         self._flushes: list[BackgroundCall | None] = [None, None]  # tracer's, logger's
 
@@ -112,6 +122,8 @@ class Telemetry:
             self._closed = True
             if _active is self:
                 _active = None
+        if self.flushes_on_sigterm:
+            _sigterm.remove()
         if self.logging_handler is not None:
             logging.getLogger().removeHandler(self.logging_handler)
         shutdowns = (self.tracer_provider.shutdown, self.logger_provider.shutdown)
@@ -152,6 +164,7 @@ def configure(
     log_level: int | str = logging.NOTSET,
     bridge_logging: bool = True,
     set_propagator: bool = True,
+    flush_on_sigterm: bool = True,
 ) -> Telemetry:
     """Install global tracer and logger providers carrying the bridge's fields, exporting OTLP.
 
@@ -169,6 +182,10 @@ def configure(
         span_exporters, log_exporters: extra exporters, each behind a batch processor.
         log_level: level of the handler bridging stdlib logging (root logger) to OTel logs.
         bridge_logging: False leaves stdlib logging alone.
+        flush_on_sigterm: on SIGTERM (how Kubernetes, Docker and systemd stop a service; it
+            ends the process without running the SDK's ``atexit`` flush, also after uvicorn's
+            graceful shutdown), run :meth:`Telemetry.shutdown` before the process ends.
+            Installed from the main thread only, and only when nothing else handles SIGTERM.
         set_propagator: install :func:`default_propagator` as the global textmap (skipped
             when ``OTEL_PROPAGATORS`` is set).
 
@@ -213,8 +230,10 @@ def configure(
             logging.getLogger().addHandler(handler)
         if set_propagator and not os.environ.get("OTEL_PROPAGATORS"):
             propagate.set_global_textmap(default_propagator())
-        _active = Telemetry(bridge, tracer_provider, logger_provider, handler)
-        return _active
+        _active = telemetry = Telemetry(bridge, tracer_provider, logger_provider, handler)
+    if flush_on_sigterm:
+        telemetry.flushes_on_sigterm = _sigterm.install(telemetry.shutdown, _SIGTERM_WAIT)
+    return telemetry
 
 
 def _refuse_foreign_providers() -> None:
@@ -226,8 +245,10 @@ def _refuse_foreign_providers() -> None:
         )
     if not isinstance(provider, trace.ProxyTracerProvider):
         raise AlreadyConfiguredError(
-            "a global TracerProvider is already set (OTel allows one per process); add "
-            "otel_ctxbridge.ContextSpanProcessor(bridge) to it instead of calling configure()"
+            "a global TracerProvider is already set (OTel allows one per process; "
+            "opentelemetry-instrument sets one): add otel_ctxbridge.ContextSpanProcessor(bridge) "
+            "to it, and ContextLogRecordProcessor(bridge) to the LoggerProvider, instead of "
+            "calling configure()"
         )
     if not isinstance(_logs.get_logger_provider(), ProxyLoggerProvider):
         raise AlreadyConfiguredError(
