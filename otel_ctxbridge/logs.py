@@ -49,7 +49,7 @@ import logging
 import re
 import warnings
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from opentelemetry.context import Context
 from opentelemetry.sdk._logs import LoggerProvider, LogRecordProcessor, ReadWriteLogRecord
@@ -303,5 +303,21 @@ def _otel_handler(provider: LoggerProvider) -> logging.Handler:
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            return LoggingHandler(logger_provider=provider)
-    return LoggingHandler(logger_provider=provider)
+            return _without_flush(LoggingHandler)(logger_provider=provider)
+    return _without_flush(LoggingHandler)(logger_provider=provider)
+
+
+_H = TypeVar("_H", bound=logging.Handler)
+
+
+def _without_flush(handler: type[_H]) -> type[_H]:
+    """``handler`` whose ``flush()`` does nothing. OTel's flushes the provider from a new
+    thread, and ``logging.shutdown()`` flushes every handler ever made at interpreter exit,
+    when Python 3.12+ refuses new threads ("can't create new thread at interpreter shutdown",
+    printed at every exit). The provider flushes on its own at shutdown and exit."""
+
+    class QuietFlush(handler):  # type: ignore[valid-type,misc] # a class chosen at run time
+        def flush(self) -> None:
+            """Nothing: see :func:`_without_flush`."""
+
+    return QuietFlush

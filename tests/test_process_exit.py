@@ -1,5 +1,6 @@
-"""SIGTERM (how Kubernetes, Docker and systemd stop a service) flushes what configure()
-installed: a real uvicorn server in its own process, exporting to a real OTLP/HTTP receiver."""
+"""How a process that called configure() ends: SIGTERM (how Kubernetes, Docker and systemd
+stop a service) flushes what it installed (a real uvicorn server in its own process, exporting
+to a real OTLP/HTTP receiver), and a plain exit prints no error."""
 
 from __future__ import annotations
 
@@ -108,3 +109,31 @@ def test_configure_handles_sigterm_only_where_nothing_else_does(bridge: cb.Conte
     telemetry = configure(bridge, otlp=False, bridge_logging=False, flush_on_sigterm=False)
     assert not telemetry.flushes_on_sigterm
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+@pytest.mark.parametrize("shut_down", [False, True])
+def test_a_process_that_logged_through_the_bridge_exits_without_an_error(shut_down: bool) -> None:
+    """At interpreter exit ``logging.shutdown()`` flushes every handler ever made; OTel's
+    logging handler flushes from a new thread, which Python 3.12+ refuses then ("can't create
+    new thread at interpreter shutdown", printed at every exit). Exit is quiet, with or
+    without ``shutdown()``, and the log record still reaches the exporter at exit."""
+    script = f"""
+import logging
+import otel_ctxbridge as cb
+from opentelemetry.sdk._logs.export import ConsoleLogRecordExporter
+
+bridge = cb.ContextBridge([cb.Field("request_id")])
+telemetry = cb.configure(bridge, otlp=False, log_exporters=[ConsoleLogRecordExporter()])
+with bridge.scope(request_id="r-exit"):
+    logging.getLogger("app").warning("last words")
+if {shut_down}:
+    telemetry.shutdown()
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Exception ignored" not in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    assert "last words" in done.stdout
+    assert "r-exit" in done.stdout
