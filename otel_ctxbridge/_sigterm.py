@@ -28,7 +28,9 @@ def install(flush: Callable[[], None], timeout: float) -> bool:
     sigterm = getattr(signal, "SIGTERM", None)
     if sigterm is None or threading.current_thread() is not threading.main_thread():
         return False
-    if signal.getsignal(sigterm) is not signal.SIG_DFL:
+    current = signal.getsignal(sigterm)
+    ours = _installed is not None and current is _installed  # left by a shutdown elsewhere
+    if current is not signal.SIG_DFL and not ours:
         return False  # the application (or its server) handles SIGTERM itself
 
     def flush_then_terminate(signum: int, frame: FrameType | None) -> None:
@@ -45,11 +47,12 @@ def install(flush: Callable[[], None], timeout: float) -> bool:
 
 
 def remove() -> None:
-    """Put the default disposition back if this module's handler is still the one installed
-    (from the main thread; elsewhere the handler stays, and finds nothing left to flush)."""
-    global _installed
-    handler, _installed = _installed, None
-    if handler is None or threading.current_thread() is not threading.main_thread():
+    """Put the default disposition back if this module's handler is still the one installed.
+    Only the main thread can: called elsewhere, the handler stays (it finds nothing left to
+    flush) until a later :func:`remove` from the main thread, or :func:`install` replaces it."""
+    global _installed  # noqa: PLW0603 - one handler per process
+    if _installed is None or threading.current_thread() is not threading.main_thread():
         return
-    if signal.getsignal(signal.SIGTERM) is handler:
+    if signal.getsignal(signal.SIGTERM) is _installed:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _installed = None

@@ -45,6 +45,7 @@ __all__ = [
 
 P = ParamSpec("P")
 R = TypeVar("R")
+T = TypeVar("T")
 
 
 def _in_this_context(fn: Callable[P, R]) -> Callable[P, R]:
@@ -54,12 +55,11 @@ def _in_this_context(fn: Callable[P, R]) -> Callable[P, R]:
     return functools.partial(contextvars.copy_context().run, fn)
 
 
-def _submit_from_an_empty_context(
-    submit: Callable[..., Future[R]], fn: Callable[..., Any], /, *args: Any, **kwargs: Any
-) -> Future[R]:
-    """``submit(fn, *args, **kwargs)`` called in an empty ``contextvars`` context, so that a
-    worker process it forks starts with none (the task carries its own, as headers)."""
-    return contextvars.Context().run(submit, fn, *args, **kwargs)
+def _from_an_empty_context(submit: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    """``submit(*args, **kwargs)`` (a process pool's ``submit``, or ``loop.run_in_executor``)
+    called in an empty ``contextvars`` context, so that a worker process it forks starts with
+    none (the task carries its own, as headers)."""
+    return contextvars.Context().run(submit, *args, **kwargs)
 
 
 def context_headers(bridge: ContextBridge | None = None) -> dict[str, str]:
@@ -104,9 +104,7 @@ class ContextProcessExecutor(ProcessPoolExecutor):
         """Schedule ``fn(*args, **kwargs)`` in a worker process, in the current context."""
         headers = context_headers(self._bridge)
         submit = super().submit
-        return _submit_from_an_empty_context(
-            submit, call_with_headers, headers, fn, *args, **kwargs
-        )
+        return _from_an_empty_context(submit, call_with_headers, headers, fn, *args, **kwargs)
 
 
 def submit_with_context(
@@ -123,7 +121,7 @@ def submit_with_context(
         return executor.submit(fn, *args, **kwargs)
     if isinstance(executor, ProcessPoolExecutor):
         headers = context_headers(bridge)
-        return _submit_from_an_empty_context(
+        return _from_an_empty_context(
             executor.submit, call_with_headers, headers, fn, *args, **kwargs
         )
     return executor.submit(_in_this_context(fn), *args, **kwargs)
@@ -149,8 +147,7 @@ def run_in_executor(
         executor, ContextProcessExecutor
     ):
         call = functools.partial(call_with_headers, context_headers(bridge), fn, *args)
-        # The pool may fork a worker now: from an empty context (see the module documentation).
-        return contextvars.Context().run(running.run_in_executor, executor, call)
+        return _from_an_empty_context(running.run_in_executor, executor, call)
     if isinstance(executor, (ContextExecutor, ContextProcessExecutor)):
         return running.run_in_executor(executor, fn, *args)
     return running.run_in_executor(executor, _in_this_context(fn), *args)

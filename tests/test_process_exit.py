@@ -15,8 +15,8 @@ from _servers import free_port, wait_for_port
 
 import otel_ctxbridge as cb
 from otel_ctxbridge.otlp_sink import RecordingSink
-from otel_ctxbridge.sdk import active_telemetry, configure
-from tests.test_sdk import _reset_providers
+from otel_ctxbridge.sdk import configure
+from tests._providers import reset_providers, unconfigured
 
 SERVICE = """
 import sys
@@ -42,14 +42,10 @@ uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning")
 
 
 @pytest.fixture(autouse=True)
-def unconfigured() -> Iterator[None]:
+def configures_afresh() -> Iterator[None]:
     """Each test configures afresh; what it installed is shut down after it."""
-    _reset_providers()
-    yield
-    telemetry = active_telemetry()
-    if telemetry is not None:
-        telemetry.shutdown()
-    _reset_providers()
+    with unconfigured():
+        yield
 
 
 def test_a_uvicorn_service_stopped_with_sigterm_exports_its_buffered_spans() -> None:
@@ -95,7 +91,7 @@ def test_configure_handles_sigterm_only_where_nothing_else_does(bridge: cb.Conte
     def own(signum: int, frame: object) -> None:
         """The application's own handler."""
 
-    _reset_providers()
+    reset_providers()
     signal.signal(signal.SIGTERM, own)
     try:
         telemetry = configure(bridge, otlp=False, bridge_logging=False)
@@ -105,7 +101,7 @@ def test_configure_handles_sigterm_only_where_nothing_else_does(bridge: cb.Conte
         assert signal.getsignal(signal.SIGTERM) is own
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    _reset_providers()
+    reset_providers()
     telemetry = configure(bridge, otlp=False, bridge_logging=False, flush_on_sigterm=False)
     assert not telemetry.flushes_on_sigterm
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
@@ -137,3 +133,24 @@ if {shut_down}:
     assert "Traceback" not in done.stderr, done.stderr
     assert "last words" in done.stdout
     assert "r-exit" in done.stdout
+
+
+def test_a_shutdown_from_another_thread_leaves_a_handler_the_next_configure_replaces(
+    bridge: cb.ContextBridge,
+) -> None:
+    """Only the main thread can change signal handlers: a ``shutdown()`` elsewhere leaves the
+    (now idle) handler; a later ``configure()`` takes it over rather than treating it as the
+    application's, and a main-thread ``shutdown()`` puts the default back."""
+    import threading
+
+    telemetry = configure(bridge, otlp=False, bridge_logging=False)
+    stopper = threading.Thread(target=telemetry.shutdown)
+    stopper.start()
+    stopper.join(30)
+    assert telemetry.closed
+    assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    reset_providers()
+    again = configure(bridge, otlp=False, bridge_logging=False)
+    assert again.flushes_on_sigterm
+    again.shutdown()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

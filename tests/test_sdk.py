@@ -22,6 +22,7 @@ from otel_ctxbridge.collector import CollectorStartError, EmbeddedCollector
 from otel_ctxbridge.logs import ContextLogFilter
 from otel_ctxbridge.otlp_sink import RecordingSink
 from otel_ctxbridge.sdk import Telemetry, active_telemetry, configure
+from tests._providers import reset_providers, unconfigured
 from tests._services import IN_CI
 
 OTEL_ENV = (
@@ -42,12 +43,8 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """No OTEL_* variable from the outside leaks into these tests; nothing stays configured."""
     for name in OTEL_ENV:
         monkeypatch.delenv(name, raising=False)
-    _reset_providers()
-    yield
-    telemetry = active_telemetry()
-    if telemetry is not None:
-        telemetry.shutdown()
-    _reset_providers()
+    with unconfigured():
+        yield
 
 
 @pytest.fixture
@@ -194,24 +191,12 @@ def test_headers_from_the_environment_and_from_the_argument(
     telemetry.shutdown()
     assert {path for path, _ in seen} == {"/v1/traces", "/v1/logs"}
     assert {headers.get("x-api-key") for _, headers in seen} == {"from-env"}
-    _reset_providers()
+    reset_providers()
     seen.clear()
     telemetry = configure(bridge, endpoint=url, headers={"x-api-key": "from-arg"})
     trace.get_tracer("test").start_span("h").end()
     telemetry.force_flush()
     assert {headers.get("x-api-key") for _, headers in seen} == {"from-arg"}
-
-
-def _reset_providers() -> None:
-    """Unset the global providers (OTel sets them once per process). The logger provider
-    lives in ``opentelemetry._logs._internal``, not in the ``_logs`` package."""
-    from opentelemetry._logs import _internal as logs_internal
-    from opentelemetry.util._once import Once
-
-    trace._TRACER_PROVIDER_SET_ONCE = Once()  # type: ignore[attr-defined]
-    trace._TRACER_PROVIDER = None  # type: ignore[attr-defined]
-    logs_internal._LOGGER_PROVIDER_SET_ONCE = Once()
-    logs_internal._LOGGER_PROVIDER = None
 
 
 @pytest.mark.parametrize("protocol", ["http/protobuf", "grpc"])

@@ -256,23 +256,19 @@ class TenantPools(Generic[C]):
             pool = cast(PoolLike[C], await asyncio.shield(entry.ready))
             async with AsyncExitStack() as lent:
                 borrow = lent.enter_async_context(pool.acquire())
-                timeout = self._acquire_timeout
-                if timeout is None:
-                    connection = await borrow
-                else:
-                    loop = asyncio.get_running_loop()
-                    started = loop.time()
-                    try:
-                        connection = await asyncio.wait_for(borrow, timeout)
-                    except asyncio.TimeoutError:
-                        if loop.time() - started < timeout:
-                            raise  # the pool's own (a connect timeout), not the wait's
-                        raise TenantPoolError(
-                            f"no connection of tenant {tenant!r}'s pool came free within "
-                            f"{timeout:g} s (max_size={self._options['max_size']}); a task "
-                            "that holds one and asks for another (nested='new') needs "
-                            "max_size >= 2"
-                        ) from None
+                timeout = self._acquire_timeout  # None: wait_for just awaits
+                started = asyncio.get_running_loop().time()
+                try:
+                    connection = await asyncio.wait_for(borrow, timeout)
+                except asyncio.TimeoutError:
+                    waited = asyncio.get_running_loop().time() - started
+                    if timeout is None or waited < timeout:
+                        raise  # the pool's own (a connect timeout), not the wait's
+                    raise TenantPoolError(
+                        f"no connection of tenant {tenant!r}'s pool came free within "
+                        f"{timeout:g} s (max_size={self._options['max_size']}); a task that "
+                        "holds one and asks for another (nested='new') needs max_size >= 2"
+                    ) from None
                 yield connection
         finally:
             entry.leases -= 1
