@@ -109,7 +109,7 @@ def with_entry(ctx: Context, key: str, value: object) -> Context:
     return new
 
 
-def call_in(ctx: Context, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
+def call_in(ctx: Context, fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> R:
     """Call ``fn`` with ``ctx`` attached and return its result.
 
     A coroutine result (``fn`` is a coroutine function, or returns a coroutine) is wrapped
@@ -162,7 +162,7 @@ def bind_context(fn: Callable[P, R]) -> Callable[P, R]:
 
 
 def run_in_snapshot(
-    captured: contextvars.Context, fn: Callable[..., R], *args: Any, **kwargs: Any
+    captured: contextvars.Context, fn: Callable[..., R], /, *args: Any, **kwargs: Any
 ) -> R:
     """Call ``fn`` in a copy of ``captured``; a coroutine result runs wholly in that copy."""
     ctx = captured.copy()

@@ -221,7 +221,9 @@ class ContextBridge:
         if current is not None and current not in frame.spans:
             stamp(self, current, values)
 
-    def run(self, values: Mapping[str, Any], fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
+    def run(
+        self, values: Mapping[str, Any], fn: Callable[..., R], /, *args: Any, **kwargs: Any
+    ) -> R:
         """Call ``fn(*args, **kwargs)`` inside a scope of ``values`` and return its result.
 
         When ``fn`` returns a coroutine (an async ``fn``), the result is an awaitable that

@@ -50,7 +50,7 @@ class AsyncLocalStorage(Generic[T]):
         self._var: ContextVar[T | None] = ContextVar(f"otel_ctxbridge.als.{id(self):x}")
         self._enabled = True
 
-    def run(self, store: T, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
+    def run(self, store: T, fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> R:
         """Call ``fn(*args, **kwargs)`` with ``store`` as the store and return its result.
 
         When ``fn`` returns a coroutine (an async ``fn``) the result is an awaitable running
@@ -79,7 +79,7 @@ class AsyncLocalStorage(Generic[T]):
         self._enabled = True
         self._var.set(store)
 
-    def exit(self, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
+    def exit(self, fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> R:
         """Call ``fn(*args, **kwargs)`` outside any store (``get_store()`` is None there)."""
         return self.run(None, fn, *args, **kwargs)  # type: ignore[arg-type] # None = no store
 
@@ -98,7 +98,7 @@ class AsyncLocalStorage(Generic[T]):
         """Capture the current context; returns ``runner(fn, *args, **kwargs)`` running in it."""
         captured = contextvars.copy_context()
 
-        def runner(fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
+        def runner(fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> R:
             return rt.run_in_snapshot(captured, fn, *args, **kwargs)
 
         return runner
@@ -169,7 +169,9 @@ class BridgedStorage(AsyncLocalStorage[dict[str, Any]]):
         values.update(store)
         return values
 
-    def run(self, store: Mapping[str, Any], fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
+    def run(
+        self, store: Mapping[str, Any], fn: Callable[..., R], /, *args: Any, **kwargs: Any
+    ) -> R:
         """Call ``fn`` with exactly the fields of ``store`` set (others unset)."""
         values = self._cleared(_mapping("run", store))
         self._enabled = True
@@ -189,7 +191,7 @@ class BridgedStorage(AsyncLocalStorage[dict[str, Any]]):
         self._enabled = True
         rt.attach(entered(self._bridge, rt.get_current(), values))
 
-    def exit(self, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
+    def exit(self, fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> R:
         """Call ``fn`` with every declared field unset."""
         ctx = entered(self._bridge, rt.get_current(), self._cleared({}))
         return rt.call_in(ctx, fn, *args, **kwargs)

@@ -311,3 +311,23 @@ async def test_run_scopes_a_coroutine_that_is_not_native() -> None:
 
     assert await als.run("tx", lambda: NonNativeCoroutine(read())) == "tx"
     assert als.get_store() is None
+
+
+def test_run_exit_and_snapshot_pass_any_keyword_through_to_the_function(
+    bridge: cb.ContextBridge,
+) -> None:
+    """The callers' own parameters are positional-only (as in ``contextvars.Context.run``), so
+    a function taking ``store=``, ``fn=`` or ``values=`` gets them instead of a TypeError."""
+
+    def save(*args: object, **kwargs: object) -> tuple[tuple[object, ...], dict[str, object]]:
+        return args, kwargs
+
+    plain: cb.AsyncLocalStorage[dict[str, int]] = cb.AsyncLocalStorage()
+    keywords = {"store": "s3", "fn": "f", "values": "v"}
+    expected = (("x",), keywords)
+    assert plain.run({"a": 1}, save, "x", **keywords) == expected
+    assert plain.exit(save, "x", **keywords) == expected
+    assert cb.AsyncLocalStorage.snapshot()(save, "x", **keywords) == expected
+    assert bridge.storage().run({"request_id": "r1"}, save, "x", **keywords) == expected
+    assert bridge.storage().exit(save, "x", **keywords) == expected
+    assert bridge.run({"request_id": "r1"}, save, "x", **keywords) == expected
