@@ -53,7 +53,11 @@ def derive_in_python(  # noqa: PLR0912, PLR0915 - one loop over the values, kept
         key, max_length, quick_check = plan
         if value is not None:
             if value.__class__ is str and quick_check is True:
-                if len(value) > max_length or not value.isprintable():
+                if (
+                    len(value) > max_length
+                    or not value.isprintable()
+                    or (key is not None and value and (value[0] == " " or value[-1] == " "))
+                ):
                     raise ContextValueError(name, str(bridge.fields[name].problem(value)))
             else:
                 problem = bridge.fields[name].problem(value)

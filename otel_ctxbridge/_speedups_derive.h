@@ -38,6 +38,10 @@ write_value(PyObject *plans, PyObject *bag, PyObject *name, PyObject *value, Py_
     if (length > limit) {
         goto done; /* invalid: the Python path raises ContextValueError */
     }
+    if (length > 0 && (Py_UNICODE_ISSPACE(PyUnicode_READ_CHAR(value, 0)) ||
+                       Py_UNICODE_ISSPACE(PyUnicode_READ_CHAR(value, length - 1)))) {
+        goto done; /* whitespace at an end, which propagators strip: the Python path refuses */
+    }
     if (check == Py_True) { /* the default check: printable text */
         if (!is_printable(value)) {
             goto done;

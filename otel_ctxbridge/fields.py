@@ -40,6 +40,11 @@ _HEADER = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-z]+")
 _POLICIES = ("always", "trusted", "never")
 _REFUSED_BY_DEFAULT = "has characters that are not printable (control characters, line breaks)"
 """Why the default check (``str.isprintable``) refuses a value."""
+_EDGE_WHITESPACE = (
+    "starts or ends with whitespace, which OTel's baggage propagators strip (downstream services "
+    "would read another value)"
+)
+"""Why a propagated value with whitespace at either end is refused."""
 _INT64 = (-(2**63), 2**63 - 1)
 
 
@@ -118,11 +123,12 @@ class Field:
         generate: makes a value when an inbound request carries none (e.g. ``new_request_id``).
         redact: show the value in spans and logs hashed (True or ``"hash"``), masked, or through
             a callable (given the value's text, also for a non-str value); baggage still
-            carries the real value.
+            carries the real value (``propagate=False`` keeps a sensitive one here).
 
-    Values of propagated fields must be str (they travel as baggage); process-local fields
-    also hold any object (a connection, a transaction): spans get only str, bool, int and
-    float values, logs get the object.
+    Values of propagated fields must be str (they travel as baggage) without whitespace at
+    either end (OTel's propagators strip it: a downstream service would read another value);
+    process-local fields also hold any object (a connection, a transaction): spans get only
+    str, bool, int and float values, logs get the object.
     """
 
     name: str
@@ -218,6 +224,8 @@ class Field:
             return None
         if len(value) > self.max_length:
             return f"longer than max_length={self.max_length}"
+        if self.propagate and value and (value[0].isspace() or value[-1].isspace()):
+            return _EDGE_WHITESPACE
         if not value.isascii():
             try:
                 value.encode("utf-8")

@@ -44,6 +44,59 @@ def test_a_service_without_this_library_reads_the_same_values(tenant_id: str) ->
     assert baggage.get_baggage("tenant_id", ctx) == tenant_id
 
 
+@settings(max_examples=300, deadline=None)
+@given(
+    value=st.text(
+        st.characters(blacklist_categories=("Cs",), whitelist_characters=" \t\u3000\xa0"),
+        min_size=1,
+        max_size=30,
+    )
+)
+def test_a_propagated_value_is_refused_or_read_back_unchanged_by_opentelemetry(value: str) -> None:
+    """No value reaches a downstream service changed: one that OTel Python's propagator would
+    read back differently (whitespace at either end, which it strips) is refused at write time
+    with a ``ContextValueError``; every value accepted is read back exactly."""
+    bridge = cb.ContextBridge([cb.Field("note", validator=lambda v: True)])
+    try:
+        with bridge.scope(note=value):
+            carrier = bridge.inject({})
+    except cb.ContextValueError:
+        assert value != value.strip()
+        return
+    read = baggage.get_baggage("note", W3CBaggagePropagator().extract(carrier))
+    assert read == value
+
+
+@pytest.mark.parametrize("value", [" lead", "trail ", "   ", "\u3000wide", "x\xa0"])
+def test_whitespace_at_either_end_is_refused_for_propagated_fields_only(value: str) -> None:
+    """Whitespace at an end is refused with a reason naming it for a propagated field (the
+    default check and a regex validator alike, on the compiled and the Python path), kept in a
+    process-local field (it never travels), and allowed inside a value."""
+    bridge = cb.ContextBridge(
+        [
+            cb.Field("note"),
+            cb.Field("code", validator=r"[\s\S]*"),
+            cb.Field("memo", propagate=False, validator=r"[\s\S]*"),
+        ]
+    )
+    for name in ("note", "code"):
+        with pytest.raises(cb.ContextValueError, match=f"{name}.*whitespace"):
+            with bridge.scope(**{name: value}):
+                pass
+    with bridge.scope(code="a b", memo=value):
+        assert bridge.get("memo") == value
+        carrier = bridge.inject({})
+    assert baggage.get_all(W3CBaggagePropagator().extract(carrier)) == {"code": "a b"}
+
+
+def test_inbound_baggage_with_whitespace_at_an_end_is_dropped() -> None:
+    """A member decoding to a value with whitespace at an end (``%20lead``) is dropped on
+    extract like any other invalid value, and the valid members are kept."""
+    bridge = cb.ContextBridge([cb.Field("tenant_id"), cb.Field("note")])
+    carrier = {"baggage": "tenant_id=%20acme,note=ok"}
+    assert bridge.extract(carrier, trusted=True) == {"note": "ok"}
+
+
 def test_encoding_uses_percent_20_and_encodes_plus() -> None:
     """A space is %20 (never +) and a plus is %2B, so W3C and OTel parsers agree."""
     assert format_baggage({"k": "a b+c,d;e=f%"}) == "k=a%20b%2Bc%2Cd%3Be%3Df%25"
@@ -113,7 +166,8 @@ def test_an_ascii_value_that_grows_past_the_member_limit_when_encoded_is_refused
     member limit too, even when the whole header would stay under 8192 bytes; a value that
     fits once encoded is accepted and read back unchanged by OTel."""
     bridge = cb.ContextBridge([cb.Field("note", max_length=4096, validator=r"[ -~]*")])
-    with pytest.raises(cb.ContextValueError, match=r"note.*4096"), bridge.scope(note=" " * 2000):
+    too_long = "x" + " " * 2000 + "x"
+    with pytest.raises(cb.ContextValueError, match=r"note.*4096"), bridge.scope(note=too_long):
         pass
     fits = "x" + " " * 1358 + "x"  # note= + 2 + 1358 * 3 = 4081 bytes
     with bridge.scope(note=fits):
