@@ -83,7 +83,8 @@ class HttpEgress:
 
     def _redirect_hook(self, response: Any, *args: Any, **kwargs: Any) -> None:
         """requests follows a redirect with a copy of the request's headers, outside the
-        instrumentation (no hook, no inject): strip ``baggage`` before a hop leaves the policy."""
+        instrumentation (no hook, no inject): strip ``baggage`` before a hop leaves the policy
+        (and add the request id header in its place when the policy asks for it)."""
         try:
             if not getattr(response, "is_redirect", False):
                 return
@@ -91,6 +92,8 @@ class HttpEgress:
             headers = getattr(response.request, "headers", None)
             if not self.policy.allows(target) and isinstance(headers, MutableMapping):
                 headers.pop("baggage", None)
+                if self.policy.request_id_only_elsewhere:
+                    self._put_request_id(rt.get_current(), headers)
         except Exception:  # telemetry never throws on the request path
             _logger.warning("otel_ctxbridge: egress redirect hook failed", exc_info=True)
 

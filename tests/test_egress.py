@@ -563,3 +563,28 @@ def test_real_redirects_out_of_the_policy_drop_baggage(
                 assert app.last(-2)["baggage"] == ["request_id=r-11,tenant_id=t"]
                 assert ("baggage" in app.last()) is keeps, target
                 assert len(app.last()["traceparent"]) == 1
+
+
+def test_real_redirects_out_of_the_policy_carry_the_request_id_when_asked(
+    bridge: cb.ContextBridge, spans: InMemorySpanExporter, recorder: tuple[Recorder, int]
+) -> None:
+    """With ``request_id_only_elsewhere``, the hop a redirect takes out of the policy gets the
+    request id header in place of baggage, with requests (whose redirects bypass the
+    instrumentation) as with httpx."""
+    app, port = recorder
+    handle = instrument_http_clients(
+        bridge, EgressPolicy(hosts=["localhost"], request_id_only_elsewhere=True)
+    )
+    try:
+        outside = quote(f"http://127.0.0.1:{port}/end")
+        with bridge.scope(request_id="r-12", tenant_id="t"):
+            for follow in (
+                lambda url: requests.get(url, timeout=10),
+                lambda url: httpx.get(url, follow_redirects=True),
+            ):
+                follow(f"http://localhost:{port}/redirect?to={outside}")
+                hop = app.last()
+                assert "baggage" not in hop
+                assert hop.get("x-request-id") == ["r-12"], follow
+    finally:
+        handle.uninstrument()
