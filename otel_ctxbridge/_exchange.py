@@ -17,6 +17,7 @@ from ._routes import route_template
 from ._runtime import SPAN_KEY
 from ._span_write import rename_span
 from ._state import Frame
+from .logs import remember_failed_context
 
 if TYPE_CHECKING:
     from .asgi import ContextBridgeMiddleware
@@ -138,8 +139,10 @@ class Exchange:
         await self.send_next(message)
 
     async def fail(self, exc: Exception) -> None:
-        """The app raised: answer 500 (with the id) if nothing was sent, and log the error
-        with the request's fields."""
+        """The app raised: answer 500 (with the id) if nothing was sent, log the error with
+        the request's fields, and keep the request's context on ``exc`` for the server's own
+        error log, written after the request ended."""
+        remember_failed_context(exc, self.ctx)
         if not self.status:
             try:
                 await self.send({"type": "http.response.start", "status": 500, "headers": _500})

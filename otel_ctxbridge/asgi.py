@@ -38,7 +38,10 @@ is set to INFO when unset), written once the response is complete, message
 ``"GET /path 200 3.1ms"``, with ``extra`` keys ``method``, ``path``, ``status_code``,
 ``duration_ms``, ``client_addr``, ``trace_id``, ``span_id`` and each field set in the request
 under its ``log_key``, values set with ``update()`` included. Unhandled exceptions are logged
-with the same keys on ``otel_ctxbridge.asgi`` (then re-raised, so the server logs them too).
+with the same keys on ``otel_ctxbridge.asgi`` (then re-raised, so the server logs them too: the
+exception keeps the request's context, which ``ContextLogFilter`` and ``OTelLoggingBridge`` use
+for a record of it written outside any span, such as uvicorn's ``Exception in ASGI
+application``).
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ from ._state import Frame
 from .bridge import ContextBridge
 from .errors import ContextValueError, requires_extra
 from .fields import new_request_id
+from .logs import remember_failed_context
 from .trust import TrustPolicy
 
 __all__ = ["ACCESS_LOGGER", "ContextBridgeMiddleware", "TraceHeaderShield", "instrument_asgi"]
@@ -195,7 +199,11 @@ class ContextBridgeMiddleware:
         token = rt.attach(exchange.ctx)
         try:
             if kind == "websocket":
-                await self.app(scope, receive, exchange.send_ws)
+                try:
+                    await self.app(scope, receive, exchange.send_ws)
+                except Exception as exc:
+                    remember_failed_context(exc, exchange.ctx)  # for the server's error log
+                    raise
                 return
             try:
                 await self.app(scope, receive, exchange.send)

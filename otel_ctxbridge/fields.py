@@ -224,6 +224,10 @@ class Field:
             return None
         if len(value) > self.max_length:
             return f"longer than max_length={self.max_length}"
+        return self._text_problem(value)
+
+    def _text_problem(self, value: str) -> str | None:
+        """:meth:`problem` for a str within ``max_length``."""
         if self.propagate and value and (value[0].isspace() or value[-1].isspace()):
             return _EDGE_WHITESPACE
         if not value.isascii():

@@ -17,6 +17,8 @@ from _servers import serve
 from fastapi import BackgroundTasks, Depends, FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse, StreamingResponse
 from opentelemetry import baggage, trace
+from opentelemetry.sdk._logs import LoggerProvider
+from opentelemetry.sdk._logs.export import InMemoryLogRecordExporter, SimpleLogRecordProcessor
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
@@ -24,6 +26,7 @@ from opentelemetry.trace import SpanKind
 import otel_ctxbridge as cb
 from otel_ctxbridge import _runtime
 from otel_ctxbridge.asgi import ACCESS_LOGGER, ContextBridgeMiddleware, instrument_asgi
+from otel_ctxbridge.logs import OTelLoggingBridge, remember_failed_context
 from otel_ctxbridge.trust import TrustPolicy
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -298,6 +301,58 @@ def test_error_logs_carry_the_request_fields(url: str, records: Records) -> None
     assert error.exc_info is not None
     assert error.exc_info[0] is RuntimeError
     assert error.trace_id
+
+
+def test_the_servers_own_error_line_carries_the_failed_requests_fields(
+    bridge: cb.ContextBridge, url: str, spans: InMemorySpanExporter
+) -> None:
+    """uvicorn logs ``Exception in ASGI application`` after the request's context is gone: the
+    exception carries that context, so the line gets the request's fields and trace ids, as a
+    stdlib record (ContextLogFilter) and as an exported OTel log record (OTelLoggingBridge)."""
+    exporter = InMemoryLogRecordExporter()
+    provider = LoggerProvider()
+    provider.add_log_record_processor(cb.ContextLogRecordProcessor(bridge))
+    provider.add_log_record_processor(SimpleLogRecordProcessor(exporter))
+    otel_handler = OTelLoggingBridge(bridge, provider)
+    server_log = logging.getLogger("uvicorn.error")
+    server_log.addHandler(otel_handler)
+    try:
+        with Records("uvicorn.error") as errors:
+            errors.addFilter(cb.ContextLogFilter(bridge, default=None))
+            response = httpx.get(url + "/boom", headers={"x-request-id": "rid-late"})
+            assert response.status_code == 500
+            line = wait_until(
+                lambda: [r for r in errors.records if "Exception in ASGI" in r.getMessage()]
+            )[0]
+            assert wait_until(exporter.get_finished_logs)
+    finally:
+        server_log.removeHandler(otel_handler)
+        provider.shutdown()
+    (span,) = server_spans(spans)
+    assert (line.request_id, line.tenant_id) == ("rid-late", None)
+    assert line.trace_id == f"{span.context.trace_id:032x}"
+    (exported,) = exporter.get_finished_logs()
+    assert dict(exported.log_record.attributes or {})["app.request_id"] == "rid-late"
+    assert exported.log_record.trace_id == span.context.trace_id
+
+
+def test_a_line_of_a_failed_requests_exception_inside_another_span_keeps_that_span(
+    bridge: cb.ContextBridge, spans: InMemorySpanExporter
+) -> None:
+    """The failed request's context is used only for a record written outside any span: one
+    written inside a span keeps the fields and ids current there."""
+    records = Records("tests.late")
+    records.addFilter(cb.ContextLogFilter(bridge, default=None))
+    exc = RuntimeError("boom")
+    with bridge.scope(request_id="r-failed"):
+        remember_failed_context(exc, _runtime.get_current())
+    with records, bridge.scope(request_id="r-now"):
+        with trace.get_tracer("t").start_as_current_span("op"):
+            logging.getLogger("tests.late").error("inside", exc_info=exc)
+        logging.getLogger("tests.late").error("no span", exc_info=exc)
+    inside, outside = records.records
+    assert inside.request_id == "r-now"
+    assert outside.request_id == "r-failed"
 
 
 def test_access_log_line_has_request_and_fields(url: str, records: Records) -> None:
