@@ -37,6 +37,9 @@ Headers = list[tuple[bytes, bytes]]
 
 ORIGINAL_HEADERS = "otel_ctxbridge.original_headers"
 """Scope key under which the shield passes the headers as received to the inner middleware."""
+UNTRUSTED_HEADERS = "otel_ctxbridge.untrusted_headers"
+"""Scope key under which :class:`InboundReader` names the headers an untrusted peer sent but may
+not set (``baggage``, the headers of ``inbound="trusted"`` fields): removed before the app."""
 
 _logger = logging.getLogger("otel_ctxbridge.asgi")
 _TRACEPARENT = b"traceparent"
@@ -222,6 +225,12 @@ class InboundReader:
         if self._secret is not None:
             wanted.add(self._secret)
         self._wanted = frozenset(wanted)
+        # What only a trusted peer may send: hidden from the application (and from any
+        # middleware inside, which could extract it) when an untrusted one does.
+        self._restricted = frozenset(
+            {_BAGGAGE}
+            | {h for _, f, h, _ in self._readers if f.inbound == "trusted" and h is not None}
+        )
         rid = bridge.fields.get(request_id_field)
         # A request id goes back out in a response header: without a validator of its own,
         # hold it to the safe-token pattern (no spaces, no control characters, <= 128).
@@ -277,10 +286,25 @@ class InboundReader:
             value = self._first_valid(name, field, candidates)
             if value is not None:
                 values[name] = value
-        extra: dict[str, object] | None = None
-        if members and (trusted if trusted is not None else self._trusted(scope, found)):
-            extra = {k: v for k, v in members.items() if k not in self._declared}
-        return values, extra
+        return values, self._forwarded(scope, found, members, trusted)
+
+    def _forwarded(
+        self,
+        scope: Scope,
+        found: dict[bytes, list[bytes]],
+        members: dict[str, str],
+        trusted: bool | None,
+    ) -> dict[str, object] | None:
+        """A trusted peer's undeclared baggage members (to forward downstream); from an
+        untrusted one, the headers it may not set are named under :data:`UNTRUSTED_HEADERS`."""
+        if trusted is None:
+            if self._restricted.isdisjoint(found):
+                return None
+            trusted = self._trusted(scope, found)
+        if not trusted:
+            scope[UNTRUSTED_HEADERS] = self._restricted.intersection(found)
+            return None
+        return {k: v for k, v in members.items() if k not in self._declared} if members else None
 
     def _members(self, raw: list[bytes]) -> dict[str, str]:
         texts = [_utf8(v) for v in raw]

@@ -55,6 +55,7 @@ from ._entry import derive_dropping, forget_copied
 from ._exchange import Exchange, default_span_name, echo_value
 from ._inbound import (
     ORIGINAL_HEADERS,
+    UNTRUSTED_HEADERS,
     ASGIApp,
     InboundReader,
     Receive,
@@ -139,12 +140,14 @@ class ContextBridgeMiddleware:
 
     It reads each field from its ``header`` and from ``baggage`` per its ``inbound`` policy and
     ``trust``, generates missing ones (``Field.generate``), keeps undeclared baggage only from
-    trusted peers, stamps the current (server) span (and, when OTel's middleware read the raw
-    ``baggage`` header, removes from it the field values a span processor copied from that
-    baggage where this request did not set its own), echoes the request id on every response
-    (500s included), and writes the access log. Non-HTTP scopes (lifespan) pass through
-    untouched; websocket connections get the context for their whole life and the request id
-    on ``websocket.accept``. Place it inside OTel's ``OpenTelemetryMiddleware``.
+    trusted peers (from an untrusted one, ``baggage`` and the headers of ``inbound="trusted"``
+    fields are removed from the scope the application gets), stamps the current (server)
+    span (and, when OTel's middleware read the raw ``baggage`` header, removes from it the
+    field values a span processor copied from that baggage where this request did not set its
+    own), echoes the request id on every response (500s included), and writes the access log.
+    Non-HTTP scopes (lifespan) pass through untouched; websocket connections get the context
+    for their whole life and the request id on ``websocket.accept``. Place it inside OTel's
+    ``OpenTelemetryMiddleware``.
     """
 
     def __init__(
@@ -258,7 +261,7 @@ class ContextBridgeMiddleware:
             scope.setdefault(_STARLETTE_TELEMETRY, True)
         else:
             self._guard_native_telemetry(scope, span)
-        if self._secret is not None or ORIGINAL_HEADERS in scope:
+        if self._secret is not None or ORIGINAL_HEADERS in scope or UNTRUSTED_HEADERS in scope:
             self._headers_for_app(scope)
         if echo is None:
             echo = echo_value(values.get(rid))
@@ -266,13 +269,17 @@ class ContextBridgeMiddleware:
 
     def _headers_for_app(self, scope: Scope) -> None:
         """The headers as they came (the shield's changes were for OTel), without the trust
-        secret (it is for this middleware only)."""
+        secret (it is for this middleware only) and, from an untrusted peer, without the
+        headers only a trusted one may send (``baggage``, ``inbound="trusted"`` fields' own):
+        nothing inside (the app, or OTel's middleware misplaced there) can read them."""
         original = scope.pop(ORIGINAL_HEADERS, None)
         if original is not None:
             scope["headers"] = original
-        secret = self._secret
-        if secret is not None and any(name == secret for name, _ in scope.get("headers") or ()):
-            scope["headers"] = [h for h in scope["headers"] if h[0] != secret]
+        hidden: frozenset[bytes] = scope.pop(UNTRUSTED_HEADERS, None) or frozenset()
+        if self._secret is not None:
+            hidden = hidden | {self._secret}
+        if hidden and any(name in hidden for name, _ in scope.get("headers") or ()):
+            scope["headers"] = [h for h in scope["headers"] if h[0] not in hidden]
 
     def _guard_native_telemetry(self, scope: Scope, span: Any) -> None:
         if self.traced_outside or (span is not None and span.get_span_context().is_valid):

@@ -503,6 +503,30 @@ def test_shared_secret_trusts_a_peer_and_is_hidden_from_the_app(
         assert httpx.get(base + "/", headers=bad).json()["tenant"] is None
 
 
+def test_headers_only_a_trusted_peer_may_send_are_hidden_from_the_app_when_untrusted(
+    bridge: cb.ContextBridge, spans: InMemorySpanExporter
+) -> None:
+    """An untrusted client's ``baggage`` and ``x-tenant-id`` (a trusted field's header) never
+    reach the application, so no handler can read a tenant from them by hand; other headers
+    (the request id's) do. From a trusted network both arrive as they came."""
+    api = FastAPI()
+
+    @api.get("/")
+    async def index(request: Request) -> dict[str, Any]:
+        return {k: request.headers.get(k) for k in ("baggage", "x-tenant-id", "x-request-id")}
+
+    sent = {"baggage": "tenant_id=evil,role=admin", "x-tenant-id": "evil", "x-request-id": "r-h"}
+    with serve(instrument_asgi(api, bridge)) as base:
+        assert httpx.get(base + "/", headers=sent).json() == {
+            "baggage": None,
+            "x-tenant-id": None,
+            "x-request-id": "r-h",
+        }
+    trust = TrustPolicy(networks=["127.0.0.0/8"])
+    with serve(instrument_asgi(api, bridge, trust=trust)) as base:
+        assert httpx.get(base + "/", headers=sent).json() == sent
+
+
 def test_uvicorn_access_log_carries_the_request_id_with_the_log_filter(
     bridge: cb.ContextBridge, spans: InMemorySpanExporter, seen: dict[str, Any]
 ) -> None:

@@ -23,6 +23,7 @@ from test_asgi import server_spans
 
 import otel_ctxbridge as cb
 from otel_ctxbridge.asgi import instrument_asgi
+from otel_ctxbridge.trust import TrustPolicy
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 UNSAMPLED = f"00-{TRACE}-00f067aa0ba902b7-00"
@@ -342,3 +343,35 @@ def test_route_template_follows_the_router_and_gives_up_without_a_guess() -> Non
 
     broken = Router(routes=[Broken("/t/{tenant}/x/{y}", endpoint), *router.routes])
     assert route_template({**scope, "router": broken}) == ""
+
+
+def test_a_misplaced_otel_middleware_cannot_give_the_app_an_untrusted_tenant(
+    bridge: cb.ContextBridge, spans: InMemorySpanExporter
+) -> None:
+    """OTel's middleware inside the bridge (added after it by mistake) extracts baggage from
+    the headers it is given: from an untrusted client those carry neither ``baggage`` nor the
+    trusted fields' headers any more, so the app reads no tenant, through the bridge, OTel's
+    baggage or the raw headers. A trusted peer's headers pass as they came."""
+    from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+
+    api = FastAPI()
+
+    @api.get("/")
+    async def index(request: Request) -> dict[str, Any]:
+        return {
+            "tenant": bridge.get("tenant_id"),
+            "baggage": dict(baggage.get_all()),
+            "headers": sorted(request.headers.keys()),
+        }
+
+    api.add_middleware(OpenTelemetryMiddleware)
+    api.add_middleware(cb.ContextBridgeMiddleware, bridge=bridge, trust=TrustPolicy(secret="s3"))
+    attack = {"baggage": "tenant_id=globex,role=admin", "x-tenant-id": "globex"}
+    with serve(api) as base:
+        body = httpx.get(base + "/", headers=attack).json()
+        assert (body["tenant"], body["baggage"]) == (None, {})
+        assert not {"baggage", "x-tenant-id"} & set(body["headers"])
+        trusted = httpx.get(base + "/", headers={**attack, "x-ctxbridge-secret": "s3"}).json()
+        assert trusted["tenant"] == "globex"
+        assert {"baggage", "x-tenant-id"} <= set(trusted["headers"])
+        assert "x-ctxbridge-secret" not in trusted["headers"]
