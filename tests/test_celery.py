@@ -22,7 +22,9 @@ from typing import Any
 import pytest
 from celery import Celery
 from celery.app.trace import trace_task
-from opentelemetry import trace
+from opentelemetry import baggage, trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import otel_ctxbridge as cb
@@ -148,6 +150,61 @@ def test_an_instrumentation_connected_first_keeps_its_span_and_the_thread_is_res
         signals.task_postrun.disconnect(foreign_postrun, dispatch_uid=uid)
     assert seen == [{"request_id": "r-f", "trace_id": int("12" * 16, 16)}]
     assert after is before
+
+
+def test_with_opentelemetrys_celery_instrumentation_an_untrusted_message_sets_nothing_more(
+    bridge: cb.ContextBridge,
+) -> None:
+    """OpenTelemetry's Celery instrumentation, set up first, attaches the context it extracted
+    from the message as it came, and the span processor copies its baggage onto the task span.
+    With ``trusted=False`` the task still forwards none of the message's undeclared baggage,
+    and the task span keeps no tenant from it; the request id (``inbound="always"``) is kept
+    on both. With ``trusted=True`` the tenant and the undeclared members are taken."""
+    from opentelemetry.instrumentation.celery import CeleryInstrumentor
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(cb.ContextSpanProcessor(bridge))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    app = Celery(f"otel-{uuid.uuid4()}", set_as_current=False)
+    seen: list[dict[str, Any]] = []
+
+    @app.task(name="otel.report", shared=False)
+    def report() -> None:
+        outbound = bridge.inject({}).get("baggage", "")
+        seen.append(
+            {"fields": bridge.current(), "baggage": dict(baggage.get_all()), "out": outbound}
+        )
+
+    headers = {
+        "traceparent": "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01",
+        "baggage": "request_id=r-c,tenant_id=evil,role=admin",
+        "x-tenant-id": "evil2",
+    }
+    instrumentor = CeleryInstrumentor()
+    instrumentor.instrument(tracer_provider=provider)
+    try:
+        for trusted in (False, True):
+            handle = instrument_celery(bridge, app, trusted=trusted)
+            try:
+                trace_task(report, "t", (), {}, request={"id": "t", **headers}, app=app)
+            finally:
+                handle.uninstrument()
+    finally:
+        instrumentor.uninstrument()
+        provider.shutdown()
+    untrusted, trusted_run = seen
+    assert untrusted["fields"] == {"request_id": "r-c"}
+    assert untrusted["baggage"] == {"request_id": "r-c"}
+    assert untrusted["out"] == "request_id=r-c"
+    assert trusted_run["fields"] == {"request_id": "r-c", "tenant_id": "evil2"}
+    assert trusted_run["baggage"]["role"] == "admin"
+    first, second = [s for s in exporter.get_finished_spans() if s.name.startswith("run/")]
+    assert first.attributes is not None
+    assert second.attributes is not None
+    assert first.attributes["app.request_id"] == "r-c"
+    assert "app.tenant_id" not in first.attributes
+    assert second.attributes["app.tenant_id"] == "evil2"
 
 
 def test_task_without_headers_gets_a_fresh_request_id_and_nothing_stale(

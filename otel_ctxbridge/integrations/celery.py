@@ -20,6 +20,9 @@ Composes with other instrumentations that attach a context around tasks, such as
 ``opentelemetry-instrumentation-celery``: when their handlers run first (set them up before
 this one), their task span stays the parent of the task's spans and gets the fields as
 attributes, and the worker thread's context is restored whichever postrun handler runs last.
+The baggage such an instrumentation extracted as it came is held to the same rules: with
+``trusted=False`` none of its undeclared members is forwarded, and a field value a span
+processor copied from it onto the task span is removed unless the worker took it.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from opentelemetry import trace
 from opentelemetry.context import Context, create_key
 
 from otel_ctxbridge import _runtime as rt
+from otel_ctxbridge._entry import forget_copied
 from otel_ctxbridge._scope import stamp
 from otel_ctxbridge.bridge import ContextBridge
 from otel_ctxbridge.carriers import context_from
@@ -99,8 +103,13 @@ class CeleryInstrumentation:
         try:
             base = rt.get_current()
             span = trace.get_current_span(base)
+            inbound: Any = None
             if not span.get_span_context().is_valid:
                 base = Context()  # start clean: nothing an earlier task left behind
+            else:  # another instrumentation's task span, on the baggage it extracted as it came
+                inbound = base.get(rt.BAGGAGE_KEY)
+                if inbound and not self.trusted:  # an untrusted producer forwards nothing
+                    base = rt.with_entry(base, rt.BAGGAGE_KEY, {})
             carrier = self._carrier(request)
             if not self._told_untrusted:
                 self._tell_if_trusted_fields_left_out(carrier)
@@ -114,7 +123,10 @@ class CeleryInstrumentation:
             mark = object()
             setattr(request, _TOKEN, (rt.attach(rt.with_entry(ctx, _MARK, mark)), mark))
             if span.get_span_context().is_valid:
-                stamp(self.bridge, span, self.bridge.values_in(ctx))
+                values = self.bridge.values_in(ctx)
+                stamp(self.bridge, span, values)
+                if inbound:  # what a span processor copied from that baggage, unless taken
+                    forget_copied(self.bridge, span, dict(values), inbound)
         except Exception:  # a task never fails because of telemetry
             _logger.warning("otel_ctxbridge: could not restore a task's context", exc_info=True)
 
