@@ -37,7 +37,7 @@ from . import _runtime as rt
 from .bridge import ContextBridge
 from .egress_policy import EgressConfigError, EgressPolicy
 from .errors import requires_extra
-from .propagation import default_propagator
+from .propagation import BaggagePropagator, default_propagator
 
 __all__ = ["EgressConfigError", "EgressPolicy", "HttpEgress", "instrument_http_clients"]
 
@@ -73,27 +73,38 @@ class HttpEgress:
         """The instrumentations' request hook (httpx ``RequestInfo`` or a requests
         ``PreparedRequest``): shapes the context the instrumentation injects next. Never raises."""
         try:
+            origin = rt.get_current()
             self._shape(span, getattr(request, "url", None), getattr(request, "headers", None))
             hooks = getattr(request, "hooks", None)  # a requests PreparedRequest
             chain = hooks.get("response") if isinstance(hooks, dict) else None
-            if isinstance(chain, list) and self._redirect_hook not in chain:
-                chain.append(self._redirect_hook)
+            if isinstance(chain, list) and not any(
+                isinstance(hook, _Redirects) and hook.egress is self for hook in chain
+            ):
+                chain.append(_Redirects(self, origin))
         except Exception:  # telemetry never throws on the request path
             _logger.warning("otel_ctxbridge: egress hook failed", exc_info=True)
 
-    def _redirect_hook(self, response: Any, *args: Any, **kwargs: Any) -> None:
+    def _redirect(self, response: Any, origin: Context) -> None:
         """requests follows a redirect with a copy of the request's headers, outside the
         instrumentation (no hook, no inject): strip ``baggage`` before a hop leaves the policy
-        (and add the request id header in its place when the policy asks for it)."""
+        (and add the request id header in its place when the policy asks for it); add it,
+        from ``origin`` (the context the request was sent in), to a hop back into it."""
         try:
             if not getattr(response, "is_redirect", False):
                 return
             target = urljoin(str(response.url), str(response.headers.get("location", "")))
             headers = getattr(response.request, "headers", None)
-            if not self.policy.allows(target) and isinstance(headers, MutableMapping):
+            if not isinstance(headers, MutableMapping):
+                return
+            if not self.policy.allows(target):
                 headers.pop("baggage", None)
                 if self.policy.request_id_only_elsewhere:
-                    self._put_request_id(rt.get_current(), headers)
+                    self._put_request_id(origin, headers)
+            elif "baggage" not in headers:
+                carrier: dict[str, str] = {}
+                BaggagePropagator().inject(carrier, self._with_late_updates(origin))
+                if "baggage" in carrier:
+                    headers["baggage"] = carrier["baggage"]
         except Exception:  # telemetry never throws on the request path
             _logger.warning("otel_ctxbridge: egress redirect hook failed", exc_info=True)
 
@@ -189,6 +200,20 @@ class HttpEgress:
         """Undo what :func:`instrument_http_clients` and :meth:`instrument_client` did."""
         while self._undo:
             self._undo.pop()()
+
+
+class _Redirects:
+    """The response hook :meth:`HttpEgress.request_hook` adds to a requests request (its
+    redirects share it): :meth:`HttpEgress._redirect` with the request's own context."""
+
+    __slots__ = ("egress", "origin")
+
+    def __init__(self, egress: HttpEgress, origin: Context) -> None:
+        self.egress = egress
+        self.origin = origin
+
+    def __call__(self, response: Any, *args: Any, **kwargs: Any) -> None:
+        self.egress._redirect(response, self.origin)
 
 
 def instrument_http_clients(

@@ -588,3 +588,24 @@ def test_real_redirects_out_of_the_policy_carry_the_request_id_when_asked(
                 assert hop.get("x-request-id") == ["r-12"], follow
     finally:
         handle.uninstrument()
+
+
+def test_a_redirect_from_outside_the_policy_back_inside_carries_baggage_again(
+    bridge: cb.ContextBridge,
+    spans: InMemorySpanExporter,
+    egress: HttpEgress,
+    recorder: tuple[Recorder, int],
+) -> None:
+    """A host outside the policy redirecting to an allowed one: the first hop goes without
+    baggage, the hop back inside gets it, with requests (whose redirects bypass the
+    instrumentation) as with httpx."""
+    app, port = recorder
+    inside = quote(f"http://localhost:{port}/end")
+    with bridge.scope(request_id="r-13", tenant_id="t"):
+        for follow in (
+            lambda url: requests.get(url, timeout=10),
+            lambda url: httpx.get(url, follow_redirects=True),
+        ):
+            follow(f"http://127.0.0.1:{port}/redirect?to={inside}")
+            assert "baggage" not in app.last(-2)
+            assert app.last()["baggage"] == ["request_id=r-13,tenant_id=t"], follow
