@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
 import threading
 import time
 import weakref
@@ -62,6 +63,8 @@ __all__ = ["Telemetry", "active_telemetry", "configure"]
 _logger = logging.getLogger("otel_ctxbridge")
 _lock = threading.Lock()
 _active: Telemetry | None = None
+_first_caller: tuple[str, int, str] | None = None
+"""Where the active configuration's configure() was called from (for an error message)."""
 _installed: weakref.WeakSet[TracerProvider] = weakref.WeakSet()  # by configure(), ever
 _SIGTERM_WAIT = 8.0
 """Seconds a SIGTERM waits for the flush (``shutdown()`` returns within about 5)."""
@@ -193,13 +196,15 @@ def configure(
         AlreadyConfiguredError: an earlier ``configure()`` is still active, or global OTel
             providers were already set (OTel allows them to be set once per process).
     """
-    global _active  # noqa: PLW0603 - the one installed configuration
+    global _active, _first_caller  # noqa: PLW0603 - the one installed configuration
+    caller = _caller()
     with _lock:
         if _active is not None:
             raise AlreadyConfiguredError(
                 "otel_ctxbridge.configure() was already called: it runs once per process "
                 "(OpenTelemetry's global providers can be set once, shutdown() does not undo "
                 "that); use the Telemetry handle the first call returned"
+                + _twice_hint(_first_caller, caller)
             )
         _refuse_foreign_providers()
         resource = _resource(service_name, resource_attributes)
@@ -231,9 +236,30 @@ def configure(
         if set_propagator and not os.environ.get("OTEL_PROPAGATORS"):
             propagate.set_global_textmap(default_propagator())
         _active = telemetry = Telemetry(bridge, tracer_provider, logger_provider, handler)
+        _first_caller = caller
     if flush_on_sigterm:
         telemetry.flushes_on_sigterm = _sigterm.install(telemetry.shutdown, _SIGTERM_WAIT)
     return telemetry
+
+
+def _caller() -> tuple[str, int, str]:
+    """(file, line, module name) of the code calling :func:`configure`."""
+    frame = sys._getframe(2)  # the caller of configure(), for an error message only
+    return frame.f_code.co_filename, frame.f_lineno, str(frame.f_globals.get("__name__"))
+
+
+def _twice_hint(first: tuple[str, int, str] | None, now: tuple[str, int, str]) -> str:
+    """Why a second call came from where the first did, when it did."""
+    if first is None or first[:2] != now[:2]:
+        return ""
+    if first[2] != now[2]:
+        return (
+            f". Both calls come from {now[0]}:{now[1]}, run as module {first[2]!r} and again "
+            f"as {now[2]!r}: the file was executed twice (run as a script and imported by "
+            "name, e.g. by dictConfig's ext:// or uvicorn's 'module:app'), which also makes "
+            "two bridges. Keep the bridge and configure() in a module that is only imported"
+        )
+    return f". Both calls come from {now[0]}:{now[1]}: call configure() once, at startup"
 
 
 def _refuse_foreign_providers() -> None:

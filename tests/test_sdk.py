@@ -5,9 +5,12 @@ from __future__ import annotations
 import http.server
 import logging
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from opentelemetry import propagate, trace
@@ -268,6 +271,37 @@ def test_configure_refuses_to_install_twice(bridge: cb.ContextBridge) -> None:
     telemetry.shutdown()  # idempotent
     with pytest.raises(cb.AlreadyConfiguredError, match=r"earlier configure\(\) that was shut"):
         configure(bridge, otlp=False)
+
+
+def test_a_module_run_as_a_script_and_imported_by_name_is_told_it_ran_twice(
+    tmp_path: Path,
+) -> None:
+    """A script calling configure() and then imported by its own name (what dictConfig's
+    ``ext://app.bridge`` does to ``python app.py``) calls configure() twice from one line: the
+    error says the file ran twice, as ``__main__`` and by name, rather than only "already
+    called"."""
+    script = tmp_path / "twice_app.py"
+    script.write_text(
+        "import otel_ctxbridge as cb\n"
+        "bridge = cb.ContextBridge([cb.Field('request_id')])\n"
+        "telemetry = cb.configure(bridge, otlp=False, flush_on_sigterm=False)\n"
+        "if __name__ == '__main__':\n"
+        "    import twice_app  # as ext://twice_app.bridge would\n",
+        encoding="utf-8",
+    )
+    ran = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert ran.returncode != 0
+    assert "AlreadyConfiguredError" in ran.stderr
+    assert "executed twice" in ran.stderr
+    assert "'__main__'" in ran.stderr
+    assert "'twice_app'" in ran.stderr
 
 
 def test_configure_refuses_a_foreign_global_provider(bridge: cb.ContextBridge) -> None:
