@@ -29,6 +29,10 @@ line with level, message, logger, timestamp, the fields and the trace ids::
             "stdout": {"class": "logging.StreamHandler", "stream": "ext://sys.stdout",
                        "filters": ["ctx"], "formatter": "json"},
         },
+        "loggers": {  # uvicorn's own lines (its CLI gives them text handlers) as JSON too
+            "uvicorn": {"handlers": [], "propagate": True},
+            "uvicorn.access": {"handlers": [], "propagate": True},
+        },
         "root": {"level": "INFO", "handlers": ["stdout"]},
     })
 
