@@ -11,6 +11,7 @@ with ``pip install otel_ctxbridge[structlog]``. Recipe, JSON lines::
             cb.ContextStructlogProcessor(bridge),       # request_id, tenant_id, ..., trace ids
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", key="timestamp"),
+            structlog.processors.format_exc_info,       # log.exception(): the traceback
             structlog.processors.JSONRenderer(),
         ],
     )
@@ -18,9 +19,12 @@ with ``pip install otel_ctxbridge[structlog]``. Recipe, JSON lines::
     # {"event": "order placed", "order": "o-1", "request_id": "r-1", "tenant_id": "acme",
     #  "trace_id": "4bf9...", "span_id": "00f0...", "level": "info", "timestamp": "..."}
 
-Keys already in the event dict (bound with ``bind()`` or passed to the call) win. With
-structlog's stdlib integration, put it in ``foreign_pre_chain`` too so that stdlib records
-rendered by ``ProcessorFormatter`` carry the fields.
+Keys already in the event dict (bound with ``bind()`` or passed to the call) win. Rendered
+this way, events bypass stdlib logging and so never reach OTLP. To export them too, hand them
+to stdlib logging (``processors=[structlog.stdlib.render_to_log_kwargs]``,
+``logger_factory=structlog.stdlib.LoggerFactory()``): they then go through
+:class:`~otel_ctxbridge.ContextLogFilter` and ``configure()``'s OTel logging bridge like any
+stdlib record, and this processor is not needed.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from opentelemetry.trace import format_span_id, format_trace_id
 
 import otel_ctxbridge as cb
 from otel_ctxbridge import _runtime
-from otel_ctxbridge.logs import ContextLogFilter, ContextLogRecordProcessor
+from otel_ctxbridge.logs import ContextLogFilter, ContextLogRecordProcessor, OTelLoggingBridge
 from otel_ctxbridge.structlog_processor import ContextStructlogProcessor
 
 FILTER = (
@@ -268,6 +268,35 @@ def test_json_recipe_writes_one_json_object_a_line(
 ) -> None:
     """The documented python-json-logger recipe: every line parses as a JSON object holding
     level, message, logger, timestamp, the fields and the trace ids."""
+    stream = _json_lines()
+    log = logging.getLogger("app.json")
+    log.info("outside")
+    with (
+        BRIDGE.scope(request_id="r-json", tenant_id="acme", user_id="u-1"),
+        trace.get_tracer("t").start_as_current_span("op") as span,
+    ):
+        log.warning("inside %s", "a span", extra={"order": "o-1"})
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2
+    outside, inside = (json.loads(line) for line in lines)
+    trace_id, span_id = _ids(span)
+    assert inside["level"] == "WARNING"
+    assert inside["logger"] == "app.json"
+    assert inside["message"] == "inside a span"
+    assert inside["timestamp"].endswith("+00:00")
+    assert inside["order"] == "o-1"
+    assert {k: inside[k] for k in ("request_id", "tenant_id", "user_id")} == {
+        "request_id": "r-json",
+        "tenant_id": "acme",
+        "user_id": "u-1",
+    }
+    assert (inside["trace_id"], inside["span_id"]) == (trace_id, span_id)
+    assert outside["request_id"] is None
+    assert outside["trace_id"] is None
+
+
+def _json_lines() -> io.StringIO:
+    """The documented python-json-logger recipe on the root logger, writing into a buffer."""
     stream = io.StringIO()
     logging.config.dictConfig(
         {
@@ -296,30 +325,57 @@ def test_json_recipe_writes_one_json_object_a_line(
             "root": {"level": "INFO", "handlers": ["out"]},
         }
     )
-    log = logging.getLogger("app.json")
-    log.info("outside")
-    with (
-        BRIDGE.scope(request_id="r-json", tenant_id="acme", user_id="u-1"),
-        trace.get_tracer("t").start_as_current_span("op") as span,
-    ):
-        log.warning("inside %s", "a span", extra={"order": "o-1"})
-    lines = stream.getvalue().splitlines()
-    assert len(lines) == 2
-    outside, inside = (json.loads(line) for line in lines)
-    trace_id, span_id = _ids(span)
-    assert inside["level"] == "WARNING"
-    assert inside["logger"] == "app.json"
-    assert inside["message"] == "inside a span"
-    assert inside["timestamp"].endswith("+00:00")
-    assert inside["order"] == "o-1"
-    assert {k: inside[k] for k in ("request_id", "tenant_id", "user_id")} == {
-        "request_id": "r-json",
-        "tenant_id": "acme",
-        "user_id": "u-1",
-    }
-    assert (inside["trace_id"], inside["span_id"]) == (trace_id, span_id)
-    assert outside["request_id"] is None
-    assert outside["trace_id"] is None
+    return stream
+
+
+def test_structlog_through_stdlib_reaches_json_lines_and_otel_log_records(
+    spans: InMemorySpanExporter, root_logging: None
+) -> None:
+    """The README's structlog recipe for OTLP: events rendered into stdlib logging calls
+    (``render_to_log_kwargs``) go through the JSON handler and the OTel logging bridge like any
+    stdlib record: the JSON line and the exported record carry the fields and the event's own
+    keys, and ``log.exception`` keeps its traceback in both."""
+    stream = _json_lines()
+    exporter = InMemoryLogRecordExporter()
+    provider = LoggerProvider()
+    provider.add_log_record_processor(ContextLogRecordProcessor(BRIDGE))
+    provider.add_log_record_processor(SimpleLogRecordProcessor(exporter))
+    logging.getLogger().addHandler(OTelLoggingBridge(BRIDGE, provider))
+    structlog.configure(
+        processors=[structlog.stdlib.render_to_log_kwargs],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=False,
+    )
+    try:
+        log = structlog.get_logger("app.sl")
+        with (
+            BRIDGE.scope(request_id="r-sl", tenant_id="acme"),
+            trace.get_tracer("t").start_as_current_span("op") as span,
+        ):
+            log.info("order placed", order="o-1")
+            try:
+                raise ValueError("bad order")
+            except ValueError:
+                log.exception("caught")
+    finally:
+        structlog.reset_defaults()
+        provider.shutdown()
+    placed, caught = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert (placed["message"], placed["order"], placed["request_id"]) == (
+        "order placed",
+        "o-1",
+        "r-sl",
+    )
+    assert placed["trace_id"] == _ids(span)[0]
+    assert "ValueError: bad order" in caught["exc_info"]
+    assert caught["tenant_id"] == "acme"
+    first, second = (d.log_record for d in exporter.get_finished_logs())
+    assert first.body == "order placed"
+    attributes = dict(first.attributes or {})
+    assert (attributes["order"], attributes["app.request_id"]) == ("o-1", "r-sl")
+    assert first.trace_id == span.get_span_context().trace_id
+    assert dict(second.attributes or {})["exception.type"] == "ValueError"
 
 
 @pytest.fixture
@@ -331,6 +387,7 @@ def structlog_output() -> Iterator[io.StringIO]:
             ContextStructlogProcessor(BRIDGE),
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", key="timestamp"),
+            structlog.processors.format_exc_info,
             structlog.processors.JSONRenderer(),
         ],
         logger_factory=structlog.PrintLoggerFactory(out),
@@ -344,7 +401,7 @@ def test_structlog_recipe_renders_the_fields(
     spans: InMemorySpanExporter, structlog_output: io.StringIO
 ) -> None:
     """The rendered event holds the fields set now and the span's ids; keys bound on the
-    logger win; unset fields are left out."""
+    logger win; unset fields are left out; ``log.exception`` keeps its traceback."""
     log = structlog.get_logger("app")
     with (
         BRIDGE.scope(request_id="r-s", tenant_id="acme", email=SECRET),
@@ -352,8 +409,14 @@ def test_structlog_recipe_renders_the_fields(
     ):
         log.info("placed", order="o-1")
         log.bind(tenant_id="bound").info("bound")
+        try:
+            raise ValueError("bad order")
+        except ValueError:
+            log.exception("caught")
     log.info("outside")
-    placed, bound, outside = (json.loads(line) for line in structlog_output.getvalue().splitlines())
+    placed, bound, caught, outside = (
+        json.loads(line) for line in structlog_output.getvalue().splitlines()
+    )
     trace_id, span_id = _ids(span)
     assert placed["event"] == "placed"
     assert placed["order"] == "o-1"
@@ -365,6 +428,8 @@ def test_structlog_recipe_renders_the_fields(
     assert placed["email"].startswith("sha256:")
     assert SECRET not in structlog_output.getvalue()
     assert bound["tenant_id"] == "bound"
+    assert "ValueError: bad order" in caught["exception"]
+    assert caught["request_id"] == "r-s"
     assert not {"request_id", "trace_id"} & set(outside)
 
 
