@@ -16,6 +16,8 @@ from typing import Any
 
 import asyncpg
 import pytest
+from opentelemetry import baggage, context
+from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -163,6 +165,31 @@ async def test_untrusted_baggage_cannot_switch_tenant(
     with bridge.scope(**other), pytest.raises(UnknownTenantError):
         async with pools.acquire():
             pass
+
+
+async def test_a_tenant_in_baggage_other_code_extracted_is_not_routed_on(
+    bridge: cb.ContextBridge, pools: TenantPools[Any]
+) -> None:
+    """A context OTel's own propagator extracted from a carrier and attached (what an
+    instrumentation continuing a request or message without this library does) holds a tenant
+    in baggage that no trust policy saw: ``bridge.get`` reads it, but TenantPools does not route
+    on it and says why. A bridge scope's context whose baggage other code changed afterwards
+    still routes."""
+    token = context.attach(W3CBaggagePropagator().extract({"baggage": "tenant_id=globex"}))
+    try:
+        assert bridge.get("tenant_id") == "globex"
+        assert pools.current_tenant() is None
+        with pytest.raises(cb.MissingContextError, match="did not come through otel_ctxbridge"):
+            pools.acquire()
+    finally:
+        context.detach(token)
+    with bridge.scope(tenant_id="acme"):
+        token = context.attach(baggage.set_baggage("other", "x"))
+        try:
+            assert pools.tenant() == "acme"
+        finally:
+            context.detach(token)
+    assert pools.tenants() == []
 
 
 def test_a_tenant_field_any_client_may_set_is_refused(dsns: dict[str, str]) -> None:

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast, overload
 
+from otel_ctxbridge import _runtime as rt
 from otel_ctxbridge.errors import (
     ContextBridgeError,
     FieldConfigError,
@@ -169,20 +170,41 @@ class TenantPools(Generic[C]):
         return self._field
 
     def current_tenant(self) -> str | None:
-        """The tenant in the current context, or None when there is none."""
-        value = self._bridge.get(self._field)
-        return value if isinstance(value, str) else None
+        """The tenant in the current context, or None when there is none.
+
+        Only a tenant that came through the bridge counts (its ASGI middleware and trust
+        policy, a scope, ``continue_from``, ...): a value in OTel baggage that other code
+        extracted and attached as it came (an instrumentation continuing a request or message
+        without this library) is not routed on."""
+        value, accepted = self._read()
+        return value if accepted else None
 
     def tenant(self) -> str:
         """The tenant in the current context; raises :class:`MissingContextError` without one."""
-        value = self.current_tenant()
-        if value is None:
+        value, accepted = self._read()
+        if value is not None and accepted:
+            return value
+        if value is not None:
             raise MissingContextError(
-                f"no tenant in the current context: TenantPools routes on field "
-                f"{self._field!r}, which a trusted source (the ASGI middleware or "
-                f"bridge.scope()) must set before a connection is taken"
+                f"{self._field!r} in the current context did not come through otel_ctxbridge "
+                "(OTel baggage that other code extracted and attached as it came, which no "
+                "trust policy checked): TenantPools routes only on a tenant the bridge "
+                "accepted (its ASGI middleware, bridge.scope(), continue_from())"
             )
-        return value
+        raise MissingContextError(
+            f"no tenant in the current context: TenantPools routes on field "
+            f"{self._field!r}, which a trusted source (the ASGI middleware or "
+            f"bridge.scope()) must set before a connection is taken"
+        )
+
+    def _read(self) -> tuple[str | None, bool]:
+        """(the tenant in the current context, whether the bridge made that context: it keeps
+        its state there, which a context other code extracts from a carrier never holds)."""
+        ctx = rt.get_current()
+        value = self._bridge.values_in(ctx).get(self._field)
+        if not isinstance(value, str):
+            return None, True
+        return value, ctx.get(self._bridge._key) is not None  # the bridge's own entry
 
     def _dsn(self, tenant: str) -> str:
         dsns = self._dsns
