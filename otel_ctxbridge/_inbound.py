@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Seque
 from typing import TYPE_CHECKING, Any
 
 from ._accel import speedups
+from ._foreign_baggage import baggage_prefixes, without_prefixed
 from .fields import REQUEST_ID_PATTERN, Field
 from .limits import parse_baggage
 from .tracecontext import parse_traceparent, parse_tracestate
@@ -154,9 +155,11 @@ def _trace_pair(parents: list[str], states: list[str], bridge: ContextBridge | N
 
 class TraceHeaderShield:
     """ASGI middleware for *outside* OpenTelemetry's: validates ``traceparent``/``tracestate``
-    per W3C Trace Context Level 1 and hides ``baggage``, the ``hidden`` headers (the trust
-    secret) and undecodable headers from it (see the module documentation). When it changes
-    the headers, the headers as received travel under :data:`ORIGINAL_HEADERS` for the
+    per W3C Trace Context Level 1 and hides ``baggage`` (and baggage in the formats of other
+    configured propagators, see :mod:`~otel_ctxbridge._foreign_baggage`), the ``hidden``
+    headers (the trust secret) and undecodable headers from it (see the module
+    documentation). When it changes the headers, the headers as received travel under
+    :data:`ORIGINAL_HEADERS` for the
     :class:`~otel_ctxbridge.asgi.ContextBridgeMiddleware` inside, which restores them for the
     application. ``bridge`` counts refused trace headers. Lifespan and other scopes pass
     through."""
@@ -177,7 +180,8 @@ class TraceHeaderShield:
         headers = scope.get("headers")
         if not headers:
             return await self.app(scope, receive, send)
-        found = trace_headers(headers, self._rewrite)
+        shown = without_prefixed(headers, baggage_prefixes())  # Jaeger's, OT's baggage headers
+        found = trace_headers(headers, self._rewrite) if shown is None else None
         if found is not None:  # nothing to hide: may OTel read the trace headers as they came?
             parents, states = found
             if not parents:
@@ -191,7 +195,9 @@ class TraceHeaderShield:
             ):
                 return await self.app(scope, receive, send)
         try:
-            cleaned = shield_headers(headers, self._hidden, self._bridge)
+            cleaned = shield_headers(
+                headers if shown is None else shown, self._hidden, self._bridge
+            )
         except Exception:  # telemetry never throws on the request path
             _logger.exception("otel_ctxbridge: could not check the trace headers; hiding them")
             cleaned = []
@@ -225,12 +231,13 @@ class InboundReader:
         if self._secret is not None:
             wanted.add(self._secret)
         self._wanted = frozenset(wanted)
-        # What only a trusted peer may send: hidden from the application (and from any
-        # middleware inside, which could extract it) when an untrusted one does.
-        self._restricted = frozenset(
+        self.restricted = frozenset(
             {_BAGGAGE}
             | {h for _, f, h, _ in self._readers if f.inbound == "trusted" and h is not None}
         )
+        """The headers only a trusted peer may send (``baggage``, the headers of
+        ``inbound="trusted"`` fields): hidden from the application (and from any middleware
+        inside, which could extract them) when an untrusted one sends them."""
         rid = bridge.fields.get(request_id_field)
         # A request id goes back out in a response header: without a validator of its own,
         # hold it to the safe-token pattern (no spaces, no control characters, <= 128).
@@ -298,11 +305,11 @@ class InboundReader:
         """A trusted peer's undeclared baggage members (to forward downstream); from an
         untrusted one, the headers it may not set are named under :data:`UNTRUSTED_HEADERS`."""
         if trusted is None:
-            if self._restricted.isdisjoint(found):
+            if self.restricted.isdisjoint(found):
                 return None
             trusted = self._trusted(scope, found)
         if not trusted:
-            scope[UNTRUSTED_HEADERS] = self._restricted.intersection(found)
+            scope[UNTRUSTED_HEADERS] = self.restricted.intersection(found)
             return None
         return {k: v for k, v in members.items() if k not in self._declared} if members else None
 

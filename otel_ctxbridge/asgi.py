@@ -50,9 +50,11 @@ import logging
 from typing import Any
 
 from . import _runtime as rt
+from ._app_headers import headers_for_app, hide_unchecked
 from ._derive import derive_context
 from ._entry import derive_dropping, forget_copied
 from ._exchange import Exchange, default_span_name, echo_value
+from ._foreign_baggage import baggage_prefixes
 from ._inbound import (
     ORIGINAL_HEADERS,
     UNTRUSTED_HEADERS,
@@ -198,6 +200,7 @@ class ContextBridgeMiddleware:
             exchange = self._enter(scope, send)
         except Exception:  # telemetry never throws on the request path
             _logger.exception("otel_ctxbridge: no request context could be built")
+            hide_unchecked(scope, self._reader.restricted, self._secret)
             return await self.app(scope, receive, send)
         token = rt.attach(exchange.ctx)
         try:
@@ -254,32 +257,23 @@ class ContextBridgeMiddleware:
         if frame.spans:
             if values:
                 stamp(bridge, span, values)
-            if inbound and not self.traced_outside:  # no shield: OTel read the raw baggage
-                forget_copied(bridge, span, values, inbound)
+            if inbound:  # OTel's middleware extracted baggage as it came (no shield, or one
+                forget_copied(bridge, span, values, inbound)  # in a format it does not hide)
         if self.traced_outside:
             scope.setdefault(_FASTAPI_TELEMETRY, None)
             scope.setdefault(_STARLETTE_TELEMETRY, True)
         else:
             self._guard_native_telemetry(scope, span)
-        if self._secret is not None or ORIGINAL_HEADERS in scope or UNTRUSTED_HEADERS in scope:
-            self._headers_for_app(scope)
+        if (
+            self._secret is not None
+            or ORIGINAL_HEADERS in scope
+            or UNTRUSTED_HEADERS in scope
+            or baggage_prefixes()
+        ):
+            headers_for_app(scope, self.trust, self._secret)
         if echo is None:
             echo = echo_value(values.get(rid))
         return Exchange(self, scope, send, ctx, frame, echo, named)
-
-    def _headers_for_app(self, scope: Scope) -> None:
-        """The headers as they came (the shield's changes were for OTel), without the trust
-        secret (it is for this middleware only) and, from an untrusted peer, without the
-        headers only a trusted one may send (``baggage``, ``inbound="trusted"`` fields' own):
-        nothing inside (the app, or OTel's middleware misplaced there) can read them."""
-        original = scope.pop(ORIGINAL_HEADERS, None)
-        if original is not None:
-            scope["headers"] = original
-        hidden: frozenset[bytes] = scope.pop(UNTRUSTED_HEADERS, None) or frozenset()
-        if self._secret is not None:
-            hidden = hidden | {self._secret}
-        if hidden and any(name in hidden for name, _ in scope.get("headers") or ()):
-            scope["headers"] = [h for h in scope["headers"] if h[0] not in hidden]
 
     def _guard_native_telemetry(self, scope: Scope, span: Any) -> None:
         if self.traced_outside or (span is not None and span.get_span_context().is_valid):

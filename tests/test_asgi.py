@@ -527,6 +527,36 @@ def test_headers_only_a_trusted_peer_may_send_are_hidden_from_the_app_when_untru
         assert httpx.get(base + "/", headers=sent).json() == sent
 
 
+def test_when_no_request_context_can_be_built_the_app_gets_no_unchecked_headers(
+    spans: InMemorySpanExporter,
+) -> None:
+    """A request whose context cannot be built (here a ``generate`` callable that raises) still
+    reaches the application, logged, but without the headers only a trusted peer may send and
+    without the trust secret: no trust was decided for it."""
+
+    def broken() -> str:
+        raise RuntimeError("no ids today")
+
+    bridge = cb.ContextBridge(
+        [
+            cb.Field("request_id", header="x-request-id", generate=broken, inbound="always"),
+            cb.Field("tenant_id", header="x-tenant-id"),
+        ]
+    )
+    api = FastAPI()
+
+    @api.get("/")
+    async def index(request: Request) -> list[str]:
+        return sorted(request.headers.keys())
+
+    sent = {"baggage": "tenant_id=evil", "x-tenant-id": "evil", "x-ctxbridge-secret": "s3"}
+    app = instrument_asgi(api, bridge, trust=TrustPolicy(secret="s3"))
+    with serve(app) as base:
+        seen = httpx.get(base + "/", headers=sent).json()
+    assert not {"baggage", "x-tenant-id", "x-ctxbridge-secret"} & set(seen)
+    assert "host" in seen
+
+
 def test_uvicorn_access_log_carries_the_request_id_with_the_log_filter(
     bridge: cb.ContextBridge, spans: InMemorySpanExporter, seen: dict[str, Any]
 ) -> None:
