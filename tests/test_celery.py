@@ -207,6 +207,51 @@ def test_with_opentelemetrys_celery_instrumentation_an_untrusted_message_sets_no
     assert second.attributes["app.tenant_id"] == "evil2"
 
 
+def test_set_up_before_opentelemetrys_celery_instrumentation_nothing_untrusted_is_adopted(
+    bridge: cb.ContextBridge, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``instrument_celery`` first, OpenTelemetry's Celery instrumentation after (as its
+    documented prefork worker setup does): the first task runs in the context OTel's handler
+    attached over ours, but without the message's untrusted baggage (removed from the request
+    once read), so no tenant and nothing undeclared is adopted or forwarded. Our handlers then
+    move last, with one warning, and the next task has the validated fields."""
+    from opentelemetry.instrumentation.celery import CeleryInstrumentor
+
+    app = Celery(f"late-{uuid.uuid4()}", set_as_current=False)
+    seen: list[dict[str, Any]] = []
+
+    @app.task(name="late.report", shared=False)
+    def report() -> None:
+        out = bridge.inject({}).get("baggage", "")
+        seen.append({"fields": bridge.current(), "baggage": dict(baggage.get_all()), "out": out})
+
+    headers = {
+        "traceparent": "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01",
+        "baggage": "request_id=r-l,tenant_id=evil,role=admin",
+        "x-tenant-id": "evil2",
+    }
+    handle = instrument_celery(bridge, app)
+    instrumentor = CeleryInstrumentor()
+    instrumentor.instrument()
+    try:
+        with caplog.at_level(logging.WARNING, logger="otel_ctxbridge"):
+            for _ in range(3):
+                trace_task(report, "t", (), {}, request={"id": "t", **headers}, app=app)
+    finally:
+        instrumentor.uninstrument()
+        handle.uninstrument()
+    first, second, third = seen
+    assert not {"tenant_id", "role"} & set(first["baggage"])
+    assert "tenant_id" not in first["fields"]
+    assert "role" not in first["out"]
+    assert "evil" not in first["out"]
+    assert second == third
+    assert second["fields"] == {"request_id": "r-l"}
+    assert second["out"] == "request_id=r-l"
+    moved = [r for r in caplog.records if "run last" in r.getMessage()]
+    assert len(moved) == 1
+
+
 def test_task_without_headers_gets_a_fresh_request_id_and_nothing_stale(
     bridge: cb.ContextBridge, local_app: tuple[Celery, Any]
 ) -> None:

@@ -68,6 +68,9 @@ class CeleryInstrumentation:
         self.generate = generate
         """Whether missing generate-able fields (the request id) get a fresh value."""
         self._told_untrusted = trusted  # said once that trusted fields were left out
+        self._last_checked = False  # checked once that our handlers run after the others'
+        trusted_headers = [f.header for f in bridge.fields.values() if f.inbound == "trusted"]
+        self._restricted = ("baggage", *(h for h in trusted_headers if h))
         self._uid = f"otel_ctxbridge-{uuid.uuid4()}"
         self._keys = tuple(
             dict.fromkeys((*_CARRIED, *(f.header for f in bridge.fields.values() if f.header)))
@@ -111,6 +114,10 @@ class CeleryInstrumentation:
                 if inbound and not self.trusted:  # an untrusted producer forwards nothing
                     base = rt.with_entry(base, rt.BAGGAGE_KEY, {})
             carrier = self._carrier(request)
+            if not self.trusted:  # nothing read later (a handler after ours) may adopt them
+                self._forget_untrusted(request)
+            if not self._last_checked:
+                self._keep_last()
             if not self._told_untrusted:
                 self._tell_if_trusted_fields_left_out(carrier)
             ctx = context_from(
@@ -142,6 +149,38 @@ class CeleryInstrumentation:
             if value is not None:
                 carrier[key] = value
         return carrier
+
+    def _forget_untrusted(self, request: Any) -> None:
+        """Remove from ``request`` what an untrusted producer may not set (``baggage`` and the
+        headers of ``inbound="trusted"`` fields), once read: a ``task_prerun`` handler running
+        after ours (OpenTelemetry's Celery instrumentation set up later) would otherwise
+        extract it, unchecked, into the context it attaches over ours."""
+        nested = getattr(request, "headers", None)
+        for key in self._restricted:
+            if getattr(request, key, None) is not None:
+                setattr(request, key, None)
+            if isinstance(nested, dict):
+                nested.pop(key, None)
+
+    def _keep_last(self) -> None:
+        """Our handlers must run after any other that attaches a context around tasks: when one
+        was connected after ours (OpenTelemetry's Celery instrumentation, set up after
+        ``instrument_celery``), move ours to the end, once, and say so. The task running now
+        already had the other's context attached over ours."""
+        self._last_checked = True
+        receivers = getattr(signals.task_prerun, "receivers", None)
+        if not receivers or receivers[-1][0][0] == self._uid:
+            return
+        signals.task_prerun.disconnect(self._prerun, dispatch_uid=self._uid)
+        signals.task_postrun.disconnect(self._postrun, dispatch_uid=self._uid)
+        signals.task_prerun.connect(self._prerun, weak=False, dispatch_uid=self._uid)
+        signals.task_postrun.connect(self._postrun, weak=False, dispatch_uid=self._uid)
+        _logger.warning(
+            "otel_ctxbridge: a task_prerun handler was connected after instrument_celery's "
+            "(OpenTelemetry's Celery instrumentation set up later?) and replaced the task's "
+            "context; otel_ctxbridge's handlers now run last. Call instrument_celery() after "
+            "the other instrumentation (e.g. in the same worker_process_init handler)"
+        )
 
     def _tell_if_trusted_fields_left_out(self, carrier: dict[str, Any]) -> None:
         """Once: a message carried ``inbound="trusted"`` fields, which a worker instrumented
