@@ -29,7 +29,7 @@ from urllib.parse import urljoin
 
 from opentelemetry import propagate
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
-from opentelemetry.context import Context
+from opentelemetry.context import Context, create_key
 from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -37,11 +37,13 @@ from . import _runtime as rt
 from .bridge import ContextBridge
 from .egress_policy import EgressConfigError, EgressPolicy
 from .errors import requires_extra
-from .propagation import BaggagePropagator, default_propagator
+from .propagation import default_propagator
 
 __all__ = ["EgressConfigError", "EgressPolicy", "HttpEgress", "instrument_http_clients"]
 
 _logger = logging.getLogger("otel_ctxbridge")
+_ORIGIN = create_key("otel_ctxbridge.egress_origin")
+"""Context entry of a shaped client-span context: the context before the policy shaped it."""
 
 
 class HttpEgress:
@@ -73,14 +75,13 @@ class HttpEgress:
         """The instrumentations' request hook (httpx ``RequestInfo`` or a requests
         ``PreparedRequest``): shapes the context the instrumentation injects next. Never raises."""
         try:
-            origin = rt.get_current()
             self._shape(span, getattr(request, "url", None), getattr(request, "headers", None))
             hooks = getattr(request, "hooks", None)  # a requests PreparedRequest
             chain = hooks.get("response") if isinstance(hooks, dict) else None
             if isinstance(chain, list) and not any(
                 isinstance(hook, _Redirects) and hook.egress is self for hook in chain
             ):
-                chain.append(_Redirects(self, origin))
+                chain.append(_Redirects(self))
         except Exception:  # telemetry never throws on the request path
             _logger.warning("otel_ctxbridge: egress hook failed", exc_info=True)
 
@@ -100,9 +101,9 @@ class HttpEgress:
                 headers.pop("baggage", None)
                 if self.policy.request_id_only_elsewhere:
                     self._put_request_id(origin, headers)
-            elif "baggage" not in headers:
+            elif "baggage" not in headers:  # as the instrumentation would have injected it
                 carrier: dict[str, str] = {}
-                BaggagePropagator().inject(carrier, self._with_late_updates(origin))
+                propagate.inject(carrier, self._with_late_updates(origin))
                 if "baggage" in carrier:
                     headers["baggage"] = carrier["baggage"]
         except Exception:  # telemetry never throws on the request path
@@ -137,7 +138,8 @@ class HttpEgress:
             return
         # No detach on purpose: the instrumentation's ``start_as_current_span`` resets the
         # context variable to its value from before the span, which drops this one with it.
-        rt.attach(new)
+        # The context before shaping stays reachable for requests' redirects (see _Redirects).
+        rt.attach(rt.with_entry(new, _ORIGIN, ctx))
 
     def _with_late_updates(self, ctx: Context) -> Context:
         bag: dict[str, object] = dict(ctx.get(rt.BAGGAGE_KEY) or {})  # type: ignore[call-overload]
@@ -204,16 +206,19 @@ class HttpEgress:
 
 class _Redirects:
     """The response hook :meth:`HttpEgress.request_hook` adds to a requests request (its
-    redirects share it): :meth:`HttpEgress._redirect` with the request's own context."""
+    redirects share it): :meth:`HttpEgress._redirect` with the context the request is being
+    sent in (before the policy shaped it), read when the response arrives, so a request sent
+    again, from another thread or scope, uses its own."""
 
-    __slots__ = ("egress", "origin")
+    __slots__ = ("egress",)
 
-    def __init__(self, egress: HttpEgress, origin: Context) -> None:
+    def __init__(self, egress: HttpEgress) -> None:
         self.egress = egress
-        self.origin = origin
 
     def __call__(self, response: Any, *args: Any, **kwargs: Any) -> None:
-        self.egress._redirect(response, self.origin)
+        current = rt.get_current()
+        origin = current.get(_ORIGIN)
+        self.egress._redirect(response, origin if isinstance(origin, Context) else current)
 
 
 def instrument_http_clients(

@@ -609,3 +609,40 @@ def test_a_redirect_from_outside_the_policy_back_inside_carries_baggage_again(
             follow(f"http://127.0.0.1:{port}/redirect?to={inside}")
             assert "baggage" not in app.last(-2)
             assert app.last()["baggage"] == ["request_id=r-13,tenant_id=t"], follow
+
+
+def test_a_prepared_request_sent_again_carries_its_own_senders_baggage_on_redirects(
+    bridge: cb.ContextBridge,
+    spans: InMemorySpanExporter,
+    egress: HttpEgress,
+    recorder: tuple[Recorder, int],
+) -> None:
+    """One requests ``PreparedRequest`` sent in two scopes (another tenant's, say), each time to
+    a host outside the policy redirecting back inside: each hop back inside carries the baggage
+    of the scope sending it then, never the first one's."""
+    app, port = recorder
+    inside = quote(f"http://localhost:{port}/end")
+    prepared = requests.Request("GET", f"http://127.0.0.1:{port}/redirect?to={inside}").prepare()
+    with requests.Session() as session:
+        for tenant in ("tenant-a", "tenant-b"):
+            with bridge.scope(request_id=f"r-{tenant}", tenant_id=tenant):
+                session.send(prepared.copy(), allow_redirects=True, timeout=10)
+                expected = f"request_id=r-{tenant},tenant_id={tenant}"
+                assert app.last()["baggage"] == [expected]
+
+
+def test_a_redirect_adds_no_baggage_when_the_propagators_send_none(
+    bridge: cb.ContextBridge,
+    spans: InMemorySpanExporter,
+    egress: HttpEgress,
+    recorder: tuple[Recorder, int],
+) -> None:
+    """With W3C Trace Context alone as the global propagator (no baggage), a requests redirect
+    within the policy gets no ``baggage`` either: the hook injects as the instrumentation does."""
+    propagate.set_global_textmap(TraceContextTextMapPropagator())
+    app, port = recorder
+    inside = quote(f"http://localhost:{port}/end")
+    with bridge.scope(request_id="r-14", tenant_id="t"):
+        requests.get(f"http://127.0.0.1:{port}/redirect?to={inside}", timeout=10)
+    assert "baggage" not in app.last()
+    assert "traceparent" in app.last()
