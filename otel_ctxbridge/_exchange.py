@@ -12,12 +12,12 @@ from opentelemetry.context import Context
 from opentelemetry.trace import format_span_id, format_trace_id
 
 from ._accel import speedups
+from ._failed import remember_failed_context
 from ._inbound import Message, Scope, Send
 from ._routes import route_template
 from ._runtime import SPAN_KEY
 from ._span_write import rename_span
 from ._state import Frame
-from .logs import remember_failed_context
 
 if TYPE_CHECKING:
     from .asgi import ContextBridgeMiddleware

@@ -54,6 +54,7 @@ from ._app_headers import headers_for_app, hide_unchecked
 from ._derive import derive_context
 from ._entry import derive_dropping, forget_copied
 from ._exchange import Exchange, default_span_name, echo_value
+from ._failed import remember_failed_context
 from ._foreign_baggage import baggage_prefixes
 from ._inbound import (
     ORIGINAL_HEADERS,
@@ -71,7 +72,6 @@ from ._state import Frame
 from .bridge import ContextBridge
 from .errors import ContextValueError, requires_extra
 from .fields import new_request_id
-from .logs import remember_failed_context
 from .trust import TrustPolicy
 
 __all__ = ["ACCESS_LOGGER", "ContextBridgeMiddleware", "TraceHeaderShield", "instrument_asgi"]

@@ -48,7 +48,6 @@ stdlib records and exports over OTLP); ``configure()`` installs it.
 
 from __future__ import annotations
 
-import contextlib
 import keyword
 import logging
 import re
@@ -61,6 +60,7 @@ from opentelemetry.sdk._logs import LoggerProvider, LogRecordProcessor, ReadWrit
 from opentelemetry.trace import SpanContext
 
 from . import _runtime as rt
+from ._failed import context_for_record
 from ._state import CHANGES, MISSING
 from .errors import FieldConfigError
 from .spans import FieldReader, attributes_of
@@ -97,29 +97,6 @@ def trace_ids(ctx: Context) -> tuple[str, str] | None:
     if not sc.is_valid:
         return None
     return format(sc.trace_id, "032x"), format(sc.span_id, "016x")
-
-
-_FAILED_CONTEXT = "_otel_ctxbridge_context"
-
-
-def remember_failed_context(exc: BaseException, ctx: Context) -> None:
-    """Keep on ``exc`` the context of the request it escaped from, so that a record of it
-    written after the request ended (the server's ``Exception in ASGI application``) gets that
-    request's fields and trace ids (see :func:`context_for_record`)."""
-    with contextlib.suppress(Exception):  # an exception type without a __dict__ keeps nothing
-        setattr(exc, _FAILED_CONTEXT, ctx)
-
-
-def context_for_record(record: logging.LogRecord, ctx: Context) -> Context:
-    """``ctx``, or, for a record of an exception that escaped a request written outside any
-    span, the context of that request (kept by :func:`remember_failed_context`)."""
-    exc_info = record.exc_info
-    if not isinstance(exc_info, tuple) or len(exc_info) < 2:  # (type, exc, tb)
-        return ctx
-    failed = getattr(exc_info[1], _FAILED_CONTEXT, None)
-    if not isinstance(failed, Context) or trace_ids(ctx) is not None:
-        return ctx
-    return failed
 
 
 _PLAIN_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")  # no leading _: never a dunder
@@ -228,7 +205,7 @@ class ContextLogFilter(logging.Filter):
         try:
             ctx = _get_current()
             if record.exc_info is not None:  # an exception that escaped a request, logged later?
-                ctx = context_for_record(record, ctx)
+                ctx = context_for_record(record, ctx, self.bridge)
             last = self._reader.last  # the reader's cache, inlined
             fresh = last[0] is ctx and last[1] is CHANGES[0]
             values = last[2] if fresh else self._reader.get(ctx)
@@ -299,6 +276,7 @@ class OTelLoggingBridge(logging.Handler):
         self, bridge: ContextBridge, provider: LoggerProvider, level: int | str = logging.NOTSET
     ) -> None:
         super().__init__(level)
+        self._bridge = bridge
         self._inner = _otel_handler(provider)
         self._plain = frozenset(
             (*(str(f.log_key) for f in bridge.fields.values()), TRACE_ID, SPAN_ID)
@@ -316,7 +294,10 @@ class OTelLoggingBridge(logging.Handler):
             record = clone
         if record.exc_info is not None:
             current = _get_current()
-            ctx = context_for_record(record, current)
+            try:
+                ctx = context_for_record(record, current, self._bridge)
+            except Exception:  # logging never fails because of context
+                ctx = current
             if ctx is not current:  # the record of a failed request, written after it ended
                 token = rt.attach(ctx)
                 try:

@@ -244,7 +244,10 @@ def configure(
 
 def _caller() -> tuple[str, int, str]:
     """(file, line, module name) of the code calling :func:`configure`."""
-    frame = sys._getframe(2)  # the caller of configure(), for an error message only
+    try:
+        frame = sys._getframe(2)  # the caller of configure(), for an error message only
+    except ValueError:  # called from C, with no Python frame there
+        return "?", 0, "?"
     return frame.f_code.co_filename, frame.f_lineno, str(frame.f_globals.get("__name__"))
 
 

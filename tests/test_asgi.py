@@ -25,8 +25,9 @@ from opentelemetry.trace import SpanKind
 
 import otel_ctxbridge as cb
 from otel_ctxbridge import _runtime
+from otel_ctxbridge._failed import remember_failed_context
 from otel_ctxbridge.asgi import ACCESS_LOGGER, ContextBridgeMiddleware, instrument_asgi
-from otel_ctxbridge.logs import OTelLoggingBridge, remember_failed_context
+from otel_ctxbridge.logs import OTelLoggingBridge
 from otel_ctxbridge.trust import TrustPolicy
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -336,22 +337,30 @@ def test_the_servers_own_error_line_carries_the_failed_requests_fields(
     assert exported.log_record.trace_id == span.context.trace_id
 
 
-def test_a_line_of_a_failed_requests_exception_inside_another_span_keeps_that_span(
+def test_a_line_of_a_failed_requests_exception_in_another_request_keeps_that_request(
     bridge: cb.ContextBridge, spans: InMemorySpanExporter
 ) -> None:
-    """The failed request's context is used only for a record written outside any span: one
-    written inside a span keeps the fields and ids current there."""
+    """The failed request's context is used only for a record written outside any request
+    (no span, no scope of the bridge): one written inside a span or a scope keeps the fields
+    current there. An exception keeps the first context it was given."""
+    log = logging.getLogger("tests.late")
     records = Records("tests.late")
     records.addFilter(cb.ContextLogFilter(bridge, default=None))
     exc = RuntimeError("boom")
     with bridge.scope(request_id="r-failed"):
         remember_failed_context(exc, _runtime.get_current())
-    with records, bridge.scope(request_id="r-now"):
+    with bridge.scope(request_id="r-later"):
+        remember_failed_context(exc, _runtime.get_current())
+    with records:
         with trace.get_tracer("t").start_as_current_span("op"):
-            logging.getLogger("tests.late").error("inside", exc_info=exc)
-        logging.getLogger("tests.late").error("no span", exc_info=exc)
-    inside, outside = records.records
-    assert inside.request_id == "r-now"
+            log.error("in a span", exc_info=exc)
+        with bridge.scope(request_id="r-now"):
+            log.error("in a scope", exc_info=exc)
+        log.error("outside", exc_info=exc)
+    in_span, in_scope, outside = records.records
+    assert in_span.request_id is None
+    assert in_span.trace_id is not None
+    assert in_scope.request_id == "r-now"
     assert outside.request_id == "r-failed"
 
 
