@@ -175,7 +175,10 @@ class TenantPools(Generic[C]):
         Only a tenant that came through the bridge counts (its ASGI middleware and trust
         policy, a scope, ``continue_from``, ...): a value in OTel baggage that other code
         extracted and attached as it came (an instrumentation continuing a request or message
-        without this library) is not routed on."""
+        without this library) is not routed on. Known limit: the check is that the bridge made
+        the context; baggage extracted *onto* a bridge's context (a propagator given none
+        starts from the current one: OTel's W3C baggage propagator alone, or listed first in
+        ``OTEL_PROPAGATORS``) keeps the bridge's state and is not told apart."""
         value, accepted = self._read()
         return value if accepted else None
 
