@@ -213,7 +213,7 @@ append_header(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nar
 /* trace_headers(headers, others): (traceparent values, tracestate values), each a sequence
  * of bytes in arrival order, when no header is named in `others` (a frozenset of bytes), none
  * has an upper-case name and none a backslash in its name or value; None when one does, or
- * for another shape. See _inbound.TraceHeaderShield: a request without trace headers, or
+ * for another shape. See _shield.TraceHeaderShield: a request without trace headers, or
  * whose only trace headers need no change, passes on as it came. */
 static PyObject *
 trace_headers(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)

@@ -3,7 +3,7 @@
 ``app = instrument_asgi(app, bridge, trust=TrustPolicy(networks=["10.0.0.0/8"]))`` wraps an ASGI
 application (FastAPI, Starlette, ...) with, from the outside in:
 
-1. :class:`~otel_ctxbridge._inbound.TraceHeaderShield`: ``traceparent``/``tracestate`` checked as
+1. :class:`~otel_ctxbridge._shield.TraceHeaderShield`: ``traceparent``/``tracestate`` checked as
    W3C Trace Context Level 1 says; ``baggage``, the trust secret and headers OTel cannot decode
    (it would answer 500) hidden from OTel;
 2. ``opentelemetry-instrumentation-asgi``'s ``OpenTelemetryMiddleware``: the server span, a
@@ -64,10 +64,10 @@ from ._inbound import (
     Receive,
     Scope,
     Send,
-    TraceHeaderShield,
 )
 from ._misplaced import warn_if_otel_middleware_inside
 from ._scope import stamp
+from ._shield import TraceHeaderShield
 from ._state import Frame
 from .bridge import ContextBridge
 from .errors import ContextValueError, requires_extra

@@ -485,8 +485,9 @@ async def test_trace_header_shield_passes_ready_trace_headers_as_they_came(
     already in the form the shield would give them reaches OTel's middleware as it came (no
     copy of the scope); anything the shield changes or hides goes through it, and the
     headers OTel sees are the same either way."""
-    from otel_ctxbridge import _inbound
-    from otel_ctxbridge._inbound import ORIGINAL_HEADERS, TraceHeaderShield
+    from otel_ctxbridge import _shield
+    from otel_ctxbridge._inbound import ORIGINAL_HEADERS
+    from otel_ctxbridge._shield import TraceHeaderShield
 
     seen: list[dict[str, Any]] = []
 
@@ -499,7 +500,7 @@ async def test_trace_header_shield_passes_ready_trace_headers_as_they_came(
     assert (seen[-1] is scope) is as_they_came
     assert (ORIGINAL_HEADERS not in seen[-1]) is as_they_came
     if as_they_came:  # what the full path would give OTel: the same trace headers
-        full = _inbound.shield_headers(headers, frozenset({b"x-secret"}))
+        full = _shield.shield_headers(headers, frozenset({b"x-secret"}))
         trace = {b"traceparent", b"tracestate"}
         assert sorted(h for h in full if h[0] in trace) == sorted(
             h for h in headers if h[0] in trace
@@ -510,7 +511,7 @@ def test_trace_header_shield_reads_header_names_as_otel_does() -> None:
     """Header names in another case (from a server that does not lower them, as ASGI asks)
     are read lowered, as OTel's getter reads them: a second ``Traceparent`` makes the pair
     duplicated (a new trace), and a ``Baggage`` header is hidden like ``baggage``."""
-    from otel_ctxbridge._inbound import shield_headers, trace_headers
+    from otel_ctxbridge._shield import shield_headers, trace_headers
 
     headers = [(b"traceparent", TP), (b"Traceparent", TP), (b"Baggage", b"tenant_id=evil")]
     assert trace_headers(headers, frozenset({b"baggage"})) is None  # the full path
