@@ -34,6 +34,7 @@ from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from . import _runtime as rt
+from ._foreign_baggage import baggage_prefixes
 from .bridge import ContextBridge
 from .egress_policy import EgressConfigError, EgressPolicy
 from .errors import requires_extra
@@ -98,7 +99,7 @@ class HttpEgress:
             if not isinstance(headers, MutableMapping):
                 return
             if not self.policy.allows(target):
-                headers.pop("baggage", None)
+                _drop_baggage(headers)
                 if self.policy.request_id_only_elsewhere:
                     self._put_request_id(origin, headers)
             elif "baggage" not in headers:  # as the instrumentation would have injected it
@@ -119,8 +120,8 @@ class HttpEgress:
         if allowed:
             new = self._with_late_updates(ctx)
         else:
-            if isinstance(headers, MutableMapping) and "baggage" in headers:
-                del headers["baggage"]
+            if isinstance(headers, MutableMapping):
+                _drop_baggage(headers)
             if self.policy.request_id_only_elsewhere:
                 self._put_request_id(ctx, headers)
             new = rt.with_entry(ctx, rt.BAGGAGE_KEY, {}) if ctx.get(rt.BAGGAGE_KEY) else ctx
@@ -180,7 +181,7 @@ class HttpEgress:
         if self.policy.allows(url):
             return self.bridge.inject(out)
         TraceContextTextMapPropagator().inject(out)
-        out.pop("baggage", None)
+        _drop_baggage(out)
         if self.policy.request_id_only_elsewhere:
             self._put_request_id(rt.get_current(), out)
         return out
@@ -202,6 +203,17 @@ class HttpEgress:
         """Undo what :func:`instrument_http_clients` and :meth:`instrument_client` did."""
         while self._undo:
             self._undo.pop()()
+
+
+def _drop_baggage(headers: MutableMapping[str, Any]) -> None:
+    """Remove ``baggage`` from outbound ``headers``, and the baggage headers of the other
+    configured propagators (Jaeger's ``uberctx-*``, OpenTracing's ``ot-baggage-*``): a redirect
+    copies what the first hop carried."""
+    headers.pop("baggage", None)
+    prefixes = tuple(p.decode("latin-1") for p in baggage_prefixes())
+    if prefixes:
+        for name in [n for n in headers if str(n).lower().startswith(prefixes)]:
+            del headers[name]
 
 
 class _Redirects:

@@ -646,3 +646,36 @@ def test_a_redirect_adds_no_baggage_when_the_propagators_send_none(
         requests.get(f"http://127.0.0.1:{port}/redirect?to={inside}", timeout=10)
     assert "baggage" not in app.last()
     assert "traceparent" in app.last()
+
+
+def test_other_propagators_baggage_headers_never_reach_a_host_outside_the_policy(
+    bridge: cb.ContextBridge,
+    spans: InMemorySpanExporter,
+    egress: HttpEgress,
+    recorder: tuple[Recorder, int],
+) -> None:
+    """With Jaeger's propagator configured too, the fields also travel as ``uberctx-*``
+    headers to allowed hosts; a redirect from there to a host outside the policy carries
+    neither those nor ``baggage`` (requests and httpx), and neither does ``headers()``."""
+    from opentelemetry.baggage.propagation import W3CBaggagePropagator
+    from opentelemetry.propagators.composite import CompositePropagator
+    from opentelemetry.propagators.jaeger import JaegerPropagator
+
+    propagate.set_global_textmap(
+        CompositePropagator(
+            [TraceContextTextMapPropagator(), W3CBaggagePropagator(), JaegerPropagator()]
+        )
+    )
+    app, port = recorder
+    outside = quote(f"http://127.0.0.1:{port}/end")
+    with bridge.scope(request_id="r-15", tenant_id="acme"):
+        for follow in (
+            lambda url: requests.get(url, timeout=10),
+            lambda url: httpx.get(url, follow_redirects=True),
+        ):
+            follow(f"http://localhost:{port}/redirect?to={outside}")
+            assert app.last(-2)["uberctx-tenant_id"] == ["acme"]
+            leaked = [k for k in app.last() if k == "baggage" or k.startswith("uberctx-")]
+            assert leaked == [], follow
+        manual = egress.headers("http://127.0.0.1/", {"uberctx-tenant_id": "acme"})
+    assert "uberctx-tenant_id" not in manual
