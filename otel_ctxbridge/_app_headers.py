@@ -38,12 +38,9 @@ def hide_unchecked(scope: Scope, restricted: frozenset[bytes], secret: bytes | N
     try:
         scope.pop(UNTRUSTED_HEADERS, None)
         headers = scope.pop(ORIGINAL_HEADERS, None) or scope.get("headers") or ()
+        kept = without_prefixed(headers, baggage_prefixes())
+        headers = kept if kept is not None else list(headers)
         hidden = restricted | {secret} if secret is not None else restricted
-        prefixes = baggage_prefixes()
-        scope["headers"] = [
-            (name, value)
-            for name, value in headers
-            if name not in hidden and not (prefixes and name.lower().startswith(prefixes))
-        ]
+        scope["headers"] = [(name, value) for name, value in headers if name not in hidden]
     except Exception:  # a scope this cannot read: the app gets no headers rather than those
         scope["headers"] = []

@@ -58,4 +58,8 @@ def _prefix_of(propagator: object) -> bytes | None:
     prefix = getattr(type(propagator), "BAGGAGE_PREFIX", None)  # Jaeger's, as a class attribute
     if isinstance(prefix, str) and prefix:
         return prefix.lower().encode("latin-1")
-    return _PREFIX_BY_TYPE.get(type(propagator).__name__)
+    for cls in type(propagator).__mro__:  # subclasses of the known propagators too
+        known = _PREFIX_BY_TYPE.get(cls.__name__)
+        if known is not None:
+            return known
+    return None

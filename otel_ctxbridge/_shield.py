@@ -163,7 +163,10 @@ class TraceHeaderShield:
         headers = scope.get("headers")
         if not headers:
             return await self.app(scope, receive, send)
-        shown = without_prefixed(headers, baggage_prefixes())  # Jaeger's, OT's baggage headers
+        try:
+            shown = without_prefixed(headers, baggage_prefixes())  # Jaeger's, OT's baggage
+        except Exception:  # header names of another type: hide all rather than check them
+            shown = []
         found = trace_headers(headers, self._rewrite) if shown is None else None
         if found is not None:  # nothing to hide: may OTel read the trace headers as they came?
             parents, states = found

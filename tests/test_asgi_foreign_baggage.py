@@ -16,6 +16,7 @@ from fastapi import FastAPI, Request
 from opentelemetry import baggage, propagate
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+from opentelemetry.processor.baggage import ALLOW_ALL_BAGGAGE_KEYS, BaggageSpanProcessor
 from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.propagators.jaeger import JaegerPropagator
 from opentelemetry.propagators.ot_trace import OTTracePropagator
@@ -26,14 +27,18 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 import otel_ctxbridge as cb
 from otel_ctxbridge._foreign_baggage import baggage_prefixes
+from otel_ctxbridge._shield import TraceHeaderShield
 from otel_ctxbridge.asgi import instrument_asgi
 from otel_ctxbridge.trust import TrustPolicy
 
 FOREIGN = {
     "uberctx-tenant_id": "globex",
+    "uber-trace-id": "4bf92f3577b34da6a3ce929d0e0e4736:00f067aa0ba902b7:0:1",
     "ot-baggage-tenant_id": "globex",
     "ot-baggage-role": "admin",
-    "uber-trace-id": "4bf92f3577b34da6a3ce929d0e0e4736:00f067aa0ba902b7:0:1",
+    "ot-tracer-traceid": "4bf92f3577b34da6a3ce929d0e0e4736",  # without them OpenTracing's
+    "ot-tracer-spanid": "00f067aa0ba902b7",  # propagator reads no baggage at all
+    "ot-tracer-sampled": "true",
 }
 SECRET = {"x-ctxbridge-secret": "s3"}
 
@@ -55,10 +60,12 @@ def foreign_propagators() -> None:
 
 @pytest.fixture
 def provider(bridge: cb.ContextBridge) -> Iterator[tuple[TracerProvider, InMemorySpanExporter]]:
-    """A tracer provider whose span processor copies baggage fields onto every span."""
+    """A tracer provider whose span processors copy baggage onto every span: the fields
+    (``ContextSpanProcessor``) and every member as it is (OTel's ``BaggageSpanProcessor``)."""
     exporter = InMemorySpanExporter()
     tracer_provider = TracerProvider()
     tracer_provider.add_span_processor(cb.ContextSpanProcessor(bridge))
+    tracer_provider.add_span_processor(BaggageSpanProcessor(ALLOW_ALL_BAGGAGE_KEYS))
     tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
     yield tracer_provider, exporter
     tracer_provider.shutdown()
@@ -128,3 +135,17 @@ def test_a_misplaced_otel_middleware_gets_no_foreign_baggage_from_an_untrusted_p
     assert body["tenant"] is None
     assert not {"tenant_id", "role"} & set(body["baggage"])
     _no_foreign_value(exporter)
+
+
+async def test_the_shield_never_raises_on_header_names_it_cannot_check() -> None:
+    """A scope whose header names are not bytes (no server sends one, the ASGI spec forbids
+    it) with prefixes to look for: the shield hides every header from OTel rather than raise
+    on the request path."""
+    seen: list[Any] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        seen.append(scope["headers"])
+
+    scope = {"type": "http", "headers": [("uberctx-tenant_id", "globex"), (b"host", b"x")]}
+    await TraceHeaderShield(app)(scope, None, None)  # type: ignore[arg-type] # never called
+    assert seen == [[]]
