@@ -252,6 +252,65 @@ def test_set_up_before_opentelemetrys_celery_instrumentation_nothing_untrusted_i
     assert len(moved) == 1
 
 
+def test_a_plain_handler_connected_later_keeps_its_place_and_sees_the_fields(
+    bridge: cb.ContextBridge, local_app: tuple[Celery, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Only an instrumentation's handler connected after ours moves ours last: a plain
+    ``task_prerun`` handler of the application (logging task starts, say) keeps running after
+    ours, seeing the task's fields, and nothing is said."""
+    from celery import signals
+
+    app, _ = local_app
+    starts: list[dict[str, Any]] = []
+
+    def on_start(**_: Any) -> None:
+        starts.append(dict(bridge.current()))
+
+    uid = f"plain-{uuid.uuid4()}"
+    signals.task_prerun.connect(on_start, weak=False, dispatch_uid=uid)
+    try:
+        with bridge.scope(request_id="r-p"):
+            headers = bridge.inject({})
+        with caplog.at_level(logging.WARNING, logger="otel_ctxbridge"):
+            _run_like_a_worker(app, headers)
+            _run_like_a_worker(app, headers)
+    finally:
+        signals.task_prerun.disconnect(on_start, dispatch_uid=uid)
+    assert starts == [{"request_id": "r-p"}, {"request_id": "r-p"}]
+    assert not [r for r in caplog.records if "run last" in r.getMessage()]
+
+
+def test_a_trusting_worker_set_up_first_adopts_no_unchecked_value_either(
+    bridge: cb.ContextBridge,
+) -> None:
+    """With ``trusted=True`` and OpenTelemetry's Celery instrumentation set up after ours, the
+    first task does not get what OTel's handler would extract unchecked (a tenant value the
+    field refuses, over the valid ``x-tenant-id`` header); later tasks get the fields as the
+    worker takes them."""
+    from opentelemetry.instrumentation.celery import CeleryInstrumentor
+
+    app = Celery(f"trusting-{uuid.uuid4()}", set_as_current=False)
+    seen: list[dict[str, Any]] = []
+
+    @app.task(name="trusting.report", shared=False)
+    def report() -> None:
+        seen.append(dict(bridge.current()))
+
+    headers = {"baggage": "tenant_id=%20evil", "x-tenant-id": "acme", "x-request-id": "r-t"}
+    handle = instrument_celery(bridge, app, trusted=True)
+    instrumentor = CeleryInstrumentor()
+    instrumentor.instrument()
+    try:
+        for _ in range(2):
+            trace_task(report, "t", (), {}, request={"id": "t", **headers}, app=app)
+    finally:
+        instrumentor.uninstrument()
+        handle.uninstrument()
+    first, second = seen
+    assert first.get("tenant_id") in (None, "acme")
+    assert second == {"request_id": "r-t", "tenant_id": "acme"}
+
+
 def test_task_without_headers_gets_a_fresh_request_id_and_nothing_stale(
     bridge: cb.ContextBridge, local_app: tuple[Celery, Any]
 ) -> None:

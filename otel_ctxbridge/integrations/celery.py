@@ -28,7 +28,9 @@ processor copied from it onto the task span is removed unless the worker took it
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
+import weakref
 from contextvars import Token
 from typing import Any
 
@@ -69,8 +71,8 @@ class CeleryInstrumentation:
         """Whether missing generate-able fields (the request id) get a fresh value."""
         self._told_untrusted = trusted  # said once that trusted fields were left out
         self._last_checked = False  # checked once that our handlers run after the others'
-        trusted_headers = [f.header for f in bridge.fields.values() if f.inbound == "trusted"]
-        self._restricted = ("baggage", *(h for h in trusted_headers if h))
+        self._order_lock = threading.Lock()
+        self._read_keys = ("baggage", *(f.header for f in bridge.fields.values() if f.header))
         self._uid = f"otel_ctxbridge-{uuid.uuid4()}"
         self._keys = tuple(
             dict.fromkeys((*_CARRIED, *(f.header for f in bridge.fields.values() if f.header)))
@@ -114,8 +116,7 @@ class CeleryInstrumentation:
                 if inbound and not self.trusted:  # an untrusted producer forwards nothing
                     base = rt.with_entry(base, rt.BAGGAGE_KEY, {})
             carrier = self._carrier(request)
-            if not self.trusted:  # nothing read later (a handler after ours) may adopt them
-                self._forget_untrusted(request)
+            self._forget_read(request)  # nothing unchecked for a handler running after ours
             if not self._last_checked:
                 self._keep_last()
             if not self._told_untrusted:
@@ -150,36 +151,37 @@ class CeleryInstrumentation:
                 carrier[key] = value
         return carrier
 
-    def _forget_untrusted(self, request: Any) -> None:
-        """Remove from ``request`` what an untrusted producer may not set (``baggage`` and the
-        headers of ``inbound="trusted"`` fields), once read: a ``task_prerun`` handler running
-        after ours (OpenTelemetry's Celery instrumentation set up later) would otherwise
-        extract it, unchecked, into the context it attaches over ours."""
+    def _forget_read(self, request: Any) -> None:
+        """Remove from ``request``, once read, ``baggage`` and the fields' headers: a
+        ``task_prerun`` handler running after ours (OpenTelemetry's Celery instrumentation set
+        up later) would otherwise extract them unchecked (an untrusted producer's tenant, or a
+        value the fields refuse) into the context it attaches over ours."""
         nested = getattr(request, "headers", None)
-        for key in self._restricted:
+        for key in self._read_keys:
             if getattr(request, key, None) is not None:
                 setattr(request, key, None)
             if isinstance(nested, dict):
                 nested.pop(key, None)
 
     def _keep_last(self) -> None:
-        """Our handlers must run after any other that attaches a context around tasks: when one
-        was connected after ours (OpenTelemetry's Celery instrumentation, set up after
-        ``instrument_celery``), move ours to the end, once, and say so. The task running now
-        already had the other's context attached over ours."""
-        self._last_checked = True
-        receivers = getattr(signals.task_prerun, "receivers", None)
-        if not receivers or receivers[-1][0][0] == self._uid:
-            return
-        signals.task_prerun.disconnect(self._prerun, dispatch_uid=self._uid)
-        signals.task_postrun.disconnect(self._postrun, dispatch_uid=self._uid)
-        signals.task_prerun.connect(self._prerun, weak=False, dispatch_uid=self._uid)
-        signals.task_postrun.connect(self._postrun, weak=False, dispatch_uid=self._uid)
+        """Our handlers must run after an instrumentation's that attaches a context around
+        tasks: when OpenTelemetry's (any ``opentelemetry.instrumentation`` module's) was
+        connected after ours (set up after ``instrument_celery``), move ours to the end, once,
+        in place under the signals' locks, and say so. The task running now already had the
+        other's context attached over ours. Plain handlers connected later keep their place."""
+        with self._order_lock:
+            if self._last_checked:
+                return
+            self._last_checked = True
+            if not _instrumentation_after(signals.task_prerun, self._uid):
+                return
+            for signal in (signals.task_prerun, signals.task_postrun):
+                _move_last(signal, self._uid)
         _logger.warning(
-            "otel_ctxbridge: a task_prerun handler was connected after instrument_celery's "
-            "(OpenTelemetry's Celery instrumentation set up later?) and replaced the task's "
-            "context; otel_ctxbridge's handlers now run last. Call instrument_celery() after "
-            "the other instrumentation (e.g. in the same worker_process_init handler)"
+            "otel_ctxbridge: an instrumentation's task_prerun handler was connected after "
+            "instrument_celery's (OpenTelemetry's Celery instrumentation set up later?) and "
+            "replaced the task's context; otel_ctxbridge's handlers now run last. Call "
+            "instrument_celery() after it (e.g. in the same worker_process_init handler)"
         )
 
     def _tell_if_trusted_fields_left_out(self, carrier: dict[str, Any]) -> None:
@@ -220,6 +222,33 @@ class CeleryInstrumentation:
             rt.detach(token)
         # else an instrumentation whose prerun ran before ours has already put back what the
         # thread held before the task; resetting to what it attached would leak its context.
+
+
+def _receiver_module(receiver: Any) -> str:
+    target = receiver() if isinstance(receiver, weakref.ReferenceType) else receiver
+    return str(getattr(target, "__module__", "") or "")
+
+
+def _instrumentation_after(signal: Any, uid: str) -> bool:
+    """True when a receiver of an ``opentelemetry.instrumentation`` module follows ours."""
+    receivers = list(getattr(signal, "receivers", None) or ())
+    keys = [key[0] for key, _ in receivers]
+    if uid not in keys:
+        return False
+    later = receivers[keys.index(uid) + 1 :]
+    return any(_receiver_module(r).startswith("opentelemetry.instrumentation") for _, r in later)
+
+
+def _move_last(signal: Any, uid: str) -> None:
+    """Move our receiver to the end of ``signal``'s, in place, under its lock (a send running
+    now on another thread sees the list before or after, never without ours)."""
+    with signal.lock:
+        receivers = signal.receivers
+        for index, (key, _) in enumerate(receivers):
+            if key[0] == uid:
+                receivers.append(receivers.pop(index))
+                break
+        signal.sender_receivers_cache.clear()
 
 
 def instrument_celery(
