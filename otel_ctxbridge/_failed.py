@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 from opentelemetry.context import Context
 from opentelemetry.trace import get_current_span
 
+from ._state import state_in
+
 if TYPE_CHECKING:
     from .bridge import ContextBridge
 
@@ -39,7 +41,7 @@ def context_for_record(record: logging.LogRecord, ctx: Context, bridge: ContextB
     if not isinstance(exc_info, tuple) or len(exc_info) < 2:  # (type, exc, tb)
         return ctx
     failed = getattr(exc_info[1], _FAILED_CONTEXT, None)
-    if not isinstance(failed, Context) or ctx.get(bridge._key) is not None:  # in a request
+    if not isinstance(failed, Context) or state_in(ctx, bridge._key) is not None:  # a request
         return ctx
     if get_current_span(ctx).get_span_context().is_valid:
         return ctx

@@ -18,6 +18,7 @@ from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontext
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast, overload
 
 from otel_ctxbridge import _runtime as rt
+from otel_ctxbridge._state import state_in
 from otel_ctxbridge.errors import (
     ContextBridgeError,
     FieldConfigError,
@@ -207,7 +208,7 @@ class TenantPools(Generic[C]):
         value = self._bridge.values_in(ctx).get(self._field)
         if not isinstance(value, str):
             return None, True
-        return value, ctx.get(self._bridge._key) is not None  # the bridge's own entry
+        return value, state_in(ctx, self._bridge._key) is not None  # the bridge's own entry
 
     def _dsn(self, tenant: str) -> str:
         dsns = self._dsns
