@@ -1,17 +1,19 @@
-"""The context of a request an exception escaped from, kept on the exception: a record of it
-written after the request ended (the server's own ``Exception in ASGI application``) gets that
+"""The context of the request an exception escaped from, for the records the server writes
+about it after the request ended (uvicorn's ``Exception in ASGI application``): they get that
 request's fields and trace ids from :class:`~otel_ctxbridge.ContextLogFilter` and
 :class:`~otel_ctxbridge.logs.OTelLoggingBridge`.
 
-An exception instance raised again by another request (a cached error, a shared future) keeps
-the context of the first request it escaped from, and so does one that went through nested
-middlewares (the innermost's): its later records name that request.
+The middleware keeps ``(exception, request context)`` in a context variable it does not reset:
+the server logs the exception in the same task that ran the request (one per request), after
+the middleware has returned, and sees the value there; another request's task never does. So an
+exception instance raised by several requests (a cached error, a shared future) is labelled
+with the request of the task logging it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
+from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
 from opentelemetry.context import Context
@@ -24,25 +26,26 @@ if TYPE_CHECKING:
 
 __all__ = ["context_for_record", "remember_failed_context"]
 
-_FAILED_CONTEXT = "_otel_ctxbridge_context"
+_FAILED: ContextVar[tuple[BaseException, Context] | None] = ContextVar(
+    "otel_ctxbridge.failed_request", default=None
+)
 
 
 def remember_failed_context(exc: BaseException, ctx: Context) -> None:
-    """Keep ``ctx`` on ``exc`` (unless it keeps one already); never raises."""
-    with contextlib.suppress(Exception):  # an exception type without a __dict__ keeps nothing
-        if not isinstance(getattr(exc, _FAILED_CONTEXT, None), Context):
-            setattr(exc, _FAILED_CONTEXT, ctx)
+    """Keep ``(exc, ctx)`` for the rest of the current task (the request's); never raises."""
+    _FAILED.set((exc, ctx))
 
 
 def context_for_record(record: logging.LogRecord, ctx: Context, bridge: ContextBridge) -> Context:
-    """``ctx``, or, for a record of an exception that escaped a request written outside any
-    request (no valid span and no state of ``bridge`` in ``ctx``), that request's context."""
+    """``ctx``, or, for a record of the exception that escaped this task's request, written
+    outside any request (no valid span and no state of ``bridge`` in ``ctx``), that request's
+    context."""
+    failed = _FAILED.get()
     exc_info = record.exc_info
-    if not isinstance(exc_info, tuple) or len(exc_info) < 2:  # (type, exc, tb)
+    if failed is None or not isinstance(exc_info, tuple) or len(exc_info) < 2:  # (type, exc, tb)
         return ctx
-    failed = getattr(exc_info[1], _FAILED_CONTEXT, None)
-    if not isinstance(failed, Context) or state_in(ctx, bridge._key) is not None:  # a request
+    if exc_info[1] is not failed[0] or state_in(ctx, bridge._key) is not None:  # a request
         return ctx
     if get_current_span(ctx).get_span_context().is_valid:
         return ctx
-    return failed
+    return failed[1]

@@ -39,9 +39,9 @@ is set to INFO when unset), written once the response is complete, message
 ``duration_ms``, ``client_addr``, ``trace_id``, ``span_id`` and each field set in the request
 under its ``log_key``, values set with ``update()`` included. Unhandled exceptions are logged
 with the same keys on ``otel_ctxbridge.asgi`` (then re-raised, so the server logs them too: the
-exception keeps the request's context, which ``ContextLogFilter`` and ``OTelLoggingBridge`` use
-for a record of it written outside any span, such as uvicorn's ``Exception in ASGI
-application``).
+request's context stays with the exception in the request's task, where ``ContextLogFilter``
+and ``OTelLoggingBridge`` use it for a record of it written after the request, such as
+uvicorn's ``Exception in ASGI application``).
 """
 
 from __future__ import annotations

@@ -340,16 +340,14 @@ def test_the_servers_own_error_line_carries_the_failed_requests_fields(
 def test_a_line_of_a_failed_requests_exception_in_another_request_keeps_that_request(
     bridge: cb.ContextBridge, spans: InMemorySpanExporter
 ) -> None:
-    """The failed request's context is used only for a record written outside any request
-    (no span, no scope of the bridge): one written inside a span or a scope keeps the fields
-    current there. An exception keeps the first context it was given."""
+    """The failed request's context is used only for a record of that very exception written
+    outside any request (no span, no scope of the bridge): one written inside a span or a scope
+    keeps the fields current there, and another exception's record gets nothing."""
     log = logging.getLogger("tests.late")
     records = Records("tests.late")
     records.addFilter(cb.ContextLogFilter(bridge, default=None))
     exc = RuntimeError("boom")
     with bridge.scope(request_id="r-failed"):
-        remember_failed_context(exc, _runtime.get_current())
-    with bridge.scope(request_id="r-later"):
         remember_failed_context(exc, _runtime.get_current())
     with records:
         with trace.get_tracer("t").start_as_current_span("op"):
@@ -357,11 +355,38 @@ def test_a_line_of_a_failed_requests_exception_in_another_request_keeps_that_req
         with bridge.scope(request_id="r-now"):
             log.error("in a scope", exc_info=exc)
         log.error("outside", exc_info=exc)
-    in_span, in_scope, outside = records.records
+        log.error("another", exc_info=ValueError("other"))
+    in_span, in_scope, outside, another = records.records
     assert in_span.request_id is None
     assert in_span.trace_id is not None
     assert in_scope.request_id == "r-now"
     assert outside.request_id == "r-failed"
+    assert another.request_id is None
+
+
+def test_one_exception_raised_by_several_requests_is_logged_with_each_ones_ids(
+    bridge: cb.ContextBridge, spans: InMemorySpanExporter
+) -> None:
+    """An exception instance several requests raise (a cached error, a shared future): the
+    server's traceback of each carries that request's id, never the first one's."""
+    shared = RuntimeError("the shared connection is broken")
+    api = FastAPI()
+
+    @api.get("/")
+    async def index() -> None:
+        raise shared
+
+    with Records("uvicorn.error") as errors:
+        errors.addFilter(cb.ContextLogFilter(bridge, default=None))
+
+        def tracebacks() -> list[logging.LogRecord]:
+            return [r for r in errors.records if "Exception in" in r.getMessage()]
+
+        with serve(instrument_asgi(api, bridge)) as base:
+            for rid in ("r-first", "r-second", "r-third"):
+                httpx.get(base + "/", headers={"x-request-id": rid})
+            lines = wait_until(lambda: len(tracebacks()) == 3 and tracebacks())
+    assert [r.request_id for r in lines] == ["r-first", "r-second", "r-third"]
 
 
 def test_access_log_line_has_request_and_fields(url: str, records: Records) -> None:
