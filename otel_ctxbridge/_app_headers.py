@@ -27,8 +27,8 @@ def headers_for_app(scope: Scope, trust: TrustPolicy, secret: bytes | None) -> N
     hidden: frozenset[bytes] = scope.pop(UNTRUSTED_HEADERS, None) or frozenset()
     if secret is not None:
         hidden = hidden | {secret}
-    if hidden and any(name in hidden for name, _ in scope.get("headers") or ()):
-        scope["headers"] = [h for h in scope["headers"] if h[0] not in hidden]
+    if hidden and any(name.lower() in hidden for name, _ in scope.get("headers") or ()):
+        scope["headers"] = [h for h in scope["headers"] if h[0].lower() not in hidden]
 
 
 def hide_unchecked(scope: Scope, restricted: frozenset[bytes], secret: bytes | None) -> None:
@@ -41,6 +41,6 @@ def hide_unchecked(scope: Scope, restricted: frozenset[bytes], secret: bytes | N
         kept = without_prefixed(headers, baggage_prefixes())
         headers = kept if kept is not None else list(headers)
         hidden = restricted | {secret} if secret is not None else restricted
-        scope["headers"] = [(name, value) for name, value in headers if name not in hidden]
+        scope["headers"] = [(name, value) for name, value in headers if name.lower() not in hidden]
     except Exception:  # a scope this cannot read: the app gets no headers rather than those
         scope["headers"] = []

@@ -83,10 +83,11 @@ class InboundReader:
         if found is NotImplemented or _collect_headers is None:  # the same loop, in Python
             found = None
             for name, value in headers:
-                if name in self._wanted:
+                lowered = name.lower()  # ASGI asks servers for lower case; OTel lowers them too
+                if lowered in self._wanted:
                     if found is None:
                         found = {}
-                    found.setdefault(name, []).append(value)
+                    found.setdefault(lowered, []).append(value)
         if found is None:
             return {}, None
         return self._values(scope, found)

@@ -72,8 +72,8 @@ collect_headers(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t n
     }
     for (Py_ssize_t i = 0; i < count; i++) { /* the shape first: no half-built answer */
         PyObject *name, *value;
-        if (!header_pair(headers, i, &name, &value)) {
-            Py_RETURN_NOTIMPLEMENTED;
+        if (!header_pair(headers, i, &name, &value) || has_upper(name)) {
+            Py_RETURN_NOTIMPLEMENTED; /* (names not in lower case: Python lowers them) */
         }
     }
     PyObject *found = NULL;

@@ -375,3 +375,59 @@ def test_a_misplaced_otel_middleware_cannot_give_the_app_an_untrusted_tenant(
         assert trusted["tenant"] == "globex"
         assert {"baggage", "x-tenant-id"} <= set(trusted["headers"])
         assert "x-ctxbridge-secret" not in trusted["headers"]
+
+
+@pytest.mark.parametrize("headers_type", [list, tuple])
+async def test_header_names_not_in_lower_case_are_matched_as_lower_case(
+    bridge: cb.ContextBridge, spans: InMemorySpanExporter, headers_type: type
+) -> None:
+    """A server (or a middleware) sending names that are not in lower case, against the ASGI
+    spec's advice: the bridge matches them as OTel and the trust policy do. An untrusted
+    ``Baggage``/``X-Tenant-Id`` sets no tenant (even for an OTel middleware misplaced inside)
+    and never reaches the app; a trusted peer's ``X-Ctxbridge-Secret`` is recognised and hidden."""
+    from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+
+    seen: list[dict[str, Any]] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        names = sorted(n.lower() for n, _ in scope["headers"])
+        seen.append({"tenant": bridge.get("tenant_id"), "names": names})
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    trust = TrustPolicy(secret="s3")
+    misplaced = cb.ContextBridgeMiddleware(OpenTelemetryMiddleware(app), bridge, trust)
+    plain = cb.ContextBridgeMiddleware(app, bridge, trust)
+
+    async def call(stack: Any, headers: list[tuple[bytes, bytes]]) -> None:
+        scope = {
+            "type": "http",
+            "method": "GET",
+            "path": "/",
+            "raw_path": b"/",
+            "query_string": b"",
+            "headers": headers_type(headers),
+            "client": ("203.0.113.9", 5000),
+            "server": ("127.0.0.1", 8000),
+            "scheme": "http",
+            "http_version": "1.1",
+        }
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            pass
+
+        await stack(scope, receive, send)
+
+    untrusted_headers = [
+        (b"Baggage", b"tenant_id=evil"),
+        (b"X-Tenant-Id", b"evil"),
+        (b"Host", b"x"),
+    ]
+    await call(misplaced, untrusted_headers)
+    await call(plain, [(b"X-Ctxbridge-Secret", b"s3"), (b"X-Tenant-Id", b"acme"), (b"Host", b"x")])
+    untrusted, trusted = seen
+    assert untrusted == {"tenant": None, "names": [b"host"]}
+    assert trusted == {"tenant": "acme", "names": [b"host", b"x-tenant-id"]}
