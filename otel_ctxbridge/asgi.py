@@ -4,8 +4,9 @@
 application (FastAPI, Starlette, ...) with, from the outside in:
 
 1. :class:`~otel_ctxbridge._shield.TraceHeaderShield`: ``traceparent``/``tracestate`` checked as
-   W3C Trace Context Level 1 says; ``baggage``, the trust secret and headers OTel cannot decode
-   (it would answer 500) hidden from OTel;
+   W3C Trace Context Level 1 says; ``baggage`` (and other configured propagators' baggage
+   headers), the trust secret and headers OTel cannot decode (it would answer 500) hidden
+   from OTel;
 2. ``opentelemetry-instrumentation-asgi``'s ``OpenTelemetryMiddleware``: the server span, a
    child of a valid inbound ``traceparent`` (send/receive spans off unless ``exclude_spans``
    is given), named, once the router has matched a route, after its template
