@@ -140,9 +140,9 @@ class Exchange:
 
     async def fail(self, exc: Exception) -> None:
         """The app raised: answer 500 (with the id) if nothing was sent, log the error with
-        the request's fields, and keep the request's context on ``exc`` for the server's own
-        error log, written after the request ended."""
-        remember_failed_context(exc, self.ctx)
+        the request's fields, and keep the request's context for the server's own error log,
+        written after the request ended (kept after the 500 is sent: what the server starts
+        while sending it, a keep-alive timer, would copy the current context with it)."""
         if not self.status:
             try:
                 await self.send({"type": "http.response.start", "status": 500, "headers": _500})
@@ -153,6 +153,7 @@ class Exchange:
             method, path = self.scope.get("method"), printable(self.scope.get("path", ""))
             extra = self.fields_extra()
             _logger.error("unhandled exception in %s %s", method, path, exc_info=exc, extra=extra)
+        remember_failed_context(exc, self.ctx)
 
     def fields_extra(self) -> dict[str, Any]:
         """The log ``extra`` of this request: each field set now under its log key (redacted

@@ -389,6 +389,34 @@ def test_one_exception_raised_by_several_requests_is_logged_with_each_ones_ids(
     assert [r.request_id for r in lines] == ["r-first", "r-second", "r-third"]
 
 
+def test_the_servers_error_line_has_the_ids_when_the_bridge_ran_in_a_child_task(
+    bridge: cb.ContextBridge, spans: InMemorySpanExporter
+) -> None:
+    """A ``BaseHTTPMiddleware`` (``@app.middleware("http")``) outside the bridge runs it in a
+    child task (anyio's task group): the server's traceback, logged in the parent task, still
+    gets the failed request's id (kept on the exception too)."""
+    api = FastAPI()
+
+    @api.get("/")
+    async def index() -> None:
+        raise RuntimeError("boom")
+
+    api.add_middleware(cb.ContextBridgeMiddleware, bridge=bridge)
+
+    @api.middleware("http")
+    async def timing(request: Request, call_next: Any) -> Any:
+        return await call_next(request)
+
+    with Records("uvicorn.error") as errors:
+        errors.addFilter(cb.ContextLogFilter(bridge, default=None))
+        with serve(api) as base:
+            httpx.get(base + "/", headers={"x-request-id": "r-child"})
+            (line,) = wait_until(
+                lambda: [r for r in errors.records if "Exception in" in r.getMessage()]
+            )
+    assert line.request_id == "r-child"
+
+
 def test_access_log_line_has_request_and_fields(url: str, records: Records) -> None:
     """One line per request, after the response: method, path, status, duration, fields."""
     httpx.get(url + "/fields", headers={"x-request-id": "rid-a"})
