@@ -311,6 +311,28 @@ def test_a_trusting_worker_set_up_first_adopts_no_unchecked_value_either(
     assert second == {"request_id": "r-t", "tenant_id": "acme"}
 
 
+def test_a_trusting_worker_leaves_the_message_headers_to_the_task(
+    bridge: cb.ContextBridge,
+) -> None:
+    """With ``trusted=True`` and no other instrumentation, a bound task still reads the
+    message's headers (its ``baggage`` and the fields' headers) as they came."""
+    app = Celery(f"headers-{uuid.uuid4()}", set_as_current=False)
+    seen: list[dict[str, Any]] = []
+
+    @app.task(name="headers.report", bind=True, shared=False)
+    def report(self: Any) -> None:
+        keys = ("baggage", "x-request-id", "x-tenant-id")
+        seen.append({key: self.request.get(key) for key in keys})
+
+    headers = {"baggage": "tenant_id=acme", "x-request-id": "r-h", "x-tenant-id": "acme"}
+    handle = instrument_celery(bridge, app, trusted=True)
+    try:
+        trace_task(report, "t", (), {}, request={"id": "t", **headers}, app=app)
+    finally:
+        handle.uninstrument()
+    assert seen == [headers]
+
+
 def test_task_without_headers_gets_a_fresh_request_id_and_nothing_stale(
     bridge: cb.ContextBridge, local_app: tuple[Celery, Any]
 ) -> None:

@@ -72,7 +72,8 @@ class CeleryInstrumentation:
         self._told_untrusted = trusted  # said once that trusted fields were left out
         self._last_checked = False  # checked once that our handlers run after the others'
         self._order_lock = threading.Lock()
-        self._read_keys = ("baggage", *(f.header for f in bridge.fields.values() if f.header))
+        trusted_headers = [f.header for f in bridge.fields.values() if f.inbound == "trusted"]
+        self._untrusted_keys = ("baggage", *(h for h in trusted_headers if h))
         self._uid = f"otel_ctxbridge-{uuid.uuid4()}"
         self._keys = tuple(
             dict.fromkeys((*_CARRIED, *(f.header for f in bridge.fields.values() if f.header)))
@@ -116,9 +117,11 @@ class CeleryInstrumentation:
                 if inbound and not self.trusted:  # an untrusted producer forwards nothing
                     base = rt.with_entry(base, rt.BAGGAGE_KEY, {})
             carrier = self._carrier(request)
-            self._forget_read(request)  # nothing unchecked for a handler running after ours
-            if not self._last_checked:
-                self._keep_last()
+            moved = not self._last_checked and self._keep_last()
+            if not self.trusted:  # nothing the producer may not set, for the task or another
+                self._forget(request, self._untrusted_keys)  # handler after ours
+            elif moved:  # OTel's handler still runs after ours for this task: nothing unchecked
+                self._forget(request, ("baggage",))
             if not self._told_untrusted:
                 self._tell_if_trusted_fields_left_out(carrier)
             ctx = context_from(
@@ -151,30 +154,32 @@ class CeleryInstrumentation:
                 carrier[key] = value
         return carrier
 
-    def _forget_read(self, request: Any) -> None:
-        """Remove from ``request``, once read, ``baggage`` and the fields' headers: a
-        ``task_prerun`` handler running after ours (OpenTelemetry's Celery instrumentation set
-        up later) would otherwise extract them unchecked (an untrusted producer's tenant, or a
-        value the fields refuse) into the context it attaches over ours."""
+    @staticmethod
+    def _forget(request: Any, keys: tuple[str, ...]) -> None:
+        """Remove ``keys`` from ``request`` once read: an untrusted producer's ``baggage`` and
+        trusted fields' headers (the task, or a ``task_prerun`` handler after ours such as
+        OpenTelemetry's Celery instrumentation set up later, would otherwise read them
+        unchecked)."""
         nested = getattr(request, "headers", None)
-        for key in self._read_keys:
+        for key in keys:
             if getattr(request, key, None) is not None:
                 setattr(request, key, None)
             if isinstance(nested, dict):
                 nested.pop(key, None)
 
-    def _keep_last(self) -> None:
+    def _keep_last(self) -> bool:
         """Our handlers must run after an instrumentation's that attaches a context around
         tasks: when OpenTelemetry's (any ``opentelemetry.instrumentation`` module's) was
         connected after ours (set up after ``instrument_celery``), move ours to the end, once,
         in place under the signals' locks, and say so. The task running now already had the
-        other's context attached over ours. Plain handlers connected later keep their place."""
+        other's context attached over ours. Plain handlers connected later keep their place.
+        True when ours moved (the other's handler still runs after ours for this task)."""
         with self._order_lock:
             if self._last_checked:
-                return
+                return False
             self._last_checked = True
             if not _instrumentation_after(signals.task_prerun, self._uid):
-                return
+                return False
             for signal in (signals.task_prerun, signals.task_postrun):
                 _move_last(signal, self._uid)
         _logger.warning(
@@ -183,6 +188,7 @@ class CeleryInstrumentation:
             "replaced the task's context; otel_ctxbridge's handlers now run last. Call "
             "instrument_celery() after it (e.g. in the same worker_process_init handler)"
         )
+        return True
 
     def _tell_if_trusted_fields_left_out(self, carrier: dict[str, Any]) -> None:
         """Once: a message carried ``inbound="trusted"`` fields, which a worker instrumented
