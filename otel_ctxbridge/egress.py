@@ -102,11 +102,12 @@ class HttpEgress:
                 _drop_baggage(headers)
                 if self.policy.request_id_only_elsewhere:
                     self._put_request_id(origin, headers)
-            elif "baggage" not in headers:  # as the instrumentation would have injected it
+            elif not any(_is_baggage(str(n)) for n in headers):  # as the first hop got them
                 carrier: dict[str, str] = {}
                 propagate.inject(carrier, self._with_late_updates(origin))
-                if "baggage" in carrier:
-                    headers["baggage"] = carrier["baggage"]
+                for name, value in carrier.items():
+                    if _is_baggage(name):
+                        headers[name] = value
         except Exception:  # telemetry never throws on the request path
             _logger.warning("otel_ctxbridge: egress redirect hook failed", exc_info=True)
 
@@ -209,11 +210,18 @@ def _drop_baggage(headers: MutableMapping[str, Any]) -> None:
     """Remove ``baggage`` from outbound ``headers``, and the baggage headers of the other
     configured propagators (Jaeger's ``uberctx-*``, OpenTracing's ``ot-baggage-*``): a redirect
     copies what the first hop carried."""
-    headers.pop("baggage", None)
-    prefixes = tuple(p.decode("latin-1") for p in baggage_prefixes())
-    if prefixes:
-        for name in [n for n in headers if str(n).lower().startswith(prefixes)]:
-            del headers[name]
+    for name in [n for n in headers if _is_baggage(str(n))]:
+        del headers[name]
+
+
+def _is_baggage(name: str) -> bool:
+    """True for ``baggage`` and the baggage headers of the other configured propagators (any
+    case: a plain dict carrier keeps the caller's)."""
+    lowered = name.lower()
+    prefixes = baggage_prefixes()
+    return lowered == "baggage" or bool(
+        prefixes and lowered.encode("latin-1", "replace").startswith(prefixes)
+    )
 
 
 class _Redirects:

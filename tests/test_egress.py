@@ -679,3 +679,14 @@ def test_other_propagators_baggage_headers_never_reach_a_host_outside_the_policy
             assert leaked == [], follow
         manual = egress.headers("http://127.0.0.1/", {"uberctx-tenant_id": "acme"})
     assert "uberctx-tenant_id" not in manual
+
+
+def test_headers_for_a_host_outside_the_policy_drop_baggage_in_any_case(
+    bridge: cb.ContextBridge, egress: HttpEgress
+) -> None:
+    """``headers()`` given a plain dict that already holds ``Baggage`` (any case) for a host
+    outside the policy returns it without; ``traceparent`` is all it adds."""
+    with bridge.scope(request_id="r-16", tenant_id="t"):
+        out = egress.headers("http://127.0.0.1/", {"Baggage": "tenant_id=t", "Accept": "*/*"})
+    assert "Baggage" not in out
+    assert out["Accept"] == "*/*"
