@@ -80,7 +80,8 @@ collect_headers(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t n
     Py_INCREF(headers);
     for (Py_ssize_t i = 0; i < header_count(headers); i++) {
         PyObject *name, *value;
-        if (!header_pair(headers, i, &name, &value)) { /* changed by a finalizer: Python's */
+        if (!header_pair(headers, i, &name, &value) || has_upper(name)) { /* changed by a
+                                                                          * finalizer: Python's */
             Py_XDECREF(found);
             Py_DECREF(headers);
             Py_RETURN_NOTIMPLEMENTED;
