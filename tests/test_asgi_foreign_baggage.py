@@ -71,7 +71,8 @@ def provider(bridge: cb.ContextBridge) -> Iterator[tuple[TracerProvider, InMemor
     tracer_provider.shutdown()
 
 
-def _api(bridge: cb.ContextBridge) -> FastAPI:
+def reporting_app(bridge: cb.ContextBridge) -> FastAPI:
+    """A FastAPI app whose ``/`` answers the tenant, the baggage and the header names it sees."""
     api = FastAPI()
 
     @api.get("/")
@@ -106,7 +107,10 @@ def test_under_instrument_asgi_foreign_baggage_reaches_neither_context_nor_span(
     came, but still set no field and no span attribute (fields come from W3C baggage only)."""
     tracer_provider, exporter = provider
     app = instrument_asgi(
-        _api(bridge), bridge, trust=TrustPolicy(secret="s3"), tracer_provider=tracer_provider
+        reporting_app(bridge),
+        bridge,
+        trust=TrustPolicy(secret="s3"),
+        tracer_provider=tracer_provider,
     )
     with serve(app) as base:
         body = httpx.get(base + "/", headers=FOREIGN).json()
@@ -127,7 +131,7 @@ def test_a_misplaced_otel_middleware_gets_no_foreign_baggage_from_an_untrusted_p
     propagator: an untrusted client's Jaeger and OpenTracing baggage headers are gone before
     it sees them, so the app reads no tenant and the spans carry none."""
     tracer_provider, exporter = provider
-    api = _api(bridge)
+    api = reporting_app(bridge)
     api.add_middleware(OpenTelemetryMiddleware, tracer_provider=tracer_provider)
     api.add_middleware(cb.ContextBridgeMiddleware, bridge=bridge, trust=TrustPolicy(secret="s3"))
     with serve(api) as base:

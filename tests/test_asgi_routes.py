@@ -20,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 from test_asgi import server_spans
+from test_asgi_foreign_baggage import reporting_app
 
 import otel_ctxbridge as cb
 from otel_ctxbridge.asgi import instrument_asgi
@@ -354,16 +355,7 @@ def test_a_misplaced_otel_middleware_cannot_give_the_app_an_untrusted_tenant(
     baggage or the raw headers. A trusted peer's headers pass as they came."""
     from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 
-    api = FastAPI()
-
-    @api.get("/")
-    async def index(request: Request) -> dict[str, Any]:
-        return {
-            "tenant": bridge.get("tenant_id"),
-            "baggage": dict(baggage.get_all()),
-            "headers": sorted(request.headers.keys()),
-        }
-
+    api = reporting_app(bridge)
     api.add_middleware(OpenTelemetryMiddleware)
     api.add_middleware(cb.ContextBridgeMiddleware, bridge=bridge, trust=TrustPolicy(secret="s3"))
     attack = {"baggage": "tenant_id=globex,role=admin", "x-tenant-id": "globex"}
