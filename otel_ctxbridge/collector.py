@@ -22,7 +22,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any, NoReturn
 
-from .otlp_sink import RecordingSink
+from .errors import requires_extra
+
+with requires_extra("collector", "otel_ctxbridge.collector"):
+    from .otlp_sink import RecordingSink
 
 __all__ = ["CollectorStartError", "EmbeddedCollector", "RecordingSink", "main"]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 import pytest
@@ -42,3 +43,24 @@ def test_otlp_export_without_the_otlp_extra_names_the_install(
     export = _Export(True, "http://127.0.0.1:4318", "http/protobuf", None, 1.0)
     with pytest.raises(cb.MissingExtraError, match=r"otel_ctxbridge\[otlp\]"):
         export.otlp_exporter("traces")
+
+
+@pytest.mark.parametrize(
+    ("module", "missing", "extra"),
+    [
+        ("otel_ctxbridge.integrations.celery", "celery", "celery"),
+        ("otel_ctxbridge.collector", "opentelemetry.proto", "collector"),
+    ],
+)
+def test_modules_of_an_extra_name_the_install_when_it_is_missing(
+    monkeypatch: pytest.MonkeyPatch, module: str, missing: str, extra: str
+) -> None:
+    """Importing the Celery integration or the embedded collector without their extra raises
+    MissingExtraError naming the pip install (not a bare ModuleNotFoundError)."""
+    for name in [m for m in sys.modules if m == module or m.startswith(f"{module}.")]:
+        monkeypatch.delitem(sys.modules, name)
+    if module == "otel_ctxbridge.collector":
+        monkeypatch.delitem(sys.modules, "otel_ctxbridge.otlp_sink", raising=False)
+    _missing(monkeypatch, missing, *[m for m in list(sys.modules) if m.startswith(f"{missing}.")])
+    with pytest.raises(cb.MissingExtraError, match=rf"pip install 'otel_ctxbridge\[{extra}\]'"):
+        importlib.import_module(module)

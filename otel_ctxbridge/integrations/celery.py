@@ -34,7 +34,10 @@ import weakref
 from contextvars import Token
 from typing import Any
 
-from celery import Celery, signals  # type: ignore[import-untyped] # celery ships no types
+from otel_ctxbridge.errors import requires_extra
+
+with requires_extra("celery", "otel_ctxbridge.integrations.celery"):
+    from celery import Celery, signals  # type: ignore[import-untyped] # celery ships no types
 from opentelemetry import trace
 from opentelemetry.context import Context, create_key
 
