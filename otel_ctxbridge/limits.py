@@ -210,7 +210,11 @@ def check_baggage_limits(bag: Mapping[str, object], written: Sequence[tuple[str,
         return
     first = written[0][0]
     if len(bag) > MAX_MEMBERS:
-        raise ContextValueError(first, f"baggage would exceed {MAX_MEMBERS} members")
+        raise ContextValueError(
+            first,
+            f"baggage would exceed {MAX_MEMBERS} members ({len(bag)}, {len(written)} of them "
+            "written here)",
+        )
     for name, key in written:
         text = str(bag[key])
         if _size_bound(key) + 1 + _size_bound(text) <= MAX_MEMBER_BYTES:  # surely fits
@@ -228,7 +232,13 @@ def check_baggage_limits(bag: Mapping[str, object], written: Sequence[tuple[str,
     otel = sum(_otel_size(k) + 1 + _otel_size(v) for k, v in pairs)
     exact = len(pairs) - 1 + max(ours, otel)  # the header as either propagator writes it
     if exact > MAX_HEADER_BYTES:
-        raise ContextValueError(first, f"baggage header would exceed {MAX_HEADER_BYTES} B")
+        # Name the largest value written here: the likeliest one to shorten.
+        largest = max(written, key=lambda nk: encoded_member_size(nk[1], str(bag[nk[1]])))[0]
+        raise ContextValueError(
+            largest,
+            f"baggage header would exceed {MAX_HEADER_BYTES} B ({exact} B; this field's value "
+            "is the largest written here)",
+        )
 
 
 def check_written(

@@ -228,3 +228,20 @@ def test_baggage_propagator_is_w3c_correct_and_interoperable() -> None:
     assert carrier == {"baggage": "k=a%20b,j=x%2By"}
     assert propagator.fields == {"baggage"}
     assert propagator.extract({"baggage": "\udcff=bad"}) is not None
+
+
+def test_a_limit_error_names_the_largest_value_written_and_the_sizes() -> None:
+    """Forty fields written at once past the 8192-byte header: the error names the field with
+    the largest value (the one to shorten), not merely the first, and says how large the header
+    would be; past 180 members it says how many there would be."""
+    bridge = cb.ContextBridge([cb.Field(f"f{i}", max_length=300) for i in range(40)])
+    values = {f"f{i}": "x" * 200 for i in range(40)}
+    values["f17"] = "x" * 300
+    with pytest.raises(cb.ContextValueError, match=r"'f17'.*8192 B \(\d+ B") as raised:
+        with bridge.scope(**values):
+            pass
+    assert raised.value.field == "f17"
+    many = cb.ContextBridge([cb.Field(f"m{i}") for i in range(200)])
+    with pytest.raises(cb.ContextValueError, match=r"180 members \(200, 200 of them"):
+        with many.scope(**{f"m{i}": "v" for i in range(200)}):
+            pass
