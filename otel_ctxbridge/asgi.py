@@ -269,7 +269,9 @@ class ContextBridgeMiddleware:
             self._secret is not None
             or ORIGINAL_HEADERS in scope
             or UNTRUSTED_HEADERS in scope
-            or baggage_prefixes()
+            # Under instrument_asgi the shield already put other propagators' baggage headers
+            # aside (ORIGINAL_HEADERS above): only a bridge without it looks for them here.
+            or (not self.traced_outside and baggage_prefixes())
         ):
             headers_for_app(scope, self.trust, self._secret)
         if echo is None:

@@ -102,12 +102,14 @@ class HttpEgress:
                 _drop_baggage(headers)
                 if self.policy.request_id_only_elsewhere:
                     self._put_request_id(origin, headers)
-            elif not any(_is_baggage(str(n)) for n in headers):  # as the first hop got them
-                carrier: dict[str, str] = {}
-                propagate.inject(carrier, self._with_late_updates(origin))
-                for name, value in carrier.items():
-                    if _is_baggage(name):
-                        headers[name] = value
+            else:
+                prefixes = _baggage_prefixes()
+                if not any(_is_baggage(str(n), prefixes) for n in headers):  # as the first hop
+                    carrier: dict[str, str] = {}
+                    propagate.inject(carrier, self._with_late_updates(origin))
+                    for name, value in carrier.items():
+                        if _is_baggage(name, prefixes):
+                            headers[name] = value
         except Exception:  # telemetry never throws on the request path
             _logger.warning("otel_ctxbridge: egress redirect hook failed", exc_info=True)
 
@@ -210,18 +212,22 @@ def _drop_baggage(headers: MutableMapping[str, Any]) -> None:
     """Remove ``baggage`` from outbound ``headers``, and the baggage headers of the other
     configured propagators (Jaeger's ``uberctx-*``, OpenTracing's ``ot-baggage-*``): a redirect
     copies what the first hop carried."""
-    for name in [n for n in headers if _is_baggage(str(n))]:
+    prefixes = _baggage_prefixes()
+    for name in [n for n in headers if _is_baggage(str(n), prefixes)]:
         del headers[name]
 
 
-def _is_baggage(name: str) -> bool:
-    """True for ``baggage`` and the baggage headers of the other configured propagators (any
-    case: a plain dict carrier keeps the caller's)."""
+def _baggage_prefixes() -> tuple[str, ...]:
+    """:func:`~otel_ctxbridge._foreign_baggage.baggage_prefixes` as text (header names here
+    are str)."""
+    return tuple(p.decode("latin-1") for p in baggage_prefixes())
+
+
+def _is_baggage(name: str, prefixes: tuple[str, ...]) -> bool:
+    """True for ``baggage`` and the baggage headers of the other configured propagators
+    (``prefixes``), in any case: a plain dict carrier keeps the caller's."""
     lowered = name.lower()
-    prefixes = baggage_prefixes()
-    return lowered == "baggage" or bool(
-        prefixes and lowered.encode("latin-1", "replace").startswith(prefixes)
-    )
+    return lowered == "baggage" or bool(prefixes and lowered.startswith(prefixes))
 
 
 class _Redirects:

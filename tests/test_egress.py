@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import quote, unquote
 
@@ -29,6 +29,12 @@ from otel_ctxbridge.egress import (
     instrument_http_clients,
     use_default_propagator_if_unset,
 )
+
+FOLLOWING_REDIRECTS: tuple[Callable[[str], object], ...] = (
+    lambda url: requests.get(url, timeout=10),  # redirects outside the instrumentation
+    lambda url: httpx.get(url, follow_redirects=True),  # each hop instrumented
+)
+"""GET a URL, following redirects, with each instrumented client."""
 
 # -- a real server that records the headers it receives -----------------------------------
 
@@ -554,10 +560,7 @@ def test_real_redirects_out_of_the_policy_drop_baggage(
     app, port = recorder
     inside, outside = f"http://localhost:{port}/end", f"http://127.0.0.1:{port}/end"
     with bridge.scope(request_id="r-11", tenant_id="t"):
-        for follow in (
-            lambda url: requests.get(url, timeout=10),
-            lambda url: httpx.get(url, follow_redirects=True),
-        ):
+        for follow in FOLLOWING_REDIRECTS:
             for target, keeps in ((outside, False), (inside, True)):
                 follow(f"http://localhost:{port}/redirect?to={quote(target)}")
                 assert app.last(-2)["baggage"] == ["request_id=r-11,tenant_id=t"]
@@ -578,10 +581,7 @@ def test_real_redirects_out_of_the_policy_carry_the_request_id_when_asked(
     try:
         outside = quote(f"http://127.0.0.1:{port}/end")
         with bridge.scope(request_id="r-12", tenant_id="t"):
-            for follow in (
-                lambda url: requests.get(url, timeout=10),
-                lambda url: httpx.get(url, follow_redirects=True),
-            ):
+            for follow in FOLLOWING_REDIRECTS:
                 follow(f"http://localhost:{port}/redirect?to={outside}")
                 hop = app.last()
                 assert "baggage" not in hop
@@ -602,10 +602,7 @@ def test_a_redirect_from_outside_the_policy_back_inside_carries_baggage_again(
     app, port = recorder
     inside = quote(f"http://localhost:{port}/end")
     with bridge.scope(request_id="r-13", tenant_id="t"):
-        for follow in (
-            lambda url: requests.get(url, timeout=10),
-            lambda url: httpx.get(url, follow_redirects=True),
-        ):
+        for follow in FOLLOWING_REDIRECTS:
             follow(f"http://127.0.0.1:{port}/redirect?to={inside}")
             assert "baggage" not in app.last(-2)
             assert app.last()["baggage"] == ["request_id=r-13,tenant_id=t"], follow
@@ -669,10 +666,7 @@ def test_other_propagators_baggage_headers_never_reach_a_host_outside_the_policy
     app, port = recorder
     outside = quote(f"http://127.0.0.1:{port}/end")
     with bridge.scope(request_id="r-15", tenant_id="acme"):
-        for follow in (
-            lambda url: requests.get(url, timeout=10),
-            lambda url: httpx.get(url, follow_redirects=True),
-        ):
+        for follow in FOLLOWING_REDIRECTS:
             follow(f"http://localhost:{port}/redirect?to={outside}")
             assert app.last(-2)["uberctx-tenant_id"] == ["acme"]
             leaked = [k for k in app.last() if k == "baggage" or k.startswith("uberctx-")]
